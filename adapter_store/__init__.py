@@ -1,0 +1,19 @@
+"""Adapter store: read PEFT Poly / MHR inventories, compute each task's adapter, cache, persist, export."""
+
+from .adapter import LayerGroup, TaskAdapter
+from .cache import AdapterCache, CacheStats
+from .config import InventoryConfig
+from .errors import InventoryError, StoreError, TaskConflictError, TaskNameError, UnknownTaskError
+from .export import export_peft_lora
+from .inventory import Inventory, ModuleGroup
+from .model_check import check_model
+from .names import MU_TASK, TASK_NAME_PATTERN, validate_task_name
+from .registry import TaskInfo
+from .store import AdapterStore
+
+__all__ = [
+    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterStore", "CacheStats", "Inventory",
+    "InventoryConfig", "InventoryError", "LayerGroup", "ModuleGroup", "StoreError", "TaskAdapter",
+    "TaskConflictError", "TaskInfo", "TaskNameError", "UnknownTaskError", "check_model",
+    "export_peft_lora", "validate_task_name",
+]

@@ -1,0 +1,102 @@
+"""LRU cache of task adapters on one device and dtype, bounded in bytes, thread-safe, single-flight.
+
+    adapter = cache.get(key, compute)   # key = (inventory fingerprint, task name, task version)
+A hit moves the entry to the front; a miss runs `compute()` once even when many threads miss the same
+key together (the others wait for that result), converts it to the cache's device and dtype, and
+evicts least-recently-used entries until the bytes fit. An entry larger than the whole capacity is
+returned but not kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import TaskAdapter
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int  # computations; callers that waited on another thread's computation count as hits
+    evictions: int
+    bytes: int
+    entries: int
+    capacity_bytes: int
+
+
+class AdapterCache:
+    def __init__(self, capacity_bytes: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if capacity_bytes < 0:
+            raise ValueError("capacity_bytes must be >= 0")
+        self.capacity_bytes = capacity_bytes
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._entries: OrderedDict[Hashable, TaskAdapter] = OrderedDict()
+        self._inflight: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+        self._bytes = self._hits = self._misses = self._evictions = 0
+
+    def get(self, key: Hashable, compute: Callable[[], TaskAdapter]) -> TaskAdapter:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self._hits += 1
+                return self._entries[key]
+            pending = self._inflight.get(key)
+            if pending is None:
+                pending = self._inflight[key] = Future()
+                self._misses += 1
+                owner = True
+            else:
+                self._hits += 1
+                owner = False
+        if not owner:
+            return pending.result()
+        return self._compute(key, compute, pending)
+
+    def _compute(self, key: Hashable, compute: Callable[[], TaskAdapter], pending: Future) -> TaskAdapter:
+        try:
+            adapter = compute().to(self.device, self.dtype)
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._inflight[key]
+            self._insert(key, adapter)
+        pending.set_result(adapter)
+        return adapter
+
+    def _insert(self, key: Hashable, adapter: TaskAdapter) -> None:
+        if adapter.nbytes > self.capacity_bytes:
+            return
+        while self._entries and self._bytes + adapter.nbytes > self.capacity_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self._evictions += 1
+        self._entries[key] = adapter
+        self._bytes += adapter.nbytes
+
+    def discard(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key satisfies `predicate` (e.g. a deleted task); return how many."""
+        with self._lock:
+            doomed = [key for key in self._entries if predicate(key)]
+            for key in doomed:
+                self._bytes -= self._entries.pop(key).nbytes
+            return len(doomed)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._evictions, self._bytes, len(self._entries),
+                              self.capacity_bytes)

@@ -1,0 +1,108 @@
+"""Adapted tasks on disk: `adapted/<name>.safetensors`, written atomically, read lazily.
+
+Two payloads, told apart by the header's `format`:
+    routing  <module>.module_logits (H*K,)          -- MHR-z / Poly-z: one logits row per layer
+    lora     <module>.lora_A (d_in, r), .lora_B (r, d_out)  -- MHR-μ: a plain LoRA, scale 1/r
+Header metadata (strings): format, method, version, created, fingerprint, rank.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InventoryError, TaskNameError
+from .names import validate_task_name
+from .registry import TaskInfo
+
+ADAPTED_DIR = "adapted"
+SUFFIX = ".safetensors"
+TEMP_PREFIX = ".tmp-"  # task names never start with a dot, so a temp file is never a task
+
+
+def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete temp files left by a process killed mid-write; return what was removed."""
+    leftovers = list(folder.glob(TEMP_PREFIX + "*")) if folder.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def task_path(folder: Path, name: str) -> Path:
+    return folder / (validate_task_name(name) + SUFFIX)
+
+
+def write_adapted(folder: Path, info: TaskInfo, fmt: str, tensors: dict[str, torch.Tensor], fingerprint: str,
+                  rank: int) -> None:
+    metadata = {
+        "format": fmt, "method": info.method, "version": str(info.version),
+        "created": repr(info.created or time.time()), "fingerprint": fingerprint, "rank": str(rank),
+    }
+    atomic_save(task_path(folder, info.name), tensors, metadata)
+
+
+def read_adapted_headers(folder: Path) -> dict[str, tuple[TaskInfo, dict[str, str]]]:
+    """Name -> (TaskInfo, header metadata) for every adapted task; reads headers only."""
+    found = {}
+    for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
+        name = path.name[: -len(SUFFIX)]
+        try:
+            validate_task_name(name)
+        except TaskNameError as exc:
+            raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
+        meta = _read_metadata(path)
+        info = TaskInfo(name, "adapted", int(meta["version"]), meta["method"], created=float(meta["created"]))
+        found[name] = (info, meta)
+    return found
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as exc:
+        raise InventoryError(path, f"cannot read safetensors header ({exc})") from exc
+    for key in ("format", "method", "version", "created", "fingerprint", "rank"):
+        if key not in meta:
+            raise InventoryError(path, "missing header metadata", key=key)
+    if meta["format"] not in ("routing", "lora"):
+        raise InventoryError(path, f"unknown format {meta['format']!r}", key="format")
+    return meta
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:
+        raise InventoryError(path, f"cannot read safetensors data ({exc})") from exc

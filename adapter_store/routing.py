@@ -1,0 +1,68 @@
+"""The routing math of Poly / MHR (DESIGN.md), batched over all layers of one shape.
+
+Per layer with H heads and K skills, for a task's logits z (H*K,):
+    p = sigmoid(z.view(H, K));   w = p / (p.sum(-1, keepdim=True) + 1e-12)
+    Ã_h = Σ_k w[h,k] A[h,k]  (d_in/H, r);   A_t = [Ã_1; …; Ã_H]  (d_in, r)   rows stacked
+    B̃_h = Σ_k w[h,k] B[h,k]  (r, d_out/H);  B_t = [B̃_1 | … | B̃_H] (r, d_out) columns stacked
+    y = base(x) + x @ A_t @ B_t / r
+Parameters are mixed, not products: A_t B_t ≠ Σ_k w_k A_k B_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import LayerGroup, TaskAdapter
+from .inventory import Inventory, ModuleGroup
+
+EPS = 1e-12  # as PEFT's PolyRouter
+
+
+def routing_weights(logits: torch.Tensor, n_splits: int, n_skills: int) -> torch.Tensor:
+    """Logits (..., H*K) -> mixing weights (..., H, K); each head's weights sum to 1 (eval mode)."""
+    p = torch.sigmoid(logits.reshape(*logits.shape[:-1], n_splits, n_skills))  # (..., H, K)
+    return p / (p.sum(dim=-1, keepdim=True) + EPS)
+
+
+def uniform_weights(n_layers: int, n_splits: int, n_skills: int) -> torch.Tensor:
+    """The μ adapter's weights: 1/K for every skill of every head.  (L, H, K)"""
+    return torch.full((n_layers, n_splits, n_skills), 1.0 / n_skills)
+
+
+def mix_group(group: ModuleGroup, weights: torch.Tensor) -> LayerGroup:
+    """Weights (L, H, K) -> the group's per-layer A_t (L, d_in, r) and B_t (L, r, d_out)."""
+    n_layers, heads, _, d_in_head, rank = group.lora_a.shape
+    d_out_head = group.lora_b.shape[-1]
+    # one bmm over (L*H) small (1, K) @ (K, d*r) products: reads each skill exactly once
+    w = weights.reshape(n_layers * heads, 1, -1)  # (L*H, 1, K)
+    a = torch.bmm(w, group.lora_a.reshape(n_layers * heads, -1, d_in_head * rank))  # (L*H, 1, d_in/H*r)
+    b = torch.bmm(w, group.lora_b.reshape(n_layers * heads, -1, rank * d_out_head))  # (L*H, 1, r*d_out/H)
+    lora_a = a.view(n_layers, heads * d_in_head, rank)  # heads' rows stacked: (L, d_in, r)
+    b = b.view(n_layers, heads, rank, d_out_head).transpose(1, 2)  # (L, r, H, d_out/H)
+    lora_b = b.reshape(n_layers, rank, heads * d_out_head)  # heads' columns stacked: (L, r, d_out)
+    return LayerGroup(group.names, lora_a, lora_b)
+
+
+def routed_adapter(inventory: Inventory, logits: list[torch.Tensor]) -> TaskAdapter:
+    """One task's adapter from its logits, one (L, H*K) tensor per module group of the inventory."""
+    cfg = inventory.config
+    groups = tuple(
+        mix_group(group, routing_weights(z, cfg.n_splits, cfg.n_skills))
+        for group, z in zip(inventory.groups, logits, strict=True)
+    )
+    return TaskAdapter(cfg.r, 1.0 / cfg.r, groups)
+
+
+def pretrained_logits(inventory: Inventory, row: int) -> list[torch.Tensor]:
+    """The router row of a pretrained task, per module group: [(L, H*K), ...]."""
+    return [group.logits[:, row] for group in inventory.groups]
+
+
+def mu_adapter(inventory: Inventory) -> TaskAdapter:
+    """The μ adapter: every head of every layer averages its K skills with weight 1/K."""
+    cfg = inventory.config
+    groups = tuple(
+        mix_group(group, uniform_weights(len(group.names), cfg.n_splits, cfg.n_skills))
+        for group in inventory.groups
+    )
+    return TaskAdapter(cfg.r, 1.0 / cfg.r, groups)

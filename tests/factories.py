@@ -1,0 +1,62 @@
+"""Tiny random models and PEFT Poly / MHR inventories built from configs (never downloaded)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from peft import PolyConfig, get_peft_model
+from peft.tuners.poly.router import PolyRouter
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def tiny_t5(seed: int = 0, d_model: int = 32) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=384, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_inventory(base, folder: Path, *, task_type: str, targets: list[str], n_tasks: int = 3,
+                   n_skills: int = 4, n_splits: int = 2, r: int = 2, seed: int = 0,
+                   task_names: list[str] | None = None):
+    """Save a random Poly/MHR inventory for `base` (B != 0, spread-out router logits) into `folder`.
+
+    Returns the PEFT model (wrapping a deep copy of `base`, in eval mode) for reference outputs.
+    """
+    torch.manual_seed(seed)
+    config = PolyConfig(task_type=task_type, r=r, n_tasks=n_tasks, n_skills=n_skills, n_splits=n_splits,
+                        target_modules=targets, init_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    for module in peft_model.modules():
+        if isinstance(module, PolyRouter):
+            torch.nn.init.normal_(module.module_logits, std=2.0)  # distinct tasks, not ≈ uniform
+    peft_model.eval()
+    peft_model.save_pretrained(str(folder))
+    if task_names is not None:
+        (Path(folder) / "tasks.json").write_text(json.dumps({n: i for i, n in enumerate(task_names)}))
+    return peft_model
+
+
+def set_uniform_routing(peft_model) -> None:
+    """Make every router row equal, so PEFT computes the μ adapter for any task id."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, PolyRouter):
+                module.module_logits.zero_()
