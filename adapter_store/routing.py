@@ -31,16 +31,22 @@ def uniform_weights(n_layers: int, n_splits: int, n_skills: int) -> torch.Tensor
 
 def mix_group(group: ModuleGroup, weights: torch.Tensor) -> LayerGroup:
     """Weights (L, H, K) -> the group's per-layer A_t (L, d_in, r) and B_t (L, r, d_out)."""
-    n_layers, heads, _, d_in_head, rank = group.lora_a.shape
+    skills, n_layers, heads, d_in_head, rank = group.lora_a.shape
     d_out_head = group.lora_b.shape[-1]
-    # one bmm over (L*H) small (1, K) @ (K, d*r) products: reads each skill exactly once
-    w = weights.reshape(n_layers * heads, 1, -1)  # (L*H, 1, K)
-    a = torch.bmm(w, group.lora_a.reshape(n_layers * heads, -1, d_in_head * rank))  # (L*H, 1, d_in/H*r)
-    b = torch.bmm(w, group.lora_b.reshape(n_layers * heads, -1, rank * d_out_head))  # (L*H, 1, r*d_out/H)
+    w = weights.permute(2, 0, 1)[..., None, None]  # (K, L, H, 1, 1)
+    a = _weighted_sum(group.lora_a, w)  # (L, H, d_in/H, r)
+    b = _weighted_sum(group.lora_b, w)  # (L, H, r, d_out/H)
     lora_a = a.view(n_layers, heads * d_in_head, rank)  # heads' rows stacked: (L, d_in, r)
-    b = b.view(n_layers, heads, rank, d_out_head).transpose(1, 2)  # (L, r, H, d_out/H)
-    lora_b = b.reshape(n_layers, rank, heads * d_out_head)  # heads' columns stacked: (L, r, d_out)
+    lora_b = b.transpose(1, 2).reshape(n_layers, rank, heads * d_out_head)  # heads' columns stacked
     return LayerGroup(group.names, lora_a, lora_b)
+
+
+def _weighted_sum(skills: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[k] * skills[k]: one fused multiply-add per skill over a contiguous block (memory-bound)."""
+    out = skills[0] * w[0]
+    for k in range(1, skills.shape[0]):
+        out.addcmul_(skills[k], w[k])
+    return out
 
 
 def routed_adapter(inventory: Inventory, logits: list[torch.Tensor]) -> TaskAdapter:
