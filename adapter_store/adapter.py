@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: identity, not elementwise ==
 class LayerGroup:
     """Layers of one shape, stacked: layer i of `names` has A = lora_a[i], B = lora_b[i]."""
 
@@ -20,7 +20,7 @@ class LayerGroup:
         return LayerGroup(self.names, self.lora_a.to(device, dtype), self.lora_b.to(device, dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskAdapter:
     """The routed (or μ, or stored) LoRA of one task, for every adapted module of the base model."""
 

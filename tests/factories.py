@@ -15,11 +15,11 @@ T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def tiny_t5(seed: int = 0, d_model: int = 32) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0, d_model: int = 32, tie: bool = True) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=384, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
-        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=259, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=tie,
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -27,7 +27,7 @@ def tiny_t5(seed: int = 0, d_model: int = 32) -> T5ForConditionalGeneration:
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
@@ -60,3 +60,29 @@ def set_uniform_routing(peft_model) -> None:
         for module in peft_model.modules():
             if isinstance(module, PolyRouter):
                 module.module_logits.zero_()
+
+
+def sharpen(model, factor: float = 30.0):
+    """Scale the output layer so greedy choices are decided by the weights, not by float noise."""
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight.mul_(factor)
+        weight[model.config.pad_token_id] = 0  # never prefer padding: a random model otherwise repeats it
+    return model
+
+
+def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: int = 3, seed: int = 0,
+                task_names: list[str] | None = None):
+    """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference)."""
+    from transformers import ByT5Tokenizer
+
+    if kind == "t5":
+        base, task_type, targets = tiny_t5(seed, tie=False), "SEQ_2_SEQ_LM", T5_TARGETS
+    else:
+        base, task_type, targets = tiny_llama(seed), "CAUSAL_LM", LLAMA_TARGETS
+    sharpen(base)
+    base.save_pretrained(folder / "model")
+    ByT5Tokenizer(extra_ids=0).save_pretrained(folder / "model")
+    peft_model = make_inventory(base, folder / "inventory", task_type=task_type, targets=targets,
+                                n_splits=n_splits, n_tasks=n_tasks, seed=seed, task_names=task_names)
+    return base, peft_model

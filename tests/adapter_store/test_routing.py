@@ -17,9 +17,9 @@ N_TASKS = 3
 
 def _inputs(kind: str):
     torch.manual_seed(1)
-    ids = torch.randint(3, 384, (N_TASKS, 7))
+    ids = torch.randint(3, 259, (N_TASKS, 7))
     if kind == "t5":
-        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, 384, (N_TASKS, 5))}
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, 259, (N_TASKS, 5))}
     return {"input_ids": ids}
 
 

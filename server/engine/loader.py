@@ -1,0 +1,58 @@
+"""Load a transformers seq2seq or causal LM and its tokenizer from a local folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    is_seq2seq: bool
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(folder: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: no config.json (expected a transformers model folder)")
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, local_files_only=True, dtype=torch_dtype).to(target).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not is_seq2seq:
+        tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, is_seq2seq, target, torch_dtype)

@@ -1,0 +1,88 @@
+"""A target nn.Linear wrapped once at load time so each forward adds each row's own task adapter.
+
+    rows mode:    y[i] = base(x[i]) + (x[i] @ A[i]) @ B[i]      A (N, d_in, r), B (N, r, d_out), B pre-scaled
+    shared mode:  y    = base(x)    + (x @ A) @ B               one adapter for the whole batch
+    off:          y    = base(x)
+Nothing is routed here: A and B are the cached per-task adapters the engine set for this batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BatchedLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None  # pre-multiplied by the adapter's scale (1/r)
+        self.per_row = False
+        self._expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def set_rows(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
+        """A (N, d_in, r) and B·scale (N, r, d_out): one adapter per row of the coming batches."""
+        self.lora_a, self.lora_b, self.per_row, self._expanded = lora_a, lora_b_scaled, True, None
+
+    def set_shared(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
+        """A (d_in, r) and B·scale (r, d_out) for every row."""
+        self.lora_a, self.lora_b, self.per_row, self._expanded = lora_a, lora_b_scaled, False, None
+
+    def clear(self) -> None:
+        self.lora_a = self.lora_b = self._expanded = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.lora_a is None:
+            return out
+        if not self.per_row:
+            flat = x.reshape(-1, x.shape[-1])  # (N*T, d_in)
+            delta = torch.addmm(out.reshape(-1, out.shape[-1]), flat @ self.lora_a, self.lora_b)
+            return delta.view(out.shape)
+        a, b = self._rows(x.shape[0])
+        x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
+        y = torch.baddbmm(out3, torch.bmm(x3, a), b)  # out + (x @ A[row]) @ B[row], fused
+        return y if x.dim() == 3 else y.squeeze(1)
+
+    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for a batch of n; beam search runs n = rows * beams, each beam after its row."""
+        if n == self.lora_a.shape[0]:
+            return self.lora_a, self.lora_b
+        if self._expanded is None or self._expanded[0] != n:
+            repeat = n // self.lora_a.shape[0]
+            if repeat * self.lora_a.shape[0] != n:
+                raise RuntimeError(f"batch of {n} rows does not match {self.lora_a.shape[0]} adapter rows")
+            self._expanded = (n, self.lora_a.repeat_interleave(repeat, 0), self.lora_b.repeat_interleave(repeat, 0))
+        return self._expanded[1], self._expanded[2]
+
+
+def wrap_linears(model: nn.Module, names: list[str]) -> dict[str, BatchedLoraLinear]:
+    """Replace each named nn.Linear by a BatchedLoraLinear around it (once); return them by name."""
+    wrapped = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        if not isinstance(layer, BatchedLoraLinear):
+            layer = BatchedLoraLinear(layer)
+            setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped

@@ -1,0 +1,50 @@
+"""Rank classification (as in T0's evaluation): the log-likelihood of each choice given the input.
+
+seq2seq: encoder reads the input, the decoder is teacher-forced on the choice (with its end-of-sequence
+token, as the tokenizer adds it). causal LM: the choice's tokens continue the input's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def score_pairs(model, tokenizer, is_seq2seq: bool, device: torch.device, texts: list[str],
+                choices: list[str]) -> list[tuple[float, int]]:
+    """(sum of log-probabilities of the choice's tokens, number of tokens) for each (text, choice) pair."""
+    if is_seq2seq:
+        logits, labels = _seq2seq_logits(model, tokenizer, device, texts, choices)
+    else:
+        logits, labels = _causal_logits(model, tokenizer, device, texts, choices)
+    mask = labels != IGNORE  # (N, T)
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, T, V)
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (N, T)
+    return list(zip(picked.sum(dim=1).tolist(), mask.sum(dim=1).tolist(), strict=True))
+
+
+@torch.inference_mode()
+def _seq2seq_logits(model, tokenizer, device, texts, choices):
+    enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    target = tokenizer(choices, return_tensors="pt", padding=True).to(device)
+    labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE)  # (N, T)
+    logits = model(**enc, labels=labels).logits  # (N, T, V)
+    return logits, labels
+
+
+@torch.inference_mode()
+def _causal_logits(model, tokenizer, device, texts, choices):
+    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    conts = tokenizer(choices, add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(c) for p, c in zip(prompts, conts, strict=True))
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(texts), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+        attention[i, : len(p) + len(c)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (N, T, V)
+    return logits[:, :-1], labels[:, 1:].to(device)  # position t predicts token t+1

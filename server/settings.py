@@ -1,0 +1,45 @@
+"""All server settings in one place, read from the environment (prefix MHR_) or passed in tests.
+
+No settings at all -> the committed demo bundle on CPU (or CUDA when present), port 8000.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "demo" / "bundle"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MHR_", extra="ignore")
+
+    model: Path = Field(DEMO_BUNDLE / "model", description="folder of a transformers seq2seq or causal LM")
+    inventory: Path = Field(DEMO_BUNDLE / "inventory", description="folder of a PEFT Poly / MHR inventory")
+    adapted_dir: Path | None = Field(None, description="where adapted tasks live (default <inventory>/adapted)")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, …")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    cache_bytes: int = Field(512 * 2**20, ge=0, description="adapter cache capacity in bytes")
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
+    max_inputs_per_request: int = Field(64, ge=1)
+    max_input_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="upper bound a request may ask for")
+    default_max_new_tokens: int = Field(32, ge=1)
+    max_num_beams: int = Field(8, ge=1)
+    max_choices: int = Field(32, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _defaults_fit_limits(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        return self
