@@ -1,0 +1,57 @@
+"""create_app(): the FastAPI application. Heavy things load in the lifespan unless injected (tests)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from adapter_store import AdapterCache, AdapterStore
+
+from .batcher import Batcher
+from .engine import Engine, load_model
+from .errors import install_error_handlers
+from .routes import generate, health, score, tasks
+from .settings import Settings
+
+log = logging.getLogger("mhr_serve")
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the backbone and the inventory, check one against the other, wrap the target layers."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    store = AdapterStore.open(settings.inventory, settings.adapted_dir)
+    loaded = load_model(settings.model, settings.device, settings.dtype)
+    cache = AdapterCache(settings.cache_bytes, loaded.device, loaded.dtype)
+    engine = Engine(loaded, store, cache)
+    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s", settings.model,
+             settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype)
+    return engine
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = engine or build_engine(settings)
+        app.state.engine.warm_up()
+        app.state.batcher = Batcher(app.state.engine, max_batch_size=settings.max_batch_size,
+                                    max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue)
+        await app.state.batcher.start()
+        try:
+            yield
+        finally:
+            await app.state.batcher.stop()
+
+    app = FastAPI(title="mhr-serve", version="0.1.0", lifespan=lifespan,
+                  description="Serve Poly / MHR adapter inventories: one backbone, many tasks.")
+    app.state.settings = settings
+    app.state.engine = None
+    install_error_handlers(app)
+    for module in (health, tasks, generate, score):
+        app.include_router(module.router)
+    return app

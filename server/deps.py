@@ -1,0 +1,43 @@
+"""FastAPI dependencies: the components the lifespan put on app.state, typed for routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from adapter_store import AdapterStore
+
+from .batcher import Batcher
+from .engine import Engine
+from .errors import ApiError
+from .settings import Settings
+
+
+def _state(request: Request, name: str):
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise ApiError(503, "unavailable", "the model is still loading; GET /readyz says when it is ready")
+    return value
+
+
+def get_engine(request: Request) -> Engine:
+    return _state(request, "engine")
+
+
+def get_batcher(request: Request) -> Batcher:
+    return _state(request, "batcher")
+
+
+def get_store(request: Request) -> AdapterStore:
+    return _state(request, "engine").store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+StoreDep = Annotated[AdapterStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,79 @@
+"""POST /generate: one input or a list, any task (or __mu__), greedy / sampling / beams, optional SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from adapter_store import TaskInfo
+
+from ..batcher import Batcher
+from ..deps import BatcherDep, EngineDep, SettingsDep
+from ..engine import Completion, GenerateRow, SamplingParams
+from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
+from .validation import as_list, check_texts, sampling_params
+
+router = APIRouter(tags=["generate"])
+ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep):
+    info = engine.store.task(body.task)
+    texts = as_list(body.inputs)
+    check_texts(texts, "inputs", engine, settings)
+    params = sampling_params(body, settings)
+    if body.stream:
+        batcher.check_capacity()
+        return StreamingResponse(_events(batcher, info, texts, params), media_type="text/event-stream")
+    completions = await batcher.generate([GenerateRow(info.name, text, params) for text in texts])
+    return to_response(info, completions)
+
+
+def to_response(info: TaskInfo, completions: list[Completion]) -> GenerateResponse:
+    outputs = [Output(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                      finish_reason=c.finish_reason) for c in completions]
+    usage = Usage(prompt_tokens=sum(o.prompt_tokens for o in outputs),
+                  completion_tokens=sum(o.completion_tokens for o in outputs))
+    return GenerateResponse(task=info.name, version=info.version, outputs=outputs, usage=usage)
+
+
+def _sse(data: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+async def _events(batcher: Batcher, info: TaskInfo, texts: list[str], params: SamplingParams) -> AsyncIterator[str]:
+    """`data: {"index", "text"}` per new piece of text, then `event: done` with the whole response."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    def sink(index: int):
+        return lambda text: loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
+
+    rows = [GenerateRow(info.name, text, params, on_text=sink(i)) for i, text in enumerate(texts)]
+    job = asyncio.ensure_future(batcher.generate(rows))
+    sent = [""] * len(texts)
+    while not (job.done() and pieces.empty()):
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            continue
+        index, text = getter.result()
+        sent[index] += text
+        yield _sse({"index": index, "text": text})
+    try:
+        completions = job.result()
+    except Exception as exc:  # the status line is gone already: report in-band
+        yield _sse({"error": {"type": type(exc).__name__, "message": str(exc)}}, event="error")
+        return
+    for index, completion in enumerate(completions):
+        rest = completion.text[len(sent[index]):] if completion.text.startswith(sent[index]) else ""
+        if rest:
+            yield _sse({"index": index, "text": rest})
+    yield _sse(to_response(info, completions).model_dump(), event="done")

@@ -1,0 +1,39 @@
+"""Checks that need the server's limits or the tokenizer (pydantic checks the rest); each names its field."""
+
+from __future__ import annotations
+
+from ..engine import Engine, SamplingParams
+from ..errors import ApiError
+from ..schemas import GenerateRequest
+from ..settings import Settings
+
+
+def as_list(inputs: str | list[str]) -> list[str]:
+    return [inputs] if isinstance(inputs, str) else list(inputs)
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "validation_error", f"{field}: {message}", field)
+
+
+def check_texts(texts: list[str], field: str, engine: Engine, settings: Settings) -> None:
+    if len(texts) > settings.max_inputs_per_request:
+        raise invalid(field, f"{len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
+    for i, text in enumerate(texts):
+        n = engine.count_tokens(text)
+        if n > settings.max_input_tokens:
+            where = field if len(texts) == 1 else f"{field}[{i}]"
+            raise invalid(where, f"{n} tokens; at most max_input_tokens={settings.max_input_tokens}")
+
+
+def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
+    max_new = body.max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens:
+        raise invalid("max_new_tokens", f"{max_new} is more than the server's limit {settings.max_new_tokens}")
+    if body.num_beams > settings.max_num_beams:
+        raise invalid("num_beams", f"{body.num_beams} is more than the server's limit {settings.max_num_beams}")
+    if body.stream and body.num_beams > 1:
+        raise invalid("stream", "streaming is not available with beam search (num_beams > 1)")
+    return SamplingParams(max_new_tokens=max_new, do_sample=body.do_sample, temperature=body.temperature,
+                          top_p=body.top_p, top_k=body.top_k, num_beams=body.num_beams, seed=body.seed,
+                          stop=tuple(body.stop))

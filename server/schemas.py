@@ -1,0 +1,99 @@
+"""Request and response bodies of the HTTP API (strict: wrong types and unknown fields are refused)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+NonEmptyText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+TaskName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(StrictModel):
+    task: TaskName = Field(description="a task name from GET /tasks, or __mu__ for the μ adapter")
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=100_000, description="0: no top-k filter")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
+    num_beams: int = Field(1, ge=1)
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(default_factory=list,
+                                                                                         max_length=16)
+    stream: bool = Field(False, description="server-sent events: one `data:` per new piece of text, then `done`")
+
+
+class Output(BaseModel):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    version: int
+    outputs: list[Output]
+    usage: Usage
+
+
+class ScoreRequest(StrictModel):
+    task: TaskName
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
+    choices: (Annotated[list[NonEmptyText], Field(min_length=1)]
+              | Annotated[list[Annotated[list[NonEmptyText], Field(min_length=1)]], Field(min_length=1)]) = Field(
+        description="the same choices for every input, or one list of choices per input")
+
+
+class ChoiceScore(BaseModel):
+    choice: str
+    logprob_sum: float
+    logprob_mean: float
+    tokens: int
+
+
+class ScoreResult(BaseModel):
+    scores: list[ChoiceScore]
+    best: str = Field(description="the choice with the highest summed log-likelihood")
+    best_index: int
+    best_by_mean_index: int = Field(description="the highest per-token mean (length-normalised)")
+
+
+class ScoreResponse(BaseModel):
+    task: str
+    version: int
+    results: list[ScoreResult]
+
+
+class TaskOut(BaseModel):
+    name: str
+    kind: Literal["pretrained", "adapted", "mu"]
+    version: int
+    method: str
+    row: int | None = None
+    created: float | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
