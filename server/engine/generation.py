@@ -29,17 +29,14 @@ def generate_rows(model, tokenizer, is_seq2seq: bool, device: torch.device,
                                          [row.params.stop for row in rows], eos)
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs)
-    new_tokens = output if is_seq2seq else output[:, batch["input_ids"].shape[1]:]
+    new_tokens = output[:, 1:] if is_seq2seq else output[:, batch["input_ids"].shape[1]:]  # drop decoder start
     return [_completion(tokenizer, tokens, eos, row, n_prompt)
             for tokens, row, n_prompt in zip(new_tokens.tolist(), rows, prompt_tokens, strict=True)]
 
 
 def _completion(tokenizer, tokens: list[int], eos: int | None, row: GenerateRow, n_prompt: int) -> Completion:
-    special = set(tokenizer.all_special_ids) - {eos}
-    generated = [t for t in tokens if t not in special]  # drops the decoder start and padding
-    finish = "length"
-    if eos in generated[: row.params.max_new_tokens]:
+    generated, finish = tokens[: row.params.max_new_tokens], "length"
+    if eos is not None and eos in generated:  # padding only ever follows the end of sequence
         generated, finish = generated[: generated.index(eos)], "stop"
-    generated = generated[: row.params.max_new_tokens]
     text, stopped = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), row.params.stop)
     return Completion(text, n_prompt, len(generated), "stop" if stopped else finish)

@@ -1,0 +1,183 @@
+"""Serving throughput, all on the same batch and machine in one run; prints one JSON object.
+
+(a) the bare backbone's generate, (b) PEFT Poly generate with task_ids, (c) ours with 1 task and with 16
+distinct tasks in a batch of 16, (d) ours with 1000 distinct tasks cycling through a cache that holds 64,
+(e) HTTP through uvicorn on loopback, 1 client vs 32 concurrent clients.
+Measured on a random T5 (d_model 512, r=8, K=8, H=8) and, with keys prefixed `demo_`, on the demo bundle.
+Generation runs a fixed number of new tokens (end-of-sequence is never chosen), so tokens/s compare.
+
+    .venv/bin/python bench/serving.py [--quick] [--skip-demo] [--skip-http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PolyConfig, get_peft_model
+from peft.tuners.poly.router import PolyRouter
+from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adapter_store import AdapterCache, AdapterStore  # noqa: E402
+from bench.serving_http import http_throughput  # noqa: E402
+from server.engine import Engine, GenerateRow, SamplingParams, load_model  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
+BATCH = 16
+
+
+def build_random_bundle(folder: Path, d_model: int = 512, layers: int = 6) -> None:
+    """A random T5 (t5-small shape at d_model 512) and an MHR inventory of realistic shape."""
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=384, d_model=d_model, d_kv=64, d_ff=4 * d_model, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=d_model // 64, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(config).eval()
+    never_stop(model)
+    model.save_pretrained(folder / "model")
+    ByT5Tokenizer().save_pretrained(folder / "model")
+    poly = PolyConfig(task_type="SEQ_2_SEQ_LM", r=8, n_skills=8, n_splits=8, n_tasks=BATCH,
+                      target_modules=["q", "k", "v", "o", "wi", "wo"], init_weights=False)
+    peft_model = get_peft_model(model, poly)
+    for module in peft_model.modules():
+        if isinstance(module, PolyRouter):
+            torch.nn.init.normal_(module.module_logits, std=2.0)
+    peft_model.save_pretrained(str(folder / "inventory"))
+
+
+def never_stop(model) -> None:
+    """No end-of-sequence and never padding: every row runs the full length, so tokens/s compare."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        model.get_output_embeddings().weight[model.config.pad_token_id] = 0  # logit 0 never beats 383 random ones
+
+
+def inputs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(string.ascii_lowercase, k=24)) for _ in range(n)]
+
+
+def tokens_per_s(run, reps: int) -> float:
+    run()  # warm-up
+    start, tokens = time.perf_counter(), 0
+    for _ in range(reps):
+        tokens += run()
+    return tokens / (time.perf_counter() - start)
+
+
+def hf_generate(model, tokenizer, texts, new_tokens, **kwargs):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+        return (out.shape[1] - 1) * out.shape[0]  # minus the decoder start token
+
+    return run
+
+
+def engine_generate(engine: Engine, tasks: list[str], texts: list[str], new_tokens: int):
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    def run() -> int:
+        done = engine.generate([GenerateRow(t, x, params) for t, x in zip(tasks, texts, strict=True)])
+        return sum(c.completion_tokens for c in done)
+
+    return run
+
+
+def add_random_tasks(store: AdapterStore, n: int) -> list[str]:
+    """n adapted z-tasks with random routing (persisted in the store's adapted/ folder)."""
+    gen = torch.Generator().manual_seed(1)
+    width = store.inventory.config.n_splits * store.inventory.config.n_skills
+    names = []
+    for i in range(n):
+        logits = [torch.randn(len(g.names), width, generator=gen) for g in store.inventory.groups]
+        names.append(store.save_routing(f"random-{i:04d}", "mhr-z", logits).name)
+    return names
+
+
+def cycling_run(engine: Engine, names: list[str], texts: list[str], new_tokens: int):
+    position = [0]
+
+    def run() -> int:
+        batch = [names[(position[0] + i) % len(names)] for i in range(BATCH)]
+        position[0] += BATCH
+        return engine_generate(engine, batch, texts, new_tokens)()
+
+    return run
+
+
+def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict:
+    loaded = load_model(model_dir, device="cpu")
+    base = copy.deepcopy(loaded.model)
+    tok = loaded.tokenizer
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(inventory_dir)).eval()
+    store = AdapterStore.open(inventory_dir, adapted_dir)
+    pretrained = [t.name for t in store.tasks() if t.kind == "pretrained"]
+    sixteen = [pretrained[i % len(pretrained)] for i in range(BATCH)]
+    n_tasks = peft_model.peft_config["default"].n_tasks
+    texts, n, reps = inputs(BATCH), args.new_tokens, args.reps
+    adapter_bytes = store.adapter(sixteen[0]).nbytes
+    engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes))
+    random_tasks = add_random_tasks(store, args.cycle_tasks)
+    task_ids = torch.tensor([i % n_tasks for i in range(BATCH)])
+    results = {
+        "bare": tokens_per_s(hf_generate(base, tok, texts, n), reps),
+        "peft_16_tasks": tokens_per_s(hf_generate(peft_model, tok, texts, n, task_ids=task_ids), reps),
+        "ours_1_task": tokens_per_s(engine_generate(engine, [sixteen[0]] * BATCH, texts, n), reps),
+        "ours_16_tasks": tokens_per_s(engine_generate(engine, sixteen, texts, n), reps),
+        # enough batches to pass through the 64-entry cache twice: every batch misses 16 times
+        "ours_1000_tasks_cache_64": tokens_per_s(cycling_run(engine, random_tasks, texts, n), max(reps, 8)),
+    }
+    stats = engine.cache.stats()
+    out = {f"tokens_per_s_{k}": round(v, 1) for k, v in results.items()}
+    out.update(
+        ratio_1_task_vs_bare=round(results["ours_1_task"] / results["bare"], 3),
+        ratio_16_tasks_vs_bare=round(results["ours_16_tasks"] / results["bare"], 3),
+        ratio_16_tasks_vs_peft=round(results["ours_16_tasks"] / results["peft_16_tasks"], 3),
+        ratio_1000_vs_16_tasks=round(results["ours_1000_tasks_cache_64"] / results["ours_16_tasks"], 3),
+        cache_evictions=stats.evictions, cache_misses=stats.misses, adapter_kb=round(adapter_bytes / 1024, 1),
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 5 minutes)")
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.reps = 2 if args.quick else 5
+    args.new_tokens = 16 if args.quick else 32
+    args.cycle_tasks = 1000
+    args.http_requests = 64 if args.quick else 160
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_random_bundle(folder)
+        result.update(suite(folder / "model", folder / "inventory", folder / "adapted", args))
+        if not args.skip_http:
+            result.update(http_throughput(folder / "model", folder / "inventory", folder / "adapted", args))
+        if not args.skip_demo and (DEMO / "inventory").is_dir():
+            demo = suite(DEMO / "model", DEMO / "inventory", folder / "demo-adapted", args)
+            if not args.skip_http:
+                demo.update(http_throughput(DEMO / "model", DEMO / "inventory", folder / "demo-adapted", args))
+            result.update({f"demo_{k}": v for k, v in demo.items()})
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
