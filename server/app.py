@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -10,10 +11,11 @@ from fastapi import FastAPI
 
 from adapter_store import AdapterCache, AdapterStore
 
+from .adapt import JobManager
 from .batcher import Batcher
 from .engine import Engine, load_model
 from .errors import install_error_handlers
-from .routes import generate, health, score, tasks
+from .routes import adapt, generate, health, score, tasks
 from .settings import Settings
 
 log = logging.getLogger("mhr_serve")
@@ -42,16 +44,21 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.batcher = Batcher(app.state.engine, max_batch_size=settings.max_batch_size,
                                     max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue)
         await app.state.batcher.start()
+        app.state.jobs = JobManager(app.state.engine, app.state.engine.store.adapted_dir / ".jobs",
+                                    max_queued=settings.adapt_max_queued,
+                                    yield_to_serving=app.state.batcher.wait_until_idle)
+        app.state.jobs.start()
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.jobs.stop)
             await app.state.batcher.stop()
 
     app = FastAPI(title="mhr-serve", version="0.1.0", lifespan=lifespan,
                   description="Serve Poly / MHR adapter inventories: one backbone, many tasks.")
     app.state.settings = settings
-    app.state.engine = None
+    app.state.engine = app.state.batcher = app.state.jobs = None
     install_error_handlers(app)
-    for module in (health, tasks, generate, score):
+    for module in (health, tasks, generate, score, adapt):
         app.include_router(module.router)
     return app

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,12 @@ class Batcher:
         if self._task:
             self._task.cancel()
         self.executor.shutdown(wait=True)
+
+    def wait_until_idle(self, max_wait_s: float = 0.5) -> None:
+        """Block the calling (non-event-loop) thread while requests wait, at most `max_wait_s`."""
+        deadline = time.monotonic() + max_wait_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     async def generate(self, rows: Sequence) -> list:
         return await self._submit("generate", rows)

@@ -97,3 +97,46 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class ExampleIn(StrictModel):
+    input: NonEmptyText
+    target: NonEmptyText
+
+
+class AdaptRequest(StrictModel):
+    task: TaskName = Field(description="the new task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
+    examples: Annotated[list[ExampleIn], Field(min_length=1)]
+    method: Literal["mhr-z", "poly-z", "mhr-mu"] = Field("mhr-z", description="what is trained (see README)")
+    steps: int = Field(150, ge=1)
+    learning_rate: float | None = Field(None, gt=0, le=10, description="default: 0.1 for z methods, 1e-3 for mhr-mu")
+    batch_size: int = Field(8, ge=1, le=256)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    validation_fraction: float = Field(0.0, ge=0, le=0.5, description="held out for validation loss / exact match")
+    overwrite: bool = Field(False, description="replace an adapted task of this name (its version goes up)")
+
+
+class AdaptJobOut(BaseModel):
+    id: str
+    task: str
+    method: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    step: int
+    steps: int
+    examples: int
+    loss: float | None
+    validation_loss: float | None
+    validation_exact_match: float | None
+    trainable_parameters: int | None
+    elapsed_s: float | None
+    eta_s: float | None
+    created: float
+    started: float | None
+    finished: float | None
+    version: int | None
+    stopped_early: str | None
+    error: str | None
+
+
+class AdaptJobList(BaseModel):
+    jobs: list[AdaptJobOut]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "demo" / "bundle"
@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(32, ge=1)
     max_num_beams: int = Field(8, ge=1)
     max_choices: int = Field(32, ge=1)
+    adapt_max_examples: int = Field(256, ge=1, description="examples one /adapt request may carry")
+    adapt_max_steps: int = Field(2000, ge=1)
+    adapt_max_seconds: float = Field(600.0, gt=0, description="a job stops (and saves) at this time cap")
+    adapt_max_queued: int = Field(8, ge=1, description="queued adaptation jobs beyond this get 503")
+    api_key: SecretStr | None = Field(None, description="when set, mutating routes need it (Bearer or X-API-Key)")
+    api_key_all_routes: bool = Field(False, description="require the key on every route but health checks")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

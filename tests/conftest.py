@@ -6,6 +6,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models gain nothing from more, and a busy machine loses much
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

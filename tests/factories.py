@@ -72,7 +72,7 @@ def sharpen(model, factor: float = 30.0):
 
 
 def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: int = 3, seed: int = 0,
-                task_names: list[str] | None = None):
+                task_names: list[str] | None = None, sharp: bool = True):
     """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference)."""
     from transformers import ByT5Tokenizer
 
@@ -80,7 +80,8 @@ def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: i
         base, task_type, targets = tiny_t5(seed, tie=False), "SEQ_2_SEQ_LM", T5_TARGETS
     else:
         base, task_type, targets = tiny_llama(seed), "CAUSAL_LM", LLAMA_TARGETS
-    sharpen(base)
+    if sharp:
+        sharpen(base)
     base.save_pretrained(folder / "model")
     ByT5Tokenizer(extra_ids=0).save_pretrained(folder / "model")
     peft_model = make_inventory(base, folder / "inventory", task_type=task_type, targets=targets,

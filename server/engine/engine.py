@@ -51,10 +51,13 @@ class Engine:
         return [results[i] for i in range(len(rows))]
 
     def _generate_call(self, rows: list[GenerateRow]) -> list[Completion]:
-        adapters = [self.adapter(row.task) for row in rows]
+        return self.generate_with([self.adapter(row.task) for row in rows], rows)
+
+    def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow]) -> list[Completion]:
+        """Generate with explicit adapters, one per row (e.g. an adapter still being trained)."""
         m = self.loaded
         with self.lock, self.slots.activate(adapters):
-            return generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, rows)
+            return generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, list(rows))
 
     def score(self, rows: Sequence[ScoreRow]) -> list[list[ChoiceScore]]:
         """Every (row, choice) pair in one forward pass, each pair with its row's task adapter."""

@@ -15,13 +15,14 @@ from ..batcher import Batcher
 from ..deps import BatcherDep, EngineDep, SettingsDep
 from ..engine import Completion, GenerateRow, SamplingParams
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
+from ..security import ReadingKey
 from .validation import as_list, check_texts, sampling_params
 
 router = APIRouter(tags=["generate"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=ReadingKey)
 async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep):
     info = engine.store.task(body.task)
     texts = as_list(body.inputs)

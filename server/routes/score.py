@@ -7,13 +7,14 @@ from fastapi import APIRouter
 from ..deps import BatcherDep, EngineDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
+from ..security import ReadingKey
 from .validation import as_list, check_texts, invalid
 
 router = APIRouter(tags=["score"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 
 
-@router.post("/score", response_model=ScoreResponse, responses=ERRORS)
+@router.post("/score", response_model=ScoreResponse, responses=ERRORS, dependencies=ReadingKey)
 async def score(body: ScoreRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep):
     info = engine.store.task(body.task)
     texts = as_list(body.inputs)
@@ -22,7 +23,7 @@ async def score(body: ScoreRequest, engine: EngineDep, batcher: BatcherDep, sett
     for i, options in enumerate(choices):
         if len(options) > settings.max_choices:
             raise invalid("choices", f"{len(options)} choices; at most {settings.max_choices}")
-        check_texts(options, f"choices[{i}]" if isinstance(body.choices[0], list) else "choices", engine, settings)
+        check_texts(options, f"choices.{i}" if isinstance(body.choices[0], list) else "choices", engine, settings)
     scored = await batcher.score([ScoreRow(info.name, t, c) for t, c in zip(texts, choices, strict=True)])
     return ScoreResponse(task=info.name, version=info.version, results=[_result(s) for s in scored])
 

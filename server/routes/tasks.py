@@ -1,22 +1,51 @@
-"""GET /tasks and GET /tasks/{name}: what can be served, with kind, version and method."""
+"""GET /tasks, GET /tasks/{name}, DELETE /tasks/{name} (adapted only), GET /tasks/{name}/lora (a PEFT LoRA zip)."""
 
 from __future__ import annotations
 
+import io
+import tempfile
+import zipfile
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
-from ..deps import StoreDep
+from ..deps import EngineDep, StoreDep
 from ..schemas import ErrorResponse, TaskList, TaskOut
+from ..security import MutatingKey, ReadingKey
 
 router = APIRouter(tags=["tasks"])
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409)}
 
 
-@router.get("/tasks", response_model=TaskList)
+@router.get("/tasks", response_model=TaskList, dependencies=ReadingKey)
 async def list_tasks(store: StoreDep) -> TaskList:
     return TaskList(tasks=[TaskOut(**asdict(info)) for info in store.tasks()])
 
 
-@router.get("/tasks/{name}", response_model=TaskOut, responses={404: {"model": ErrorResponse}})
+@router.get("/tasks/{name}", response_model=TaskOut, responses=ERRORS, dependencies=ReadingKey)
 async def get_task(name: str, store: StoreDep) -> TaskOut:
     return TaskOut(**asdict(store.task(name)))
+
+
+@router.delete("/tasks/{name}", response_model=TaskOut, responses=ERRORS)
+async def delete_task(name: str, engine: EngineDep, _: MutatingKey) -> TaskOut:
+    """Delete an adapted task (its file and cached adapter); pretrained tasks and __mu__ are refused (409)."""
+    info = engine.store.delete(name)
+    engine.cache.discard(lambda key: key[1] == name)
+    return TaskOut(**asdict(info))
+
+
+@router.get("/tasks/{name}/lora", responses={**ERRORS, 200: {"content": {"application/zip": {}}}})
+async def export_lora(name: str, store: StoreDep, _: MutatingKey) -> Response:
+    """The task's adapter as a standard PEFT LoRA folder, zipped (loadable by PeftModel, vLLM, LoRAX)."""
+    store.task(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = store.export_lora(name, Path(tmp) / name)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.iterdir()):
+                archive.write(path, arcname=f"{name}/{path.name}")
+    headers = {"Content-Disposition": f'attachment; filename="{name}-lora.zip"'}
+    return Response(buffer.getvalue(), media_type="application/zip", headers=headers)

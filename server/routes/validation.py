@@ -22,7 +22,7 @@ def check_texts(texts: list[str], field: str, engine: Engine, settings: Settings
     for i, text in enumerate(texts):
         n = engine.count_tokens(text)
         if n > settings.max_input_tokens:
-            where = field if len(texts) == 1 else f"{field}[{i}]"
+            where = field if len(texts) == 1 else f"{field}.{i}"
             raise invalid(where, f"{n} tokens; at most max_input_tokens={settings.max_input_tokens}")
 
 

@@ -58,7 +58,7 @@ BAD_REQUESTS = [
     ({"task": "alpha", "inputs": ""}, 422, "inputs"),
     ({"task": "alpha", "inputs": []}, 422, "inputs"),
     ({"task": "alpha", "inputs": "x" * 100}, 422, "inputs"),  # > max_input_tokens (64)
-    ({"task": "alpha", "inputs": ["ok", "y" * 100]}, 422, "inputs[1]"),
+    ({"task": "alpha", "inputs": ["ok", "y" * 100]}, 422, "inputs.1"),
     ({"task": "alpha", "inputs": "x", "max_new_tokens": -1}, 422, "max_new_tokens"),
     ({"task": "alpha", "inputs": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
     ({"task": "alpha", "inputs": "x", "max_new_tokens": 17}, 422, "max_new_tokens"),  # > server limit (16)

@@ -1,0 +1,170 @@
+"""Adaptation jobs: a bounded queue, one background worker thread, progress, cancellation, and job
+records on disk so a restart reports what it interrupted (queued/running -> failed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adapter_store import TaskConflictError
+
+from ..engine import Engine
+from .data import Example
+from .methods import METHODS
+from .trainer import Cancelled, Progress, TrainConfig, train
+
+log = logging.getLogger(__name__)
+ACTIVE = ("queued", "running")
+INTERRUPTED = "interrupted: the server stopped while this job was queued or running; nothing was saved"
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class AdaptJob:
+    id: str
+    task: str
+    method: str
+    steps: int
+    examples: int
+    state: str = "queued"  # queued | running | succeeded | failed | cancelled
+    step: int = 0
+    loss: float | None = None
+    validation_loss: float | None = None
+    validation_exact_match: float | None = None
+    trainable_parameters: int | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    version: int | None = None  # the task version written on success
+    stopped_early: str | None = None
+    error: str | None = None
+
+    def elapsed_s(self) -> float | None:
+        return None if self.started is None else (self.finished or time.time()) - self.started
+
+    def eta_s(self) -> float | None:
+        if self.state != "running" or not self.step:
+            return 0.0 if self.state in ("succeeded", "failed", "cancelled") else None
+        return self.elapsed_s() / self.step * (self.steps - self.step)
+
+
+class JobManager:
+    def __init__(self, engine: Engine, jobs_dir: Path, *, max_queued: int,
+                 yield_to_serving: Callable[[], None] = lambda: None):
+        self.engine, self.jobs_dir, self.max_queued = engine, jobs_dir, max_queued
+        self.yield_to_serving = yield_to_serving
+        self.jobs: dict[str, AdaptJob] = {}
+        self._pending: queue.Queue[tuple[AdaptJob, list[Example], TrainConfig] | None] = queue.Queue()
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="adapt", daemon=True)
+        self._load_records()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel what is queued or running (nothing partial is written) and wait for the worker."""
+        with self._lock:
+            self._cancel.update(job.id for job in self.jobs.values() if job.state in ACTIVE)
+        self._pending.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+    def submit(self, task: str, method: str, examples: list[Example], config: TrainConfig) -> AdaptJob:
+        with self._lock:
+            if any(j.task == task and j.state in ACTIVE for j in self.jobs.values()):
+                raise TaskConflictError(f"a job adapting task {task!r} is already queued or running")
+            if sum(j.state == "queued" for j in self.jobs.values()) >= self.max_queued:
+                raise QueueFull(f"{self.max_queued} adaptation jobs are already queued")
+            job = AdaptJob(uuid.uuid4().hex, task, method, config.steps, len(examples))
+            self.jobs[job.id] = job
+        self._save(job)
+        self._pending.put((job, examples, config))
+        return job
+
+    def cancel(self, job_id: str) -> AdaptJob:
+        job = self.jobs[job_id]
+        with self._lock:
+            if job.state == "queued":
+                job.state, job.finished = "cancelled", time.time()
+            elif job.state == "running":
+                self._cancel.add(job_id)
+        self._save(job)
+        return job
+
+    def _work(self) -> None:
+        while (item := self._pending.get()) is not None:
+            job, examples, config = item
+            if job.state == "queued" and job.id not in self._cancel:
+                self._run(job, examples, config)
+            elif job.state == "queued":
+                self._finish(job, "cancelled")
+
+    def _run(self, job: AdaptJob, examples: list[Example], config: TrainConfig) -> None:
+        job.state, job.started = "running", time.time()
+        self._save(job)
+        last_save = [time.monotonic()]
+
+        def on_progress(progress: Progress) -> None:
+            job.step, job.loss = progress.step, progress.loss
+            job.validation_loss, job.validation_exact_match = progress.validation_loss, progress.validation_exact_match
+            if time.monotonic() - last_save[0] > 2:
+                last_save[0] = time.monotonic()
+                self._save(job)
+
+        try:
+            method = METHODS[job.method](self.engine.store)
+            job.trainable_parameters = method.trainable_parameters
+            result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
+                           on_progress=on_progress, yield_to_serving=self.yield_to_serving)
+            job.stopped_early = result.stopped_early
+            job.version = method.save(job.task).version
+            self.engine.cache.discard(lambda key: key[1] == job.task)  # older versions of this task
+            self._finish(job, "succeeded")
+        except Cancelled:
+            self._finish(job, "cancelled")
+        except Exception as exc:  # the job fails; the server goes on
+            log.exception("adaptation job %s failed", job.id)
+            self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, job: AdaptJob, state: str, error: str | None = None) -> None:
+        job.state, job.finished, job.error = state, time.time(), error
+        self._cancel.discard(job.id)
+        self._save(job)
+
+    # ---- records on disk ----------------------------------------------------------------
+    def _save(self, job: AdaptJob) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.jobs_dir)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(job), handle)
+        os.replace(tmp, self.jobs_dir / f"{job.id}.json")
+
+    def _load_records(self) -> None:
+        if not self.jobs_dir.is_dir():
+            return
+        for stale in self.jobs_dir.glob(".tmp-*"):
+            stale.unlink(missing_ok=True)
+        for path in sorted(self.jobs_dir.glob("*.json")):
+            try:
+                job = AdaptJob(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                log.warning("ignoring unreadable job record %s (%s)", path, exc)
+                continue
+            if job.state in ACTIVE:
+                job.state, job.error, job.finished = "failed", INTERRUPTED, job.finished or time.time()
+                self._save(job)
+            self.jobs[job.id] = job
