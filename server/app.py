@@ -15,7 +15,10 @@ from .adapt import JobManager
 from .batcher import Batcher
 from .engine import Engine, load_model
 from .errors import install_error_handlers
-from .routes import adapt, generate, health, score, tasks
+from .limits import BodySizeLimit
+from .metrics import Metrics, MetricsMiddleware
+from .routes import adapt, generate, health, openai, score, tasks
+from .routes import metrics as metrics_route
 from .settings import Settings
 
 log = logging.getLogger("mhr_serve")
@@ -42,12 +45,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.engine = engine or build_engine(settings)
         app.state.engine.warm_up()
         app.state.batcher = Batcher(app.state.engine, max_batch_size=settings.max_batch_size,
-                                    max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue)
+                                    max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue,
+                                    on_batch=metrics.batch_rows.observe)
         await app.state.batcher.start()
         app.state.jobs = JobManager(app.state.engine, app.state.engine.store.adapted_dir / ".jobs",
                                     max_queued=settings.adapt_max_queued,
                                     yield_to_serving=app.state.batcher.wait_until_idle)
         app.state.jobs.start()
+        metrics.watch(lambda: app.state.batcher.pending, app.state.engine.cache.stats,
+                      lambda: [job.state for job in app.state.jobs.jobs.values()])
         try:
             yield
         finally:
@@ -57,8 +63,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app = FastAPI(title="mhr-serve", version="0.1.0", lifespan=lifespan,
                   description="Serve Poly / MHR adapter inventories: one backbone, many tasks.")
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
     app.state.engine = app.state.batcher = app.state.jobs = None
     install_error_handlers(app)
-    for module in (health, tasks, generate, score, adapt):
+    for module in (health, tasks, generate, score, adapt, openai, metrics_route):
         app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -11,6 +11,7 @@ from adapter_store import AdapterStore
 from .batcher import Batcher
 from .engine import Engine
 from .errors import ApiError
+from .metrics import Metrics
 from .settings import Settings
 
 
@@ -37,7 +38,12 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

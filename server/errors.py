@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapter_store import InventoryError, TaskConflictError, TaskNameError, UnknownTaskError
 
 from .batcher import Overloaded, ShuttingDown
+from .limits import BodyTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,13 @@ async def _inventory(_: Request, exc: InventoryError) -> JSONResponse:
     return error_response(500, "inventory_error", str(exc))
 
 
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+    return error_response(413, "too_large", str(exc), "body")
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps errors while reading the body in a 400
+        return await _too_large(request, exc.__cause__)
     return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
 
 
@@ -86,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type, handler in [
         (RequestValidationError, _validation), (ApiError, _api_error), (UnknownTaskError, _unknown_task),
         (TaskConflictError, _conflict), (TaskNameError, _bad_name), (Overloaded, _overloaded),
-        (ShuttingDown, _shutting_down), (InventoryError, _inventory), (StarletteHTTPException, _http),
-        (Exception, _unexpected),
+        (ShuttingDown, _shutting_down), (BodyTooLarge, _too_large), (InventoryError, _inventory),
+        (StarletteHTTPException, _http), (Exception, _unexpected),
     ]:
         app.add_exception_handler(exc_type, handler)

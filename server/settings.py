@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(64, ge=1)
     max_input_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="upper bound a request may ask for")

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from adapter_store import TaskInfo
 
 from ..batcher import Batcher
-from ..deps import BatcherDep, EngineDep, SettingsDep
+from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, GenerateRow, SamplingParams
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
 from ..security import ReadingKey
@@ -23,8 +23,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=ReadingKey)
-async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep):
+async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
+                   metrics: MetricsDep):
     info = engine.store.task(body.task)
+    metrics.count_task(info.name)
     texts = as_list(body.inputs)
     check_texts(texts, "inputs", engine, settings)
     params = sampling_params(body, settings)
@@ -32,6 +34,7 @@ async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep
         batcher.check_capacity()
         return StreamingResponse(_events(batcher, info, texts, params), media_type="text/event-stream")
     completions = await batcher.generate([GenerateRow(info.name, text, params) for text in texts])
+    metrics.tokens.inc(sum(c.completion_tokens for c in completions))
     return to_response(info, completions)
 
 
@@ -48,8 +51,12 @@ def _sse(data: dict, event: str | None = None) -> str:
     return f"{head}data: {json.dumps(data)}\n\n"
 
 
-async def _events(batcher: Batcher, info: TaskInfo, texts: list[str], params: SamplingParams) -> AsyncIterator[str]:
-    """`data: {"index", "text"}` per new piece of text, then `event: done` with the whole response."""
+async def stream_events(batcher: Batcher, info: TaskInfo, texts: list[str],
+                        params: SamplingParams) -> AsyncIterator[tuple[int, str, list[Completion] | None]]:
+    """Yield (row, new text, None) as text arrives, then the rest of each row, then (-1, "", completions).
+
+    Errors after the first byte cannot change the status line: they propagate to the caller's generator.
+    """
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
@@ -67,14 +74,22 @@ async def _events(batcher: Batcher, info: TaskInfo, texts: list[str], params: Sa
             continue
         index, text = getter.result()
         sent[index] += text
-        yield _sse({"index": index, "text": text})
-    try:
-        completions = job.result()
-    except Exception as exc:  # the status line is gone already: report in-band
-        yield _sse({"error": {"type": type(exc).__name__, "message": str(exc)}}, event="error")
-        return
+        yield index, text, None
+    completions = job.result()
     for index, completion in enumerate(completions):
         rest = completion.text[len(sent[index]):] if completion.text.startswith(sent[index]) else ""
         if rest:
-            yield _sse({"index": index, "text": rest})
-    yield _sse(to_response(info, completions).model_dump(), event="done")
+            yield index, rest, None
+    yield -1, "", completions
+
+
+async def _events(batcher: Batcher, info: TaskInfo, texts: list[str], params: SamplingParams) -> AsyncIterator[str]:
+    """`data: {"index", "text"}` per new piece of text, then `event: done` with the whole response."""
+    try:
+        async for index, text, completions in stream_events(batcher, info, texts, params):
+            if completions is None:
+                yield _sse({"index": index, "text": text})
+            else:
+                yield _sse(to_response(info, completions).model_dump(), event="done")
+    except Exception as exc:  # the status line is gone already: report in-band
+        yield _sse({"error": {"type": type(exc).__name__, "message": str(exc)}}, event="error")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..deps import BatcherDep, EngineDep, SettingsDep
+from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
 from ..security import ReadingKey
@@ -15,8 +15,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 
 
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS, dependencies=ReadingKey)
-async def score(body: ScoreRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep):
+async def score(body: ScoreRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
+                metrics: MetricsDep):
     info = engine.store.task(body.task)
+    metrics.count_task(info.name)
     texts = as_list(body.inputs)
     check_texts(texts, "inputs", engine, settings)
     choices = _choices_per_input(body.choices, len(texts))

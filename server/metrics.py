@@ -1,0 +1,86 @@
+"""Prometheus metrics (prometheus-client), one registry per app so several apps can live in one process.
+
+Requests by route and status, latency, batch sizes, queue depth, tokens generated, requests per task
+(labels bounded: the first `max_task_labels` task names, the rest counted as "other"), adapter cache
+counters, and adaptation jobs by state (read at scrape time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, max_task_labels: int = 100):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mhr_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("mhr_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.batch_rows = Histogram("mhr_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                    registry=r)
+        self.tokens = Counter("mhr_generated_tokens_total", "tokens generated", registry=r)
+        self.task_requests = Counter("mhr_task_requests_total", "requests per task", ["task"], registry=r)
+        self._queue_depth = Gauge("mhr_queue_depth", "requests queued or running", registry=r)
+        self._task_labels: set[str] = set()
+        self._max_task_labels = max_task_labels
+
+    def count_task(self, task: str) -> None:
+        if task not in self._task_labels and len(self._task_labels) < self._max_task_labels:
+            self._task_labels.add(task)
+        self.task_requests.labels(task if task in self._task_labels else "other").inc()
+
+    def watch(self, queue_depth: Callable[[], int], cache_stats: Callable, job_states: Callable[[], list[str]]):
+        """Values read when Prometheus scrapes: queue depth, cache counters, jobs by state."""
+        self._queue_depth.set_function(queue_depth)
+        self.registry.register(_StateCollector(cache_stats, job_states))
+
+
+class _StateCollector:
+    def __init__(self, cache_stats: Callable, job_states: Callable[[], list[str]]):
+        self.cache_stats, self.job_states = cache_stats, job_states
+
+    def collect(self):
+        stats = self.cache_stats()
+        for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
+            yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)
+        yield GaugeMetricFamily("mhr_adapter_cache_bytes", "bytes held by the adapter cache", value=stats.bytes)
+        yield GaugeMetricFamily("mhr_adapter_cache_entries", "adapters in the cache", value=stats.entries)
+        jobs = GaugeMetricFamily("mhr_adapt_jobs", "adaptation jobs by state", labels=["state"])
+        states = self.job_states()
+        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            jobs.add_metric([state], states.count(state))
+        yield jobs
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (not the raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, scope["method"], str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
