@@ -1,0 +1,121 @@
+"""Few-shot adaptation quality on the demo bundle's held-out tasks (new compositions of seen skills).
+
+For each held-out task: 32 training shots, evaluation on fresh inputs (exact match, greedy).
+Methods: MHR-z (routing logits only), Poly-z (one logit vector per layer), MHR-μ (the averaged LoRA
+trained), and zero-shot μ (no training). Also seconds per task and trainable parameters, and the p50 latency
+of /generate over HTTP while an adaptation job runs, relative to idle. Prints one JSON object.
+
+    .venv/bin/python bench/adapt_quality.py [--quick] [--steps N] [--skip-latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adapter_store import AdapterCache, AdapterStore  # noqa: E402
+from bench.serving_http import free_port, start_server  # noqa: E402
+from demo.tasks import HELDOUT_TASKS, examples  # noqa: E402
+from server.adapt import METHODS, Example, TrainConfig  # noqa: E402
+from server.adapt.trainer import train  # noqa: E402
+from server.engine import Engine, GenerateRow, SamplingParams, load_model  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
+SHOTS, EVAL = 32, 50
+
+
+def exact_match(engine: Engine, adapter, pairs: list[tuple[str, str]]) -> float:
+    params = SamplingParams(max_new_tokens=32)
+    outs = engine.generate_with([adapter] * len(pairs), [GenerateRow("", x, params) for x, _ in pairs])
+    return sum(o.text == y for o, (_, y) in zip(outs, pairs, strict=True)) / len(pairs)
+
+
+def adapt_one(engine: Engine, method: str, task: str, steps: int) -> tuple[float, float, int]:
+    """(exact match on fresh inputs, seconds, trainable parameters) for one held-out task."""
+    shots = [Example(x, y) for x, y in examples(task, SHOTS, seed=1)]
+    trainer = METHODS[method](engine.store)
+    config = TrainConfig(steps=steps, learning_rate=trainer.default_learning_rate, batch_size=16, seed=0,
+                         validation_fraction=0.0, max_seconds=600)
+    start = time.perf_counter()
+    train(engine, trainer, shots, config, cancelled=lambda: False, on_progress=lambda p: None)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        score = exact_match(engine, trainer.adapter(), examples(task, EVAL, seed=2))
+    return score, seconds, trainer.trainable_parameters
+
+
+def quality(tasks: list[str], steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = AdapterStore.open(DEMO / "inventory", Path(tmp))
+        engine = Engine(load_model(DEMO / "model", device="cpu"), store, AdapterCache(2**28))
+        mu = engine.adapter("__mu__")
+        out = {"heldout_tasks": tasks, "shots": SHOTS, "eval_inputs": EVAL, "steps": steps,
+               "heldout_mu_exact_match": round(statistics.mean(
+                   exact_match(engine, mu, examples(t, EVAL, seed=2)) for t in tasks), 3)}
+        for method in ("mhr-z", "poly-z", "mhr-mu"):
+            runs = [adapt_one(engine, method, task, steps) for task in tasks]
+            key = method.replace("-", "_")
+            out[f"heldout_{key}_exact_match"] = round(statistics.mean(r[0] for r in runs), 3)
+            out[f"per_task_{key}"] = {t: round(r[0], 2) for t, r in zip(tasks, runs, strict=True)}
+            out[f"seconds_per_task_{key}"] = round(statistics.mean(r[1] for r in runs), 2)
+            out[f"trainable_parameters_{key}"] = runs[0][2]
+    return out
+
+
+def p50_ms(url: str, task: str, n: int) -> float:
+    times = []
+    with httpx.Client(timeout=120) as http:
+        for i in range(n):
+            start = time.perf_counter()
+            http.post(url, json={"task": task, "inputs": f"abcde{i % 7}", "max_new_tokens": 16}).raise_for_status()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def latency_during_adapt(n: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        proc = start_server(DEMO / "model", DEMO / "inventory", Path(tmp), port, None)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            task = next(t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"] if t["kind"] == "pretrained")
+            p50_ms(f"{base}/generate", task, 3)  # warm-up
+            idle = p50_ms(f"{base}/generate", task, n)
+            shots = [{"input": x, "target": y} for x, y in examples(HELDOUT_TASKS[0], SHOTS, seed=1)]
+            job = httpx.post(f"{base}/adapt", json={"task": "bench-job", "examples": shots, "steps": 2000}).json()
+            while httpx.get(f"{base}/adapt/{job['id']}").json()["state"] != "running":
+                time.sleep(0.05)
+            busy = p50_ms(f"{base}/generate", task, n)
+            still_running = httpx.get(f"{base}/adapt/{job['id']}").json()["state"] == "running"
+            httpx.delete(f"{base}/adapt/{job['id']}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return {"generate_p50_ms_idle": round(idle, 1), "generate_p50_ms_during_adapt": round(busy, 1),
+            "generate_p50_ratio_during_adapt": round(busy / idle, 3), "adapt_job_ran_throughout": still_running}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="3 held-out tasks, fewer latency samples")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+    tasks = HELDOUT_TASKS[:3] if args.quick else HELDOUT_TASKS
+    result = quality(tasks, args.steps or (100 if args.quick else 150))
+    if not args.skip_latency:
+        result.update(latency_during_adapt(20 if args.quick else 60))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

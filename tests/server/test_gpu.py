@@ -1,0 +1,50 @@
+"""CUDA paths: device placement, bf16/fp16, adapter cache memory. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from adapter_store import AdapterCache, AdapterStore
+from server.engine import Engine, GenerateRow, SamplingParams, ScoreRow, load_model
+
+pytestmark = pytest.mark.gpu
+
+
+def engine_on(folder, device, dtype, cache_bytes=10**8):
+    loaded = load_model(folder / "model", device=device, dtype=dtype)
+    return Engine(loaded, AdapterStore.open(folder / "inventory"), AdapterCache(cache_bytes, loaded.device, loaded.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_cuda_scores_match_cpu(t5_bundle, dtype):
+    cpu = engine_on(t5_bundle, "cpu", "float32")
+    gpu = engine_on(t5_bundle, "cuda", dtype)
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    rows = [ScoreRow("alpha", "some input", ["yes", "no"]), ScoreRow("gamma", "other", ["maybe"])]
+    tolerance = 1e-3 if dtype == "float32" else 0.5
+    for ours, ref in zip(gpu.score(rows), cpu.score(rows), strict=True):
+        for a, b in zip(ours, ref, strict=True):
+            assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=tolerance)
+    adapter = gpu.adapter("beta")
+    assert adapter.groups[0].lora_a.device.type == "cuda" and adapter.groups[0].lora_a.dtype == getattr(torch, dtype)
+
+
+def test_cuda_mixed_batch_generation_and_beams(t5_bundle):
+    gpu = engine_on(t5_bundle, "cuda", "bfloat16")
+    rows = [GenerateRow(t, "input text", SamplingParams(max_new_tokens=6)) for t in ("alpha", "beta", "gamma")]
+    assert len(gpu.generate(rows)) == 3
+    beams = [GenerateRow("alpha", "x", SamplingParams(max_new_tokens=6, num_beams=3))]
+    assert gpu.generate(beams)[0].completion_tokens <= 6
+
+
+def test_cuda_cache_memory_stays_bounded(t5_bundle):
+    adapter_bytes = engine_on(t5_bundle, "cpu", "float32").store.adapter("alpha").nbytes // 2  # bf16
+    gpu = engine_on(t5_bundle, "cuda", "bfloat16", cache_bytes=2 * adapter_bytes)
+    gpu.adapter("alpha")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(20):
+        for task in ("alpha", "beta", "gamma", "__mu__"):
+            gpu.adapter(task)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before <= 2 * adapter_bytes
+    assert gpu.cache.stats().bytes <= 2 * adapter_bytes and gpu.cache.stats().evictions > 0
