@@ -11,7 +11,8 @@ pytestmark = pytest.mark.gpu
 
 def engine_on(folder, device, dtype, cache_bytes=10**8):
     loaded = load_model(folder / "model", device=device, dtype=dtype)
-    return Engine(loaded, AdapterStore.open(folder / "inventory"), AdapterCache(cache_bytes, loaded.device, loaded.dtype))
+    cache = AdapterCache(cache_bytes, loaded.device, loaded.dtype)
+    return Engine(loaded, AdapterStore.open(folder / "inventory"), cache)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
