@@ -1,0 +1,97 @@
+"""kill -9 during /adapt, then restart: no partial file, earlier tasks intact, the job shown failed."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.serving_http import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start(folder: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MHR_MODEL": str(folder / "model"), "MHR_INVENTORY": str(folder / "inventory"),
+           "MHR_PORT": str(port), "MHR_DEVICE": "cpu", "MHR_THREADS": "1", "MHR_LOG_LEVEL": "warning",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def wait_state(base: str, job_id: str, states: set[str], timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = httpx.get(f"{base}/adapt/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job not in {states}")
+
+
+@pytest.mark.slow
+def test_kill_9_during_adapt_then_restart(t5_bundle, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(t5_bundle, folder)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    examples = [{"input": f"in {i}", "target": "out"} for i in range(8)]
+    proc = start(folder, port)
+    try:
+        done = httpx.post(f"{base}/adapt", json={"task": "kept", "examples": examples, "steps": 3}).json()
+        assert wait_state(base, done["id"], {"succeeded"})["version"] == 1
+        before = httpx.post(f"{base}/generate", json={"task": "kept", "inputs": "probe", "max_new_tokens": 5}).json()
+        running = httpx.post(f"{base}/adapt", json={"task": "doomed", "examples": examples, "steps": 2000}).json()
+        wait_state(base, running["id"], {"running"})
+        time.sleep(0.5)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    adapted = folder / "inventory" / "adapted"
+    proc = start(folder, port)
+    try:
+        assert not list(adapted.glob(".tmp-*")) and not (adapted / "doomed.safetensors").exists()
+        job = httpx.get(f"{base}/adapt/{running['id']}").json()
+        assert job["state"] == "failed" and "interrupted" in job["error"]
+        assert httpx.get(f"{base}/tasks/doomed").status_code == 404
+        after = httpx.post(f"{base}/generate", json={"task": "kept", "inputs": "probe", "max_new_tokens": 5}).json()
+        assert after["outputs"] == before["outputs"] and after["version"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_requests(t5_bundle, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(t5_bundle, port)
+    results = []
+
+    def call():
+        body = {"task": "alpha", "inputs": ["a", "b", "c", "d"], "max_new_tokens": 16, "num_beams": 4}
+        results.append(httpx.post(f"{base}/generate", json=body, timeout=60).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join()
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    assert results == [200] * 4
