@@ -21,12 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads: int | None,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "MHR_MODEL": str(model), "MHR_INVENTORY": str(inventory), "MHR_ADAPTED_DIR": str(adapted),
            "MHR_PORT": str(port), "MHR_DEVICE": "cpu", "MHR_MAX_BATCH_SIZE": "32", "MHR_MAX_BATCH_WAIT_MS": "5",
            "MHR_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
     if threads:
         env["MHR_THREADS"] = str(threads)
+    env.update(extra_env or {})
     proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -1,0 +1,118 @@
+"""Bounded soak on loopback: N concurrent clients for S seconds mixing generate / score / tasks / adapt
+against a real uvicorn server process (the demo bundle unless --model/--inventory). Prints JSON with
+request counts, errors (any non-2xx or transport error), latency percentiles and the server's peak RSS.
+
+    .venv/bin/python bench/soak.py [--clients 64] [--seconds 60]
+Exit status 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.serving_http import free_port, start_server  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set size (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Soak:
+    def __init__(self, base: str, tasks: list[str], seconds: float, seed: int):
+        self.base, self.tasks, self.deadline = base, tasks, time.monotonic() + seconds
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+        self.rng = random.Random(seed)
+        self.adapted = 0
+
+    def request(self) -> tuple[str, str, dict | None]:
+        kind = self.rng.choices(["generate", "score", "tasks", "adapt"], weights=[60, 25, 14, 1])[0]
+        task = self.rng.choice(self.tasks)
+        text = "".join(self.rng.choices("abcdefghijklmnop", k=self.rng.randint(3, 8)))
+        if kind == "generate":
+            return kind, "/generate", {"task": task, "inputs": text, "max_new_tokens": 16}
+        if kind == "score":
+            return kind, "/score", {"task": task, "inputs": text, "choices": [text[::-1], text.upper()]}
+        if kind == "tasks":
+            return kind, "/tasks", None
+        self.adapted += 1
+        shots = [{"input": text + str(i), "target": (text + str(i))[::-1]} for i in range(8)]
+        return kind, "/adapt", {"task": f"soak-{self.adapted}", "examples": shots, "steps": 5}
+
+    async def client(self, http: httpx.AsyncClient) -> None:
+        while time.monotonic() < self.deadline:
+            kind, path, body = self.request()
+            start = time.perf_counter()
+            try:
+                response = await (http.get(path) if body is None else http.post(path, json=body))
+                ok = response.status_code < 300
+                detail = f"{kind} {response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                ok, detail = False, f"{kind} {type(exc).__name__}: {exc}"
+            self.latencies.append(time.perf_counter() - start)
+            self.counts[kind] += 1
+            if not ok:
+                self.errors.append(detail)
+
+    async def run(self, clients: int) -> None:
+        limits = httpx.Limits(max_connections=clients + 8)
+        async with httpx.AsyncClient(base_url=self.base, timeout=120, limits=limits) as http:
+            await asyncio.gather(*(self.client(http) for _ in range(clients)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--model", type=Path, default=DEMO / "model")
+    parser.add_argument("--inventory", type=Path, default=DEMO / "inventory")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as adapted:
+        port = free_port()
+        proc = start_server(args.model, args.inventory, Path(adapted), port, None,
+                            extra_env={"MHR_ADAPT_MAX_QUEUED": "1000", "MHR_MAX_BATCH_SIZE": "32"})
+        base = f"http://127.0.0.1:{port}"
+        try:
+            tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
+            soak = Soak(base, tasks, args.seconds, seed=0)
+            start = time.monotonic()
+            asyncio.run(soak.run(args.clients))
+            elapsed = time.monotonic() - start
+            rss = peak_rss_mb(proc.pid)
+            jobs = Counter(j["state"] for j in httpx.get(f"{base}/adapt").json()["jobs"])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    lat = sorted(soak.latencies)
+    result = {
+        "clients": args.clients, "seconds": round(elapsed, 1), "requests": sum(soak.counts.values()),
+        "by_kind": dict(soak.counts), "errors": len(soak.errors), "first_errors": soak.errors[:5],
+        "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(1e3 * statistics.median(lat), 1),
+        "p99_ms": round(1e3 * lat[int(0.99 * (len(lat) - 1))], 1), "server_peak_rss_mb": round(rss, 1),
+        "adapt_jobs": dict(jobs),
+    }
+    print(json.dumps(result, indent=1))
+    sys.exit(1 if soak.errors else 0)
+
+
+if __name__ == "__main__":
+    main()
