@@ -1,0 +1,268 @@
+"""Client (blocking) and AsyncClient (asyncio): the same methods, the same options, the same exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from . import _base as b
+from .models import AdaptJob, GenerateResponse, Readiness, ScoreResponse, StreamEvent, TaskInfo
+
+T = TypeVar("T")
+Progress = Callable[[AdaptJob], Any]
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def _async_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+def _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "do_sample": do_sample or None, "temperature": temperature,
+            "top_p": top_p, "top_k": top_k, "seed": seed, "num_beams": num_beams, "stop": stop}
+
+
+def _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite) -> dict[str, Any]:
+    return {"method": method, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
+            "seed": seed, "validation_fraction": validation_fraction, "overwrite": overwrite or None}
+
+
+class Client:
+    """Blocking client for mhr-serve. Use it as a context manager (or call ``close()``).
+
+    ``retries``: extra attempts for GET/DELETE after a transport error or a 503 (POST is never retried).
+    ``transport``: any httpx transport (``httpx.MockTransport``, a TestClient's, ...).
+    """
+
+    def __init__(self, base_url: str = b.DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = 60.0,
+                 retries: int = 2, transport: httpx.BaseTransport | None = None,
+                 headers: dict[str, str] | None = None):
+        self.config = b.Config(base_url, api_key, timeout, retries, dict(headers or {}))
+        self._http = httpx.Client(transport=transport, **self.config.http_options())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, call: b.Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, json=call.json)
+            except httpx.TransportError as exc:
+                delay = b.retry_delay(call, attempt, self.config.retries, None)
+                if delay is None:
+                    raise b.transport_error(exc, call.method, call.path) from exc
+            else:
+                delay = b.retry_delay(call, attempt, self.config.retries, response)
+                if delay is None:
+                    return b.finish(call, response)
+                response.close()
+            _sleep(delay)
+            attempt += 1
+
+    def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+                 stop: list[str] | None = None) -> GenerateResponse:
+        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        return self._call(b.generate_call(task, inputs, options))
+
+    def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
+               do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+               top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+               stop: list[str] | None = None) -> Iterator[StreamEvent]:
+        """Pieces of text as they are generated, then one event with ``.response`` (``.done`` is True)."""
+        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        call = b.generate_call(task, inputs, options, stream=True)
+        parser = b.SSEParser()
+        try:
+            with self._http.stream(call.method, call.path, json=call.json) as response:
+                if response.is_error:
+                    response.read()
+                    b.finish(call, response)
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise b.transport_error(exc, call.method, call.path) from exc
+        event = parser.close()
+        if event is not None:
+            yield event
+
+    def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
+        return self._call(b.score_call(task, inputs, choices))
+
+    def tasks(self) -> list[TaskInfo]:
+        return self._call(b.tasks_call())
+
+    def task(self, name: str) -> TaskInfo:
+        return self._call(b.task_call(name))
+
+    def delete_task(self, name: str) -> TaskInfo:
+        return self._call(b.task_call(name, "DELETE"))
+
+    def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z", steps: int | None = None,
+              learning_rate: float | None = None, batch_size: int | None = None, seed: int | None = None,
+              validation_fraction: float | None = None, overwrite: bool = False) -> AdaptJob:
+        options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
+        return self._call(b.adapt_call(task, examples, options))
+
+    def job(self, job_id: str | AdaptJob) -> AdaptJob:
+        return self._call(b.job_call(job_id))
+
+    def jobs(self) -> list[AdaptJob]:
+        return self._call(b.jobs_call())
+
+    def cancel(self, job_id: str | AdaptJob) -> AdaptJob:
+        return self._call(b.job_call(job_id, "DELETE"))
+
+    def wait(self, job_id: str | AdaptJob, *, poll_interval: float = 0.5, timeout: float | None = None,
+             on_progress: Progress | None = None) -> AdaptJob:
+        """Poll the job until it is succeeded, failed or cancelled; raises WaitTimeout after ``timeout`` s."""
+        deadline = b.Deadline(timeout, poll_interval)
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.done:
+                return job
+            _sleep(deadline.next_sleep(job))
+
+    def export(self, task: str, dest_dir: str | Path) -> Path:
+        """Download the task as a PEFT LoRA folder into ``dest_dir``; returns ``dest_dir/<task>``."""
+        return b.extract_zip(self._call(b.export_call(task)), dest_dir)
+
+    def health(self) -> dict[str, Any]:
+        return self._call(b.health_call())
+
+    def ready(self) -> Readiness:
+        return self._call(b.ready_call())
+
+
+class AsyncClient:
+    """The asyncio twin of Client: the same constructor and methods, awaited; ``stream()`` is an async iterator."""
+
+    def __init__(self, base_url: str = b.DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = 60.0,
+                 retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
+                 headers: dict[str, str] | None = None):
+        self.config = b.Config(base_url, api_key, timeout, retries, dict(headers or {}))
+        self._http = httpx.AsyncClient(transport=transport, **self.config.http_options())
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, call: b.Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, json=call.json)
+            except httpx.TransportError as exc:
+                delay = b.retry_delay(call, attempt, self.config.retries, None)
+                if delay is None:
+                    raise b.transport_error(exc, call.method, call.path) from exc
+            else:
+                delay = b.retry_delay(call, attempt, self.config.retries, response)
+                if delay is None:
+                    return b.finish(call, response)
+                await response.aclose()
+            await _async_sleep(delay)
+            attempt += 1
+
+    async def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                       do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                       top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+                       stop: list[str] | None = None) -> GenerateResponse:
+        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        return await self._call(b.generate_call(task, inputs, options))
+
+    async def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                     do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                     top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+                     stop: list[str] | None = None) -> AsyncIterator[StreamEvent]:
+        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        call = b.generate_call(task, inputs, options, stream=True)
+        parser = b.SSEParser()
+        try:
+            async with self._http.stream(call.method, call.path, json=call.json) as response:
+                if response.is_error:
+                    await response.aread()
+                    b.finish(call, response)
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise b.transport_error(exc, call.method, call.path) from exc
+        event = parser.close()
+        if event is not None:
+            yield event
+
+    async def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
+        return await self._call(b.score_call(task, inputs, choices))
+
+    async def tasks(self) -> list[TaskInfo]:
+        return await self._call(b.tasks_call())
+
+    async def task(self, name: str) -> TaskInfo:
+        return await self._call(b.task_call(name))
+
+    async def delete_task(self, name: str) -> TaskInfo:
+        return await self._call(b.task_call(name, "DELETE"))
+
+    async def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z",
+                    steps: int | None = None, learning_rate: float | None = None, batch_size: int | None = None,
+                    seed: int | None = None, validation_fraction: float | None = None,
+                    overwrite: bool = False) -> AdaptJob:
+        options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
+        return await self._call(b.adapt_call(task, examples, options))
+
+    async def job(self, job_id: str | AdaptJob) -> AdaptJob:
+        return await self._call(b.job_call(job_id))
+
+    async def jobs(self) -> list[AdaptJob]:
+        return await self._call(b.jobs_call())
+
+    async def cancel(self, job_id: str | AdaptJob) -> AdaptJob:
+        return await self._call(b.job_call(job_id, "DELETE"))
+
+    async def wait(self, job_id: str | AdaptJob, *, poll_interval: float = 0.5, timeout: float | None = None,
+                   on_progress: Progress | None = None) -> AdaptJob:
+        deadline = b.Deadline(timeout, poll_interval)
+        while True:
+            job = await self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.done:
+                return job
+            await _async_sleep(deadline.next_sleep(job))
+
+    async def export(self, task: str, dest_dir: str | Path) -> Path:
+        data = await self._call(b.export_call(task))
+        return await asyncio.to_thread(b.extract_zip, data, dest_dir)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call(b.health_call())
+
+    async def ready(self) -> Readiness:
+        return await self._call(b.ready_call())

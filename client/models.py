@@ -1,0 +1,125 @@
+"""Typed response bodies of the mhr-serve HTTP API.
+
+The field names mirror ``server/schemas.py`` (copied, not imported: the client never needs the server).
+Unknown fields are ignored and enumerations are plain strings, so a newer server does not break an older client.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+#: Adaptation job states; the last three are final.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Output(Model):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+class Usage(Model):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(Model):
+    task: str
+    version: int
+    outputs: list[Output]
+    usage: Usage
+
+    @property
+    def texts(self) -> list[str]:
+        return [output.text for output in self.outputs]
+
+
+class StreamEvent(Model):
+    """One server-sent event of ``stream()``: a new piece ``text`` of output ``index``.
+
+    The last event has ``response`` set (the whole GenerateResponse), ``index=None`` and ``text=""``.
+    """
+
+    index: int | None = None
+    text: str = ""
+    response: GenerateResponse | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None
+
+
+class ChoiceScore(Model):
+    choice: str
+    logprob_sum: float
+    logprob_mean: float
+    tokens: int
+
+
+class ScoreResult(Model):
+    scores: list[ChoiceScore]
+    best: str
+    best_index: int
+    best_by_mean_index: int
+
+
+class ScoreResponse(Model):
+    task: str
+    version: int
+    results: list[ScoreResult]
+
+
+class TaskInfo(Model):
+    name: str
+    kind: str  # "pretrained" | "adapted" | "mu"
+    version: int
+    method: str
+    row: int | None = None
+    created: float | None = None
+
+
+class AdaptJob(Model):
+    id: str
+    task: str
+    method: str
+    state: str  # one of JOB_STATES
+    step: int
+    steps: int
+    examples: int
+    loss: float | None = None
+    validation_loss: float | None = None
+    validation_exact_match: float | None = None
+    trainable_parameters: int | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    version: int | None = None
+    stopped_early: str | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the job is succeeded, failed or cancelled."""
+        return self.state in FINAL_STATES
+
+
+class Readiness(Model):
+    """GET /readyz: ``status`` is "ready" (with the other fields) or "loading"."""
+
+    status: str
+    inventory: str | None = None
+    tasks: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"

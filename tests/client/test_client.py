@@ -1,0 +1,225 @@
+"""Client and AsyncClient against httpx.MockTransport: bodies, headers, errors, retries, SSE, export safety."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+import client._client as client_module
+from client import (
+    AsyncClient,
+    BadRequest,
+    Client,
+    Conflict,
+    ExportError,
+    Forbidden,
+    MhrError,
+    NotFound,
+    Overloaded,
+    ServerError,
+    TransportError,
+    Unauthorized,
+    UnknownTask,
+    ValidationError,
+    WaitTimeout,
+)
+from tests.client.fakes import GENERATED, SSE, TASKS, Recorder, error, job_body, make_zip
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep(monkeypatch):
+    slept = []
+    monkeypatch.setattr(client_module, "_sleep", slept.append)
+
+    async def async_sleep(seconds):
+        slept.append(seconds)
+    monkeypatch.setattr(client_module, "_async_sleep", async_sleep)
+    return slept
+
+
+def sync_client(recorder, **options):
+    return Client("http://mhr.test", transport=httpx.MockTransport(recorder), **options)
+
+
+def run_async(recorder, work, **options):
+    async def go():
+        async with AsyncClient("http://mhr.test", transport=httpx.MockTransport(recorder), **options) as mhr:
+            return await work(mhr)
+    return asyncio.run(go())
+
+
+def test_generate_body_omits_none_options_and_parses():
+    recorder = Recorder(httpx.Response(200, json=GENERATED))
+    with sync_client(recorder) as mhr:
+        response = mhr.generate("alpha", "hello")
+        mhr.generate("alpha", ["a", "b"], max_new_tokens=4, top_k=0, stop=["."], do_sample=True, temperature=0.5)
+    assert response.texts == ["hi"] and response.usage.completion_tokens == 2
+    assert recorder.body(0) == {"task": "alpha", "inputs": "hello"}
+    assert recorder.body(1) == {"task": "alpha", "inputs": ["a", "b"], "max_new_tokens": 4, "top_k": 0,
+                                "stop": ["."], "do_sample": True, "temperature": 0.5}
+    assert recorder.requests[0].url == "http://mhr.test/generate"
+
+
+def test_async_generate_and_adapt_bodies():
+    recorder = Recorder(httpx.Response(200, json=GENERATED), httpx.Response(202, json=job_body("queued")))
+
+    async def work(mhr):
+        return await mhr.generate("alpha", "x", seed=3), await mhr.adapt("new", [("a", "b"), {"input": "c",
+                                                                                             "target": "d"}], steps=5)
+    generated, job = run_async(recorder, work)
+    assert generated.outputs[0].finish_reason == "length" and job.state == "queued" and not job.done
+    assert recorder.body(0) == {"task": "alpha", "inputs": "x", "seed": 3}
+    assert recorder.body(1) == {"task": "new", "method": "mhr-z", "steps": 5,
+                                "examples": [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]}
+
+
+def test_api_key_is_sent_as_bearer_token():
+    recorder = Recorder(httpx.Response(200, json=TASKS))
+    with sync_client(recorder, api_key="s3cret") as mhr:
+        assert [t.name for t in mhr.tasks()] == ["alpha"]
+    run_async(recorder, lambda mhr: mhr.tasks(), api_key="s3cret")
+    assert all(r.headers["authorization"] == "Bearer s3cret" for r in recorder.requests)
+    with sync_client(recorder) as mhr:
+        mhr.tasks()
+    assert "authorization" not in recorder.requests[-1].headers
+
+
+@pytest.mark.parametrize(("status", "type_", "cls"), [
+    (400, "bad_request", BadRequest), (413, "too_large", BadRequest), (422, "validation_error", ValidationError),
+    (401, "unauthorized", Unauthorized), (403, "forbidden", Forbidden), (404, "unknown_job", NotFound),
+    (404, "unknown_task", UnknownTask), (409, "conflict", Conflict), (500, "internal_error", ServerError),
+    (502, "http_error", ServerError),
+])
+def test_error_statuses_map_to_exceptions(status, type_, cls):
+    recorder = Recorder(error(status, type_, "it failed", field="inputs"))
+    with sync_client(recorder, retries=0) as mhr, pytest.raises(cls) as caught:
+        mhr.generate("alpha", "x")
+    assert (caught.value.status, caught.value.type, caught.value.field) == (status, type_, "inputs")
+    assert str(caught.value) == "it failed"
+    with pytest.raises(cls):
+        run_async(recorder, lambda mhr: mhr.generate("alpha", "x"))
+
+
+def test_overloaded_carries_retry_after_and_odd_bodies_still_map():
+    recorder = Recorder(error(503, "overloaded", headers={"Retry-After": "7"}))
+    with sync_client(recorder) as mhr, pytest.raises(Overloaded) as caught:
+        mhr.score("alpha", "x", ["a", "b"])
+    assert caught.value.retry_after == 7 and len(recorder.requests) == 1  # POST: never retried
+    with sync_client(Recorder(httpx.Response(502, text="bad gateway"))) as mhr, pytest.raises(ServerError) as caught:
+        mhr.health()
+    assert "bad gateway" in caught.value.message and caught.value.field is None
+
+
+def test_get_is_retried_after_503_honouring_retry_after(_no_sleep):
+    recorder = Recorder(error(503, "overloaded", headers={"Retry-After": "3"}), httpx.Response(200, json=TASKS))
+    with sync_client(recorder) as mhr:
+        assert mhr.tasks()[0].name == "alpha"
+    assert len(recorder.requests) == 2 and _no_sleep == [3.0]
+
+
+def test_get_and_delete_retry_transport_errors_up_to_the_limit(_no_sleep):
+    recorder = Recorder(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.Response(200, json=TASKS))
+    assert run_async(recorder, lambda mhr: mhr.tasks())[0].kind == "pretrained"
+    assert len(recorder.requests) == 3 and _no_sleep == [0.25, 0.5]
+    recorder = Recorder(httpx.ConnectError("refused"))
+    with sync_client(recorder, retries=1) as mhr, pytest.raises(TransportError, match="refused"):
+        mhr.delete_task("alpha")
+    assert [r.method for r in recorder.requests] == ["DELETE", "DELETE"]
+
+
+def test_post_is_never_retried():
+    for answer in (httpx.ConnectError("refused"), error(503, "overloaded", headers={"Retry-After": "0"})):
+        recorder = Recorder(answer)
+        with sync_client(recorder) as mhr, pytest.raises((TransportError, Overloaded)):
+            mhr.adapt("new", [("a", "b")])
+        with pytest.raises((TransportError, Overloaded)):
+            run_async(recorder, lambda mhr: mhr.generate("alpha", "x"))
+        assert [r.method for r in recorder.requests] == ["POST", "POST"]
+
+
+def sse_response(text):
+    return httpx.Response(200, content=text.encode(), headers={"content-type": "text/event-stream"})
+
+
+def test_stream_parses_server_sent_events_sync_and_async():
+    recorder = Recorder(sse_response(SSE))
+    with sync_client(recorder) as mhr:
+        events = list(mhr.stream("alpha", "hello", max_new_tokens=2))
+    assert recorder.body(0) == {"task": "alpha", "inputs": "hello", "max_new_tokens": 2, "stream": True}
+    assert [(e.index, e.text) for e in events[:-1]] == [(0, "h"), (0, "i")]
+    assert events[-1].done and events[-1].response.texts == ["hi"]
+
+    async def work(mhr):
+        return [event async for event in mhr.stream("alpha", "hello")]
+    assert run_async(recorder, work) == events
+
+
+def test_stream_errors_in_band_before_and_when_cut_off():
+    in_band = 'data: {"index": 0, "text": "h"}\n\nevent: error\ndata: {"error": {"type": "X", "message": "boom"}}\n\n'
+    with sync_client(Recorder(sse_response(in_band))) as mhr, pytest.raises(ServerError, match="boom"):
+        list(mhr.stream("alpha", "x"))
+    with sync_client(Recorder(error(404, "unknown_task", field="task"))) as mhr, pytest.raises(UnknownTask):
+        list(mhr.stream("nope", "x"))
+    cut_off = sse_response('data: {"index": 0, "text": "h"}\n\n')
+    with sync_client(Recorder(cut_off)) as mhr, pytest.raises(TransportError, match="done"):
+        list(mhr.stream("alpha", "x"))
+
+
+def test_wait_polls_until_final_state_and_reports_progress():
+    recorder = Recorder(httpx.Response(200, json=job_body()), httpx.Response(200, json=job_body(step=6)),
+                        httpx.Response(200, json=job_body("succeeded", step=10, version=1)))
+    seen = []
+    with sync_client(recorder) as mhr:
+        job = mhr.wait("j1", poll_interval=0.01, on_progress=seen.append)
+    assert job.state == "succeeded" and job.version == 1 and [j.step for j in seen] == [3, 6, 10]
+    assert all(r.url.path == "/adapt/j1" for r in recorder.requests)
+    recorder = Recorder(httpx.Response(200, json=job_body()))
+    with pytest.raises(WaitTimeout) as caught:
+        run_async(recorder, lambda mhr: mhr.wait("j1", poll_interval=0.01, timeout=0))
+    assert caught.value.job.state == "running"
+
+
+def test_export_extracts_into_the_destination(tmp_path):
+    data = make_zip({"alpha/adapter_config.json": '{"peft_type": "LORA"}', "alpha/adapter_model.safetensors": "x"})
+    recorder = Recorder(httpx.Response(200, content=data, headers={"content-type": "application/zip"}))
+    with sync_client(recorder, api_key="k") as mhr:
+        folder = mhr.export("alpha", tmp_path / "out")
+    assert folder == (tmp_path / "out" / "alpha").resolve()
+    assert json.loads((folder / "adapter_config.json").read_text()) == {"peft_type": "LORA"}
+    assert recorder.requests[0].url.path == "/tasks/alpha/lora"
+    assert run_async(recorder, lambda mhr: mhr.export("alpha", tmp_path / "again")).name == "alpha"
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "alpha/../../evil.txt", "/abs/evil.txt", "C:/evil.txt"])
+def test_export_refuses_entries_outside_the_destination(tmp_path, name):
+    data = make_zip({"alpha/adapter_config.json": "{}", name: "pwned"})
+    with sync_client(Recorder(httpx.Response(200, content=data))) as mhr, pytest.raises(ExportError):
+        mhr.export("alpha", tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()  # nothing written at all
+    with sync_client(Recorder(httpx.Response(200, content=b"not a zip"))) as mhr, pytest.raises(ExportError):
+        mhr.export("alpha", tmp_path / "out")
+
+
+def test_ready_reports_loading_without_raising_and_names_are_quoted():
+    recorder = Recorder(httpx.Response(503, json={"status": "loading"}))
+    with sync_client(recorder) as mhr:
+        assert not mhr.ready().ready
+        assert len(recorder.requests) == 1  # a probe is not retried
+    recorder = Recorder(httpx.Response(200, json=TASKS["tasks"][0]))
+    with sync_client(recorder) as mhr:
+        mhr.task("a/b")
+    assert recorder.requests[0].url.raw_path == b"/tasks/a%2Fb"
+
+
+def test_bad_examples_are_refused_before_sending():
+    recorder = Recorder(httpx.Response(202, json=job_body()))
+    with sync_client(recorder) as mhr, pytest.raises(ValueError, match="example 1"):
+        mhr.adapt("new", [("a", "b"), {"input": "only"}])
+    assert recorder.requests == []
+
+
+def test_an_unexpected_success_body_is_an_mhr_error():
+    with sync_client(Recorder(httpx.Response(200, text="<html>proxy</html>"))) as mhr, \
+            pytest.raises(MhrError, match="unexpected answer to GET /tasks"):
+        mhr.tasks()
