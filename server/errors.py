@@ -26,6 +26,13 @@ class ApiError(Exception):
         super().__init__(message)
 
 
+def error_type(exc: BaseException) -> str:
+    """The `type` an exception has in error bodies (also for errors reported inside an event stream)."""
+    return {UnknownTaskError: "unknown_task", TaskConflictError: "conflict", TaskNameError: "validation_error",
+            Overloaded: "overloaded", ShuttingDown: "unavailable", InventoryError: "inventory_error"}.get(
+        type(exc), exc.type if isinstance(exc, ApiError) else "internal_error")
+
+
 def error_response(status: int, type_: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"type": type_, "message": message, "field": field}}

@@ -136,6 +136,7 @@ class AdaptJobOut(BaseModel):
     version: int | None
     stopped_early: str | None
     error: str | None
+    cancel_requested: bool = False
 
 
 class AdaptJobList(BaseModel):

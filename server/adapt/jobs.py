@@ -50,6 +50,7 @@ class AdaptJob:
     version: int | None = None  # the task version written on success
     stopped_early: str | None = None
     error: str | None = None
+    cancel_requested: bool = False
 
     def elapsed_s(self) -> float | None:
         return None if self.started is None else (self.finished or time.time()) - self.started
@@ -96,12 +97,17 @@ class JobManager:
         return job
 
     def cancel(self, job_id: str) -> AdaptJob:
+        """Cancel a queued job at once, or ask a running one to stop at its next step (it then ends
+        "cancelled", nothing written). A finished job cannot be cancelled (TaskConflictError)."""
         job = self.jobs[job_id]
         with self._lock:
+            if job.state not in ACTIVE:
+                raise TaskConflictError(f"job {job_id} already ended ({job.state}); nothing to cancel")
             if job.state == "queued":
                 job.state, job.finished = "cancelled", time.time()
-            elif job.state == "running":
+            else:
                 self._cancel.add(job_id)
+                job.cancel_requested = True
         self._save(job)
         return job
 

@@ -78,6 +78,8 @@ async def get_job(job_id: str, request: Request) -> AdaptJobOut:
 
 @router.delete("/adapt/{job_id}", response_model=AdaptJobOut, responses=ERRORS)
 async def cancel_job(job_id: str, request: Request, _: MutatingKey) -> AdaptJobOut:
+    """202-like semantics in a 200: a running job shows cancel_requested until it stops (then "cancelled");
+    a job that already ended is a 409."""
     _job(request, job_id)
     return job_out(get_jobs(request).cancel(job_id))
 

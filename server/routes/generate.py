@@ -14,6 +14,7 @@ from adapter_store import TaskInfo
 from ..batcher import Batcher
 from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, GenerateRow, SamplingParams
+from ..errors import error_type
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
 from ..security import ReadingKey
 from .validation import as_list, check_texts, sampling_params
@@ -91,5 +92,5 @@ async def _events(batcher: Batcher, info: TaskInfo, texts: list[str], params: Sa
                 yield _sse({"index": index, "text": text})
             else:
                 yield _sse(to_response(info, completions).model_dump(), event="done")
-    except Exception as exc:  # the status line is gone already: report in-band
-        yield _sse({"error": {"type": type(exc).__name__, "message": str(exc)}}, event="error")
+    except Exception as exc:  # the status line is gone already: report in-band, in the usual error shape
+        yield _sse({"error": {"type": error_type(exc), "message": str(exc), "field": None}}, event="error")

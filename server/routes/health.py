@@ -17,6 +17,7 @@ async def healthz() -> dict:
 async def readyz(request: Request):
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "loading", "error": {"type": "unavailable", "message": "still loading",
+                                                            "field": None}}, status_code=503)
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch.")}

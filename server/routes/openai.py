@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import GenerateRow, SamplingParams
+from ..errors import error_type
 from ..schemas import ErrorResponse
 from ..security import ReadingKey
 from .generate import stream_events
@@ -121,5 +122,5 @@ async def _chunks(batcher, info, prompts, params, rid: str, created: int) -> Asy
                 for i, completion in enumerate(completions):
                     yield chunk(i, "", completion.finish_reason)
     except Exception as exc:  # the status line is gone already: report in-band, as OpenAI does
-        yield f"data: {json.dumps({'error': {'type': type(exc).__name__, 'message': str(exc)}})}\n\n"
+        yield f"data: {json.dumps({'error': {'type': error_type(exc), 'message': str(exc)}})}\n\n"
     yield "data: [DONE]\n\n"

@@ -132,8 +132,10 @@ def test_cancel_and_interrupted_jobs(folder):
         long_job = client.post("/adapt", json={"task": "slow", "examples": examples, "steps": 2000}).json()
         queued = client.post("/adapt", json={"task": "later", "examples": examples, "steps": 5}).json()
         assert client.delete(f"/adapt/{queued['id']}").json()["state"] == "cancelled"
-        client.delete(f"/adapt/{long_job['id']}")
+        assert client.delete(f"/adapt/{long_job['id']}").json()["cancel_requested"] is True
         assert wait_for(client, long_job["id"])["state"] == "cancelled"
+        finished = client.delete(f"/adapt/{long_job['id']}")
+        assert finished.status_code == 409 and "already ended" in finished.json()["error"]["message"]
         assert client.get("/tasks/slow").status_code == 404 and client.get("/tasks/later").status_code == 404
     # a record left "running" by a killed process is reported failed after a restart
     jobs_dir = folder / "inventory" / "adapted" / ".jobs"
