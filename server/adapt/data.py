@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ..engine.sequences import IGNORE, join_prompts
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,5 @@ def _causal_batch(tokenizer, examples: list[Example], device) -> dict[str, torch
     prompts = tokenizer([e.input for e in examples])["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     targets = [ids + eos for ids in tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]]
-    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
-    ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
-        mask[i, : len(p) + len(t)] = 1
+    ids, labels, mask = join_prompts(prompts, targets, tokenizer.pad_token_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from .sequences import IGNORE, join_prompts
 
 
 def score_pairs(model, tokenizer, is_seq2seq: bool, device: torch.device, texts: list[str],
@@ -38,13 +38,6 @@ def _seq2seq_logits(model, tokenizer, device, texts, choices):
 def _causal_logits(model, tokenizer, device, texts, choices):
     prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
     conts = tokenizer(choices, add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(c) for p, c in zip(prompts, conts, strict=True))
-    ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(texts), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
-        attention[i, : len(p) + len(c)] = 1
+    ids, labels, attention = join_prompts(prompts, conts, tokenizer.pad_token_id)
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (N, T, V)
     return logits[:, :-1], labels[:, 1:].to(device)  # position t predicts token t+1

@@ -4,7 +4,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,25 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.serving_http import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench.serving_http import free_port, start_server
 
 
 def start(folder: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MHR_MODEL": str(folder / "model"), "MHR_INVENTORY": str(folder / "inventory"),
-           "MHR_PORT": str(port), "MHR_DEVICE": "cpu", "MHR_THREADS": "1", "MHR_LOG_LEVEL": "warning",
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start")
+    return start_server(folder / "model", folder / "inventory", folder / "inventory" / "adapted", port, 1)
 
 
 def wait_state(base: str, job_id: str, states: set[str], timeout: float = 60) -> dict:
