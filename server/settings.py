@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     cache_bytes: int = Field(512 * 2**20, ge=0, description="adapter cache capacity in bytes")
+    merge_single_task: bool = Field(True, description="run a batch of one task on temporarily merged weights "
+                                    "(fastest; holds one extra copy of the adapted layers' weights meanwhile)")
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")

@@ -19,9 +19,11 @@ from .scoring import score_pairs
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache):
+    def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
+                 merge_single_task: bool = True):
         check_model(store.inventory, loaded.model)
         self.loaded = loaded
+        self.merge_single_task = merge_single_task  # single-task batches on temporarily merged weights
         self.store = store
         self.cache = cache
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names)
@@ -56,7 +58,7 @@ class Engine:
     def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow]) -> list[Completion]:
         """Generate with explicit adapters, one per row (e.g. an adapter still being trained)."""
         m = self.loaded
-        with self.lock, self.slots.activate(adapters):
+        with self.lock, self.slots.activate(adapters, merge=self.merge_single_task):
             return generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, list(rows))
 
     def score(self, rows: Sequence[ScoreRow]) -> list[list[ChoiceScore]]:
@@ -64,7 +66,7 @@ class Engine:
         pairs = [(row, choice) for row in rows for choice in row.choices]
         adapters = [self.adapter(row.task) for row, _ in pairs]
         m = self.loaded
-        with self.lock, self.slots.activate(adapters):
+        with self.lock, self.slots.activate(adapters, merge=self.merge_single_task):
             scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
                                  [row.text for row, _ in pairs], [choice for _, choice in pairs])
         results, start = [], 0

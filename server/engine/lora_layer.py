@@ -2,6 +2,8 @@
 
     rows mode:    y[i] = base(x[i]) + (x[i] @ A[i]) @ B[i]      A (N, d_in, r), B (N, r, d_out), B pre-scaled
     shared mode:  y    = base(x)    + (x @ A) @ B               one adapter for the whole batch
+    merged mode:  y    = x @ (W + (A @ B)ᵀ)ᵀ + bias             one adapter, merged once per batch into a
+                                                                 temporary weight (W itself is never changed)
     off:          y    = base(x)
 Nothing is routed here: A and B are the cached per-task adapters the engine set for this batch.
 """
@@ -9,6 +11,7 @@ Nothing is routed here: A and B are the cached per-task adapters the engine set 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,6 +22,7 @@ class BatchedLoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None  # pre-multiplied by the adapter's scale (1/r)
         self.per_row = False
+        self.merged: torch.Tensor | None = None  # (d_out, d_in)
         self._expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
@@ -46,11 +50,20 @@ class BatchedLoraLinear(nn.Module):
         """A (d_in, r) and B·scale (r, d_out) for every row."""
         self.lora_a, self.lora_b, self.per_row, self._expanded = lora_a, lora_b_scaled, False, None
 
-    def clear(self) -> None:
+    def set_merged(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
+        """Merge A (d_in, r), B·scale (r, d_out) into a temporary copy of the weight for the coming batch:
+        no per-token adapter work at all (costs one weight-sized buffer while the batch runs)."""
+        weight = self.base.weight  # (d_out, d_in)
+        self.merged = torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype))
         self.lora_a = self.lora_b = self._expanded = None
 
+    def clear(self) -> None:
+        self.lora_a = self.lora_b = self._expanded = self.merged = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        if self.merged is not None:
+            return F.linear(x, self.merged, self.base.bias)
+        out = F.linear(x, self.base.weight, self.base.bias)  # the wrapped layer, without a second module call
         if self.lora_a is None:
             return out
         if not self.per_row:
