@@ -108,7 +108,7 @@ class AdaptRequest(StrictModel):
     task: TaskName = Field(description="the new task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
     examples: Annotated[list[ExampleIn], Field(min_length=1)]
     method: Literal["mhr-z", "poly-z", "mhr-mu"] = Field("mhr-z", description="what is trained (see README)")
-    steps: int = Field(150, ge=1)
+    steps: int = Field(200, ge=1)
     learning_rate: float | None = Field(None, gt=0, le=10, description="default: 0.1 for z methods, 1e-3 for mhr-mu")
     batch_size: int = Field(8, ge=1, le=256)
     seed: int = Field(0, ge=0, le=2**63 - 1)
