@@ -109,9 +109,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 held-out tasks, fewer latency samples")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tasks = HELDOUT_TASKS[:3] if args.quick else HELDOUT_TASKS
-    result = quality(tasks, args.steps or (100 if args.quick else 150))
+    result = {"threads": torch.get_num_threads(), **quality(tasks, args.steps or (100 if args.quick else 200))}
     if not args.skip_latency:
         result.update(latency_during_adapt(20 if args.quick else 60))
     print(json.dumps(result, indent=1))

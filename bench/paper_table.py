@@ -6,7 +6,7 @@ parameter budget, pre-train on the training tasks (no instruction prefix) for th
   (b) Poly (H = 1), (c) MHR (H = 4 by default);
 then report training-task exact match (greedy, fresh examples) and final training loss per method.
 
-    HF_HUB_OFFLINE=1 python bench/paper_table.py [--quick] [--seeds 0 1] [--steps 600]
+    HF_HUB_OFFLINE=1 python bench/paper_table.py [--quick] [--seeds 0 1] [--steps 500]
 
 Prints a markdown table, then one JSON object (last line).
 """
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps (< 5 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--heads", type=int, default=4, help="H of the MHR row")
     parser.add_argument("--n", type=int, default=30, help="evaluation examples per task")
     args = parser.parse_args(argv)
@@ -67,7 +67,7 @@ def method_configs(backbone: torch.nn.Module, hp: InventoryHparams, heads: int) 
     lora = LoraConfig(
         task_type="SEQ_2_SEQ_LM",
         r=lora_rank,
-        lora_alpha=lora_rank,  # scale 1, like Poly's x A B / r with r folded into the init
+        lora_alpha=lora_rank / hp.r,  # LoRA scales x A B by alpha / rank: 1 / r here, exactly like Poly
         lora_dropout=0.0,
         target_modules=list(hp.target_modules),
     )
@@ -124,7 +124,7 @@ def markdown(summary: dict[str, dict], seeds: list[int], steps: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine were up to 10x slower (spin-waits)
     start = time.monotonic()
     backbone, _ = load_backbone(args.bundle)
     for param in backbone.parameters():

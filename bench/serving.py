@@ -119,6 +119,7 @@ def cycling_run(engine: Engine, names: list[str], texts: list[str], new_tokens: 
 
 def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict:
     loaded = load_model(model_dir, device="cpu")
+    loaded.model.generation_config.eos_token_id = None  # fixed length for every mode (the demo model stops early)
     base = copy.deepcopy(loaded.model)
     tok = loaded.tokenizer
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(inventory_dir)).eval()

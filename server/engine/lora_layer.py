@@ -22,7 +22,8 @@ class BatchedLoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None  # pre-multiplied by the adapter's scale (1/r)
         self.per_row = False
-        self.merged: torch.Tensor | None = None  # (d_out, d_in)
+        self.merged: torch.Tensor | None = None  # (d_out, d_in) while a merged batch runs
+        self._merge_buffer: torch.Tensor | None = None  # reused: no weight-sized allocation per batch
         self._expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
@@ -54,7 +55,10 @@ class BatchedLoraLinear(nn.Module):
         """Merge A (d_in, r), B·scale (r, d_out) into a temporary copy of the weight for the coming batch:
         no per-token adapter work at all (costs one weight-sized buffer while the batch runs)."""
         weight = self.base.weight  # (d_out, d_in)
-        self.merged = torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype))
+        if self._merge_buffer is None or self._merge_buffer.dtype != weight.dtype:
+            self._merge_buffer = torch.empty_like(weight)
+        torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype), out=self._merge_buffer)
+        self.merged = self._merge_buffer
         self.lora_a = self.lora_b = self._expanded = None
 
     def clear(self) -> None:
