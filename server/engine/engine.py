@@ -7,8 +7,6 @@ import threading
 from collections.abc import Sequence
 from itertools import groupby
 
-import torch
-
 from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
 
 from .activation import AdapterSlots
@@ -79,7 +77,6 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    @torch.inference_mode()
     def warm_up(self) -> None:
         """Route the μ adapter once and run one tiny generation, so the first request is not slow."""
         self.generate([GenerateRow("__mu__", "warm up", _WARM_UP)])

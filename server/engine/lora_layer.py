@@ -55,9 +55,10 @@ class BatchedLoraLinear(nn.Module):
         """Merge A (d_in, r), B·scale (r, d_out) into a temporary copy of the weight for the coming batch:
         no per-token adapter work at all (costs one weight-sized buffer while the batch runs)."""
         weight = self.base.weight  # (d_out, d_in)
-        if self._merge_buffer is None or self._merge_buffer.dtype != weight.dtype:
-            self._merge_buffer = torch.empty_like(weight)
-        torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype), out=self._merge_buffer)
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, updatable in and out of inference
+            if self._merge_buffer is None or self._merge_buffer.dtype != weight.dtype:
+                self._merge_buffer = torch.empty_like(weight)
+            torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype), out=self._merge_buffer)
         self.merged = self._merge_buffer
         self.lora_a = self.lora_b = self._expanded = None
 

@@ -17,7 +17,7 @@ from ..engine import Completion, GenerateRow, SamplingParams
 from ..errors import error_type
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
 from ..security import ReadingKey
-from .validation import as_list, check_texts, sampling_params
+from .validation import sampling_params, task_and_texts
 
 router = APIRouter(tags=["generate"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
@@ -26,10 +26,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=ReadingKey)
 async def generate(body: GenerateRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
                    metrics: MetricsDep):
-    info = engine.store.task(body.task)
-    metrics.count_task(info.name)
-    texts = as_list(body.inputs)
-    check_texts(texts, "inputs", engine, settings)
+    info, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
     params = sampling_params(body, settings)
     if body.stream:
         batcher.check_capacity()

@@ -23,7 +23,7 @@ from ..errors import error_type
 from ..schemas import ErrorResponse
 from ..security import ReadingKey
 from .generate import stream_events
-from .validation import as_list, check_texts, invalid
+from .validation import invalid, task_and_texts
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=ReadingKey)
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}
@@ -77,10 +77,7 @@ async def list_models(engine: EngineDep) -> dict:
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
                       metrics: MetricsDep):
-    info = engine.store.task(body.model)
-    metrics.count_task(info.name)
-    prompts = as_list(body.prompt)
-    check_texts(prompts, "prompt", engine, settings)
+    info, prompts = task_and_texts(engine, metrics, settings, body.model, body.prompt, "prompt")
     params = _params(body, settings.max_new_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

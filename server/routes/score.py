@@ -8,7 +8,7 @@ from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
 from ..security import ReadingKey
-from .validation import as_list, check_texts, invalid
+from .validation import check_texts, invalid, task_and_texts
 
 router = APIRouter(tags=["score"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
@@ -17,10 +17,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS, dependencies=ReadingKey)
 async def score(body: ScoreRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
                 metrics: MetricsDep):
-    info = engine.store.task(body.task)
-    metrics.count_task(info.name)
-    texts = as_list(body.inputs)
-    check_texts(texts, "inputs", engine, settings)
+    info, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
     choices = _choices_per_input(body.choices, len(texts))
     for i, options in enumerate(choices):
         if len(options) > settings.max_choices:

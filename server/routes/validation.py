@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from adapter_store import TaskInfo
+
 from ..engine import Engine, SamplingParams
 from ..errors import ApiError
+from ..metrics import Metrics
 from ..schemas import GenerateRequest
 from ..settings import Settings
 
 
 def as_list(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
+
+
+def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str, inputs: str | list[str],
+                   field: str = "inputs") -> tuple[TaskInfo, list[str]]:
+    """The request's task (404 if unknown; counted in metrics) and its inputs as a checked list."""
+    info = engine.store.task(task)
+    metrics.count_task(info.name)
+    texts = as_list(inputs)
+    check_texts(texts, field, engine, settings)
+    return info, texts
 
 
 def invalid(field: str, message: str) -> ApiError:
