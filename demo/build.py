@@ -1,6 +1,6 @@
 """Build the demo bundle: a tiny byte-level T5 backbone, then an MHR inventory on the training tasks.
 
-    HF_HUB_OFFLINE=1 python -m demo.build [--seed 0] [--out demo/bundle] [--minutes 28] [--quick]
+    HF_HUB_OFFLINE=1 python -m demo.build [--seed 0] [--out demo/bundle] [--minutes 30] [--quick] [--reuse-backbone]
 
 Deterministic from the seed (fixed step counts, seeded data and init) as long as the ``--minutes``
 safety cap is not hit; build_info.json records the steps actually done.
