@@ -34,9 +34,6 @@ class TaskAdapter:
             for i, name in enumerate(group.names):
                 yield name, group.lora_a[i], group.lora_b[i]
 
-    def layer_dict(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: (a, b) for name, a, b in self.layers()}
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.groups for t in (g.lora_a, g.lora_b))

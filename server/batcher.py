@@ -74,10 +74,6 @@ class Batcher:
     async def score(self, rows: Sequence) -> list:
         return await self._submit("score", rows)
 
-    async def run_exclusive(self, fn: Callable, *args):
-        """Run `fn(*args)` on the engine's worker thread between batches (e.g. one adaptation step)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
     def check_capacity(self) -> None:
         """Raise ShuttingDown or Overloaded if a new request would be refused now."""
         if not self._accepting:
