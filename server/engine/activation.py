@@ -4,8 +4,8 @@
         model.generate(...)
 One task in the batch -> merged (serving: W + ΔW in a temporary buffer) or shared mode (training: two small
 matmuls per layer, differentiable); several -> per-row mode, where each
-group's adapters are stacked once per batch: (L, U, d_in, r) -> index rows -> (L, N, d_in, r), and layer i
-of the group gets the contiguous slice [i].
+group's adapters are stacked in row order once per batch, (L, N, d_in, r), and layer i of the group gets
+the contiguous slice [i]. The scale 1/r is applied inside the layers' fused matmuls (alpha), never copied.
 """
 
 from __future__ import annotations
@@ -46,25 +46,23 @@ class AdapterSlots:
             return
         if any(a is None for a in unique):
             raise ValueError("a batch mixing rows with and without an adapter is not supported")
-        position = {id(a): i for i, a in enumerate(unique)}
-        index = torch.tensor([position[id(a)] for a in row_adapters])
-        self._set_rows(unique, index)
+        if len({a.scale for a in unique}) != 1:
+            raise ValueError("adapters in one batch must share one rank and scale")
+        self._set_rows(list(row_adapters))
 
     def _set_shared(self, adapter: TaskAdapter, merge: bool) -> None:
         for group in adapter.groups:
-            b_scaled = group.lora_b * adapter.scale  # (L, r, d_out)
             for i, name in enumerate(group.names):
                 layer = self.layers[name]
-                (layer.set_merged if merge else layer.set_shared)(group.lora_a[i], b_scaled[i])
+                (layer.set_merged if merge else layer.set_shared)(group.lora_a[i], group.lora_b[i], adapter.scale)
 
-    def _set_rows(self, unique: list[TaskAdapter], index: torch.Tensor) -> None:
-        for g, group in enumerate(unique[0].groups):
-            if any(a.groups[g].names != group.names for a in unique):
+    def _set_rows(self, row_adapters: list[TaskAdapter]) -> None:
+        """Each group's adapters stacked in row order, one copy: (L, d_in, r) x N -> (L, N, d_in, r)."""
+        first = row_adapters[0]
+        for g, group in enumerate(first.groups):
+            if any(a.groups[g].names != group.names for a in row_adapters):
                 raise ValueError("adapters in one batch must come from the same inventory layout")
-            device = group.lora_a.device
-            rows = index.to(device)
-            a = torch.stack([u.groups[g].lora_a for u in unique], dim=1)  # (L, U, d_in, r)
-            b = torch.stack([u.groups[g].lora_b * u.scale for u in unique], dim=1)  # (L, U, r, d_out)
-            a, b = a.index_select(1, rows), b.index_select(1, rows)  # (L, N, d_in, r), (L, N, r, d_out)
+            a = torch.stack([row.groups[g].lora_a for row in row_adapters], dim=1)  # (L, N, d_in, r)
+            b = torch.stack([row.groups[g].lora_b for row in row_adapters], dim=1)  # (L, N, r, d_out)
             for i, name in enumerate(group.names):
-                self.layers[name].set_rows(a[i], b[i])
+                self.layers[name].set_rows(a[i], b[i], first.scale)

@@ -1,8 +1,8 @@
 """A target nn.Linear wrapped once at load time so each forward adds each row's own task adapter.
 
-    rows mode:    y[i] = base(x[i]) + (x[i] @ A[i]) @ B[i]      A (N, d_in, r), B (N, r, d_out), B pre-scaled
-    shared mode:  y    = base(x)    + (x @ A) @ B               one adapter for the whole batch
-    merged mode:  y    = x @ (W + (A @ B)ᵀ)ᵀ + bias             one adapter, merged once per batch into a
+    rows mode:    y[i] = base(x[i]) + s (x[i] @ A[i]) @ B[i]    A (N, d_in, r), B (N, r, d_out), s = 1/r
+    shared mode:  y    = base(x)    + s (x @ A) @ B             one adapter for the whole batch
+    merged mode:  y    = x @ (W + s (A @ B)ᵀ)ᵀ + bias           one adapter, merged once per batch into a
                                                                  temporary weight (W itself is never changed)
     off:          y    = base(x)
 Nothing is routed here: A and B are the cached per-task adapters the engine set for this batch.
@@ -20,7 +20,8 @@ class BatchedLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None  # pre-multiplied by the adapter's scale (1/r)
+        self.lora_b: torch.Tensor | None = None
+        self.scale = 1.0  # the adapter's 1/r, applied as the alpha of the fused matmul
         self.per_row = False
         self.merged: torch.Tensor | None = None  # (d_out, d_in) while a merged batch runs
         self._merge_buffer: torch.Tensor | None = None  # reused: no weight-sized allocation per batch
@@ -43,22 +44,23 @@ class BatchedLoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def set_rows(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
-        """A (N, d_in, r) and B·scale (N, r, d_out): one adapter per row of the coming batches."""
-        self.lora_a, self.lora_b, self.per_row, self._expanded = lora_a, lora_b_scaled, True, None
+    def set_rows(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """A (N, d_in, r) and B (N, r, d_out): one adapter per row of the coming batches."""
+        self.lora_a, self.lora_b, self.scale, self.per_row, self._expanded = lora_a, lora_b, scale, True, None
 
-    def set_shared(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
-        """A (d_in, r) and B·scale (r, d_out) for every row."""
-        self.lora_a, self.lora_b, self.per_row, self._expanded = lora_a, lora_b_scaled, False, None
+    def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """A (d_in, r) and B (r, d_out) for every row."""
+        self.lora_a, self.lora_b, self.scale, self.per_row, self._expanded = lora_a, lora_b, scale, False, None
 
-    def set_merged(self, lora_a: torch.Tensor, lora_b_scaled: torch.Tensor) -> None:
-        """Merge A (d_in, r), B·scale (r, d_out) into a temporary copy of the weight for the coming batch:
+    def set_merged(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        """Merge A (d_in, r), B (r, d_out) into a temporary copy of the weight for the coming batch:
         no per-token adapter work at all (costs one weight-sized buffer while the batch runs)."""
         weight = self.base.weight  # (d_out, d_in)
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, updatable in and out of inference
             if self._merge_buffer is None or self._merge_buffer.dtype != weight.dtype:
                 self._merge_buffer = torch.empty_like(weight)
-            torch.addmm(weight, lora_b_scaled.T.to(weight.dtype), lora_a.T.to(weight.dtype), out=self._merge_buffer)
+            torch.addmm(weight, lora_b.T.to(weight.dtype), lora_a.T.to(weight.dtype), alpha=scale,
+                        out=self._merge_buffer)
         self.merged = self._merge_buffer
         self.lora_a = self.lora_b = self._expanded = None
 
@@ -73,12 +75,12 @@ class BatchedLoraLinear(nn.Module):
             return out
         if not self.per_row:
             flat = x.reshape(-1, x.shape[-1])  # (N*T, d_in)
-            delta = torch.addmm(out.reshape(-1, out.shape[-1]), flat @ self.lora_a, self.lora_b)
-            return delta.view(out.shape)
+            out.view(-1, out.shape[-1]).addmm_(flat @ self.lora_a, self.lora_b, alpha=self.scale)
+            return out
         a, b = self._rows(x.shape[0])
         x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
-        y = torch.baddbmm(out3, torch.bmm(x3, a), b)  # out + (x @ A[row]) @ B[row], fused
-        return y if x.dim() == 3 else y.squeeze(1)
+        out3.baddbmm_(torch.bmm(x3, a), b, alpha=self.scale)  # out += s (x @ A[row]) @ B[row], in place: no copy
+        return out
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows for a batch of n; beam search runs n = rows * beams, each beam after its row."""
