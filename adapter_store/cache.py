@@ -1,6 +1,7 @@
 """LRU cache of task adapters on one device and dtype, bounded in bytes, thread-safe, single-flight.
 
-    adapter = cache.get(key, compute)   # key = (inventory fingerprint, task name, task version)
+    adapter = cache.get(key, compute)   # key = (inventory fingerprint, task name, task version, created)
+    adapters = cache.get_many(keys, compute_many)   # misses computed together (one routing pass)
 A hit moves the entry to the front; a miss runs `compute()` once even when many threads miss the same
 key together (the others wait for that result), converts it to the cache's device and dtype, and
 evicts least-recently-used entries until the bytes fit. An entry larger than the whole capacity is
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -58,21 +59,49 @@ class AdapterCache:
                 owner = False
         if not owner:
             return pending.result()
-        return self._compute(key, compute, pending)
+        return self._compute([key], lambda: [compute()], [pending])[key]
 
-    def _compute(self, key: Hashable, compute: Callable[[], TaskAdapter], pending: Future) -> TaskAdapter:
+    def get_many(self, keys: Sequence[Hashable], compute_many: Callable[[list[Hashable]], list[TaskAdapter]]
+                 ) -> list[TaskAdapter]:
+        """get() for several keys; the misses this call owns are computed together by one
+        `compute_many(missing_keys)` call (e.g. routed in one pass over the inventory)."""
+        owned: dict[Hashable, Future] = {}
+        found: dict[Hashable, TaskAdapter | Future] = {}
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    self._hits += 1
+                    found[key] = self._entries[key]
+                elif key in self._inflight:
+                    self._hits += 1
+                    found[key] = self._inflight[key]
+                else:
+                    owned[key] = self._inflight[key] = Future()
+                    self._misses += 1
+        if owned:
+            missing = list(owned)
+            found.update(self._compute(missing, lambda: compute_many(missing), list(owned.values())))
+        return [found[key].result() if isinstance(found[key], Future) else found[key] for key in keys]
+
+    def _compute(self, keys: list[Hashable], compute: Callable[[], list[TaskAdapter]], pending: list[Future]
+                 ) -> dict[Hashable, TaskAdapter]:
         try:
-            adapter = compute().to(self.device, self.dtype)
+            adapters = [a.to(self.device, self.dtype) for a in compute()]
         except BaseException as exc:
             with self._lock:
-                del self._inflight[key]
-            pending.set_exception(exc)
+                for key in keys:
+                    del self._inflight[key]
+            for future in pending:
+                future.set_exception(exc)
             raise
         with self._lock:
-            del self._inflight[key]
-            self._insert(key, adapter)
-        pending.set_result(adapter)
-        return adapter
+            for key, adapter in zip(keys, adapters, strict=True):
+                del self._inflight[key]
+                self._insert(key, adapter)
+        for future, adapter in zip(pending, adapters, strict=True):
+            future.set_result(adapter)
+        return dict(zip(keys, adapters, strict=True))
 
     def _insert(self, key: Hashable, adapter: TaskAdapter) -> None:
         if adapter.nbytes > self.capacity_bytes:

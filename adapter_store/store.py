@@ -2,7 +2,7 @@
 
     store = AdapterStore.open("inventory/")
     store.adapter("my-task")            # TaskAdapter (float32, CPU), computed from the routing
-    store.cache_key("my-task")          # (fingerprint, name, version) for an AdapterCache
+    store.cache_key("my-task")          # (fingerprint, name, version, created) for an AdapterCache
     store.save_routing("new", "mhr-z", logits)   # persisted atomically, servable at once
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,29 +58,51 @@ class AdapterStore:
                 raise UnknownTaskError(name)
             return self._tasks[name]
 
-    def cache_key(self, name: str) -> tuple[str, str, int]:
-        return (self.fingerprint, name, self.task(name).version)
+    def cache_key(self, name: str) -> tuple[str, str, int, float | None]:
+        """Names one adapter's content: a task deleted and adapted again gets a new key (its `created`)."""
+        info = self.task(name)
+        return (self.fingerprint, name, info.version, info.created)
 
     # ---- adapters ---------------------------------------------------------------------------
     def adapter(self, name: str) -> TaskAdapter:
         """The task's per-layer LoRA (float32, CPU): routed, μ, or as stored."""
-        info = self.task(name)
-        if info.kind == "mu":
-            return routing.mu_adapter(self.inventory)
-        if info.kind == "pretrained":
-            return routing.routed_adapter(self.inventory, routing.pretrained_logits(self.inventory, info.row))
-        return self._adapted_adapter(name)
+        return self.adapters([name])[0]
+
+    def adapters(self, names: Sequence[str]) -> list[TaskAdapter]:
+        """Several tasks' adapters. Routed tasks (pretrained rows, z-method tasks) are mixed together,
+        reading the inventory's skills once for all of them."""
+        found: dict[str, TaskAdapter] = {}
+        routed: dict[str, list[torch.Tensor]] = {}
+        for name in dict.fromkeys(names):
+            logits = self._routing_logits(name)
+            if logits is None:
+                found[name] = self._unrouted_adapter(name)
+            else:
+                routed[name] = logits
+        if routed:
+            per_group = [torch.stack(z) for z in zip(*routed.values(), strict=True)]  # [(U, L, H*K), ...]
+            found.update(zip(routed, routing.routed_adapters(self.inventory, per_group), strict=True))
+        return [found[name] for name in names]
 
     def adapter_for_logits(self, logits: list[torch.Tensor]) -> TaskAdapter:
         """Routed adapter for logits given per module group, [(L, H*K), ...] (used while adapting)."""
         return routing.routed_adapter(self.inventory, logits)
 
-    def _adapted_adapter(self, name: str) -> TaskAdapter:
+    def _routing_logits(self, name: str) -> list[torch.Tensor] | None:
+        """A routed task's logits per module group [(L, H*K), ...]; None for μ and stored-LoRA tasks."""
+        info = self.task(name)
+        if info.kind == "pretrained":
+            return routing.pretrained_logits(self.inventory, info.row)
+        if info.kind == "adapted" and self._adapted_meta[name]["format"] == "routing":
+            path = persistence.task_path(self.adapted_dir, name)
+            return self._logits_from_tensors(path, persistence.read_tensors(path))
+        return None
+
+    def _unrouted_adapter(self, name: str) -> TaskAdapter:
+        if self.task(name).kind == "mu":
+            return routing.mu_adapter(self.inventory)
         path = persistence.task_path(self.adapted_dir, name)
-        tensors = persistence.read_tensors(path)
-        if self._adapted_meta[name]["format"] == "routing":
-            return routing.routed_adapter(self.inventory, self._logits_from_tensors(path, tensors))
-        return self._lora_from_tensors(path, tensors, int(self._adapted_meta[name]["rank"]))
+        return self._lora_from_tensors(path, persistence.read_tensors(path), int(self._adapted_meta[name]["rank"]))
 
     def _logits_from_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         width = self.inventory.config.n_splits * self.inventory.config.n_skills

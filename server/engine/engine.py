@@ -4,7 +4,7 @@ that mix tasks. Its methods are synchronous and run on one worker thread (the ba
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from itertools import groupby
 
 from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
@@ -37,7 +37,21 @@ class Engine:
 
     def adapter(self, task: str) -> TaskAdapter:
         """The task's adapter on the engine's device and dtype; routed at most once per version."""
-        return self.cache.get(self.store.cache_key(task), lambda: self.store.adapter(task))
+        return self.adapters_and_keys([task])[0][0]
+
+    def adapters_and_keys(self, tasks: Sequence[str]) -> tuple[list[TaskAdapter], list[Hashable]]:
+        """Each task's adapter and the cache key that names its content. Misses are routed together (one
+        pass over the inventory). Consistent even if a new version of a task lands meanwhile: then the
+        entry, possibly routed from the newer version, is dropped and redone."""
+        while True:
+            keys = [self.store.cache_key(task) for task in tasks]
+            task_of = dict(zip(keys, tasks, strict=True))
+            adapters = self.cache.get_many(keys, lambda missing, task_of=task_of: self.store.adapters(
+                [task_of[k] for k in missing]))
+            stale = {key for key, task in zip(keys, tasks, strict=True) if self.store.cache_key(task) != key}
+            if not stale:
+                return adapters, keys
+            self.cache.discard(lambda key, stale=stale: key in stale)
 
     def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
         """Rows may mix tasks and sampling parameters; rows with equal batch keys share one call."""
@@ -51,22 +65,29 @@ class Engine:
         return [results[i] for i in range(len(rows))]
 
     def _generate_call(self, rows: list[GenerateRow]) -> list[Completion]:
-        return self.generate_with([self.adapter(row.task) for row in rows], rows)
+        adapters, keys = self.adapters_and_keys([row.task for row in rows])
+        return self.generate_with(adapters, rows, keys=keys)
 
-    def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow]) -> list[Completion]:
-        """Generate with explicit adapters, one per row (e.g. an adapter still being trained)."""
+    def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow], *,
+                      keys: Sequence[Hashable] | None = None) -> list[Completion]:
+        """Generate with explicit adapters, one per row (e.g. an adapter still being trained). `keys` name
+        adapters that never change (cache keys), so they may stay in place for the next batch."""
         m = self.loaded
-        with self.lock, self.slots.activate(adapters, merge=self.merge_single_task):
-            return generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, list(rows))
+        with self.lock, self.slots.activate(adapters, keys=keys, merge=self.merge_single_task) as order:
+            done = generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, [rows[i] for i in order])
+        return in_input_order(order, done)
 
     def score(self, rows: Sequence[ScoreRow]) -> list[list[ChoiceScore]]:
         """Every (row, choice) pair in one forward pass, each pair with its row's task adapter."""
         pairs = [(row, choice) for row in rows for choice in row.choices]
-        adapters = [self.adapter(row.task) for row, _ in pairs]
+        if not pairs:
+            return [[] for _ in rows]
+        adapters, keys = self.adapters_and_keys([row.task for row, _ in pairs])
         m = self.loaded
-        with self.lock, self.slots.activate(adapters, merge=self.merge_single_task):
+        with self.lock, self.slots.activate(adapters, keys=keys, merge=self.merge_single_task) as order:
             scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
-                                 [row.text for row, _ in pairs], [choice for _, choice in pairs])
+                                 [pairs[i][0].text for i in order], [pairs[i][1] for i in order])
+        scored = in_input_order(order, scored)
         results, start = [], 0
         for row in rows:
             mine = scored[start: start + len(row.choices)]
@@ -83,3 +104,11 @@ class Engine:
 
 
 _WARM_UP = SamplingParams(max_new_tokens=2)
+
+
+def in_input_order(order: list[int], results: list) -> list:
+    """Results of rows run in `order` (position p ran input row order[p]) -> results in input order."""
+    out = [None] * len(order)
+    for position, row in enumerate(order):
+        out[row] = results[position]
+    return out
