@@ -91,3 +91,49 @@ def test_discard_drops_matching_entries():
     cache.get(("fp", "b", 1), lambda: adapter(10))
     assert cache.discard(lambda key: key[1] == "a") == 1
     assert ("fp", "a", 1) not in cache and cache.stats().bytes == 40
+
+
+def test_get_many_computes_the_misses_together_once():
+    cache, calls = AdapterCache(capacity_bytes=10_000), []
+
+    def compute_many(keys):
+        calls.append(list(keys))
+        return [adapter(10, float(ord(k))) for k in keys]
+
+    cache.get("a", lambda: adapter(10, 0.5))
+    got = cache.get_many(["b", "a", "c", "b"], compute_many)
+    assert calls == [["b", "c"]]  # a was a hit; b asked twice is computed once
+    assert [g.groups[0].lora_a.flatten()[0].item() for g in got] == [ord("b"), 0.5, ord("c"), ord("b")]
+    assert got[0] is got[3] and "c" in cache
+    assert cache.get_many(["c", "b"], lambda keys: pytest.fail("all hits")) == [got[2], got[0]]
+
+
+def test_get_many_waits_for_a_miss_another_thread_is_computing():
+    cache, started, release = AdapterCache(capacity_bytes=10_000), threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        release.wait(5)
+        return adapter(10, 7.0)
+
+    worker = threading.Thread(target=lambda: cache.get("a", slow))
+    worker.start()
+    started.wait(5)
+    result = {}
+    other = threading.Thread(target=lambda: result.update(got=cache.get_many(["a", "b"], lambda k: [adapter(10)])))
+    other.start()
+    time.sleep(0.05)
+    release.set()
+    worker.join(5), other.join(5)
+    assert result["got"][0].groups[0].lora_a.flatten()[0].item() == 7.0 and cache.stats().misses == 2
+
+
+def test_get_many_failure_reaches_every_waiter_and_leaves_nothing_behind():
+    cache = AdapterCache(capacity_bytes=10_000)
+
+    def broken(keys):
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        cache.get_many(["a", "b"], broken)
+    assert "a" not in cache and cache.get_many(["a"], lambda keys: [adapter(10)])[0].nbytes == 40

@@ -74,6 +74,24 @@ def test_saved_routing_task_survives_a_restart(store):
     assert not _same(reopened.adapter("new-task"), reopened.adapter("task-0"))
 
 
+def test_adapters_of_many_tasks_at_once_equal_one_at_a_time(store):
+    store.save_routing("z-task", "mhr-z", _random_logits(store, 3))
+    store.save_lora("lora-task", "mhr-mu", store.adapter("task-1"))
+    names = ["task-2", "z-task", "__mu__", "lora-task", "task-0", "z-task"]
+    together = store.adapters(names)
+    for name, adapter in zip(names, together, strict=True):
+        assert _same(adapter, store.adapter(name))
+    assert together[1] is together[5] and not _same(together[0], together[4])
+
+
+def test_task_deleted_and_adapted_again_gets_a_new_cache_key(store):
+    store.save_routing("again", "mhr-z", _random_logits(store, 0))
+    first = store.cache_key("again")
+    store.delete("again")
+    store.save_routing("again", "mhr-z", _random_logits(store, 1))
+    assert store.task("again").version == 1 and store.cache_key("again") != first
+
+
 def test_overwriting_an_adapted_task_bumps_its_version(store):
     store.save_routing("t", "mhr-z", _random_logits(store, 0))
     key_v1 = store.cache_key("t")

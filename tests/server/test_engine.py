@@ -111,3 +111,35 @@ def test_stop_strings_and_token_limits(bundle):
         stop = full.text[1:3]
         cut = engine.generate([GenerateRow("task-0", "abc", SamplingParams(max_new_tokens=8, stop=(stop,)))])[0]
         assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_batches_that_reuse_resident_adapters_in_another_order_equal_running_alone(bundle):
+    _, _, _, _, engine = bundle
+    alone = {(t, x): engine.generate([GenerateRow(t, x, GREEDY)])[0].text
+             for t in ("task-0", "task-1", "task-2", "__mu__") for x in TEXTS}
+    batches = [["task-0", "task-1", "task-2", "__mu__"], ["__mu__", "task-2", "task-0", "task-1"],
+               ["task-2", "task-2", "task-1", "task-0"], ["task-1", "__mu__", "task-1", "task-2"]]
+    copies = engine.slots.pool.copies
+    for tasks in batches:
+        rows = [GenerateRow(t, x, GREEDY) for t, x in zip(tasks, TEXTS, strict=True)]
+        assert [c.text for c in engine.generate(rows)] == [alone[(t, x)] for t, x in zip(tasks, TEXTS, strict=True)]
+    assert engine.slots.pool.copies - copies < 4 * len(batches)  # some adapters stayed in place
+
+
+def test_single_task_batches_that_alternate_tasks_each_use_their_own_merge(bundle):
+    _, _, _, _, engine = bundle
+    first = [engine.generate([GenerateRow(t, "same input", GREEDY)])[0].text for t in ("task-0", "task-1")]
+    again = [engine.generate([GenerateRow(t, "same input", GREEDY)])[0].text
+             for t in ("task-0", "task-0", "task-1", "task-1", "task-0")]
+    assert again == [first[0], first[0], first[1], first[1], first[0]] and first[0] != first[1]
+
+
+def test_scores_of_a_mixed_batch_come_back_in_input_order(bundle):
+    _, _, _, _, engine = bundle
+    rows = [ScoreRow(f"task-{i % 3}", text, ["yes", "no", "maybe"]) for i, text in enumerate(TEXTS)]
+    together = engine.score(rows)
+    alone = [engine.score([row])[0] for row in rows]
+    for mixed, single in zip(together, alone, strict=True):
+        assert [c.choice for c in mixed] == ["yes", "no", "maybe"]
+        torch.testing.assert_close([c.logprob_sum for c in mixed], [c.logprob_sum for c in single],
+                                   rtol=1e-5, atol=1e-3)
