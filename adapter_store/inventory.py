@@ -4,8 +4,8 @@ Keys in `adapter_model.safetensors` (PEFT strips the adapter name when saving):
     base_model.model.<module>.poly_lora_A                (H, K, d_in/H, r)
     base_model.model.<module>.poly_lora_B                (H, K, r, d_out/H)
     base_model.model.<module>.poly_router.module_logits  (n_tasks, H*K)
-Modules of one shape are stacked into a `ModuleGroup` over a layer axis, so routing any number of tasks is
-one batched matmul per group instead of two small einsums per layer and task.
+Modules of one shape are stacked into a `ModuleGroup`, skill-major, so routing a task is K fused
+multiply-adds over contiguous blocks per group instead of two small einsums per layer.
 """
 
 from __future__ import annotations
@@ -29,25 +29,25 @@ SUFFIX_LOGITS = ".poly_router.module_logits"
 
 @dataclass(frozen=True)
 class ModuleGroup:
-    """Modules whose skills have the same shape, stacked over a layer axis L.
+    """Modules whose skills have the same shape, stacked skill-major (K first) over a layer axis L.
 
-    lora_a[i] is PEFT's poly_lora_A of module names[i]: each (layer, head) holds its K skills contiguously,
-    so mixing them for U tasks at once is one (L*H)-batched matmul, (U, K) @ (K, d*r).
+    lora_a[k, i] is PEFT's poly_lora_A[:, k] of module names[i]; skill-major makes each skill's block
+    over all layers contiguous, which makes mixing memory-bound instead of overhead-bound.
     """
 
     names: tuple[str, ...]  # module paths in the base model, e.g. "encoder.block.0.layer.0.SelfAttention.q"
-    lora_a: torch.Tensor  # (L, H, K, d_in/H, r)
-    lora_b: torch.Tensor  # (L, H, K, r, d_out/H)
+    lora_a: torch.Tensor  # (K, L, H, d_in/H, r)
+    lora_b: torch.Tensor  # (K, L, H, r, d_out/H)
     logits: torch.Tensor  # (L, n_tasks, H*K)
 
     @property
     def d_in(self) -> int:
-        _, h, _, d, _ = self.lora_a.shape
+        _, _, h, d, _ = self.lora_a.shape
         return h * d
 
     @property
     def d_out(self) -> int:
-        _, h, _, _, d = self.lora_b.shape
+        _, _, h, _, d = self.lora_b.shape
         return h * d
 
     @property
@@ -141,18 +141,22 @@ def _module_path(key_module: str) -> str:
 def _load_group(path: Path, handle, key_prefixes: list[str]) -> ModuleGroup:
     """Copy each module into preallocated float32 stacks (peak memory: the stacks + one module)."""
 
-    def stack(suffix: str) -> torch.Tensor:
+    def stack(suffix: str, skill_major: bool) -> torch.Tensor:
         first = handle.get_slice(key_prefixes[0] + suffix).get_shape()  # (H, K, ...) or (n_tasks, H*K)
-        out = torch.empty((len(key_prefixes), *first), dtype=torch.float32)
+        shape = (first[1], len(key_prefixes), first[0], *first[2:]) if skill_major else (len(key_prefixes), *first)
+        out = torch.empty(shape, dtype=torch.float32)
         for i, prefix in enumerate(key_prefixes):
             tensor = handle.get_tensor(prefix + suffix)
             if not torch.isfinite(tensor).all():
                 raise InventoryError(path, "tensor contains NaN or infinity", key=prefix + suffix)
-            out[i].copy_(tensor)
+            if skill_major:
+                out[:, i].copy_(tensor.transpose(0, 1))  # (H, K, ...) -> (K, H, ...)
+            else:
+                out[i].copy_(tensor)
         return out
 
     names = tuple(_module_path(prefix) for prefix in key_prefixes)
-    return ModuleGroup(names, stack(SUFFIX_A), stack(SUFFIX_B), stack(SUFFIX_LOGITS))
+    return ModuleGroup(names, stack(SUFFIX_A, True), stack(SUFFIX_B, True), stack(SUFFIX_LOGITS, False))
 
 
 def _fingerprint(*paths: Path) -> str:

@@ -6,7 +6,7 @@ Per layer with H heads and K skills, for a task's logits z (H*K,):
     B̃_h = Σ_k w[h,k] B[h,k]  (r, d_out/H);  B_t = [B̃_1 | … | B̃_H] (r, d_out) columns stacked
     y = base(x) + x @ A_t @ B_t / r
 Parameters are mixed, not products: A_t B_t ≠ Σ_k w_k A_k B_k.
-The skills of each (layer, head) are contiguous, so mixing for U tasks is one batched matmul per group.
+One task: K fused multiply-adds per group; U tasks at once: one batched matmul per group.
 """
 
 from __future__ import annotations
@@ -32,19 +32,34 @@ def uniform_weights(n_layers: int, n_splits: int, n_skills: int) -> torch.Tensor
 
 def mix_group(group: ModuleGroup, weights: torch.Tensor) -> LayerGroup:
     """Weights (L, H, K) -> the group's per-layer A_t (L, d_in, r) and B_t (L, r, d_out)."""
-    lora_a, lora_b = mix_group_many(group, weights.unsqueeze(0))
-    return LayerGroup(group.names, lora_a[0], lora_b[0])
+    skills, n_layers, heads, d_in_head, rank = group.lora_a.shape
+    d_out_head = group.lora_b.shape[-1]
+    w = weights.permute(2, 0, 1)[..., None, None]  # (K, L, H, 1, 1)
+    a = _weighted_sum(group.lora_a, w)  # (L, H, d_in/H, r)
+    b = _weighted_sum(group.lora_b, w)  # (L, H, r, d_out/H)
+    lora_a = a.view(n_layers, heads * d_in_head, rank)  # heads' rows stacked: (L, d_in, r)
+    lora_b = b.transpose(1, 2).reshape(n_layers, rank, heads * d_out_head)  # heads' columns stacked
+    return LayerGroup(group.names, lora_a, lora_b)
+
+
+def _weighted_sum(skills: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[k] * skills[k]: one fused multiply-add per skill over a contiguous block (memory-bound)."""
+    out = skills[0] * w[0]
+    for k in range(1, skills.shape[0]):
+        out.addcmul_(skills[k], w[k])
+    return out
 
 
 def mix_group_many(group: ModuleGroup, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights of U tasks (U, L, H, K) -> A (U, L, d_in, r) and B (U, L, r, d_out), reading the skills once:
-    per (layer, head), (U, K) @ (K, d*r) in one batched matmul."""
-    n_layers, heads, skills, d_in_head, rank = group.lora_a.shape
+    per (layer, head), (U, K) @ (K, d*r) in one batched matmul over a strided view (no copy of the skills).
+    (For one task, mix_group's K fused multiply-adds are faster: tiny matmuls have per-matrix overhead.)"""
+    skills, n_layers, heads, d_in_head, rank = group.lora_a.shape
     d_out_head = group.lora_b.shape[-1]
     tasks = weights.shape[0]
     w = weights.permute(1, 2, 0, 3).reshape(n_layers * heads, tasks, skills)  # (L*H, U, K)
-    a = torch.bmm(w, group.lora_a.view(n_layers * heads, skills, d_in_head * rank))  # (L*H, U, d_in/H * r)
-    b = torch.bmm(w, group.lora_b.view(n_layers * heads, skills, rank * d_out_head))  # (L*H, U, r * d_out/H)
+    a = torch.bmm(w, group.lora_a.view(skills, n_layers * heads, -1).transpose(0, 1))  # (L*H, U, d_in/H * r)
+    b = torch.bmm(w, group.lora_b.view(skills, n_layers * heads, -1).transpose(0, 1))  # (L*H, U, r * d_out/H)
     # heads' rows of A stacked: (L, H, U, d_in/H, r) -> (U, L, d_in, r)
     a = a.view(n_layers, heads, tasks, d_in_head, rank).permute(2, 0, 1, 3, 4).reshape(
         tasks, n_layers, heads * d_in_head, rank)
@@ -61,11 +76,14 @@ def routed_adapter(inventory: Inventory, logits: list[torch.Tensor]) -> TaskAdap
 
 def routed_adapters(inventory: Inventory, logits: list[torch.Tensor]) -> list[TaskAdapter]:
     """U tasks' adapters at once, from logits per module group [(U, L, H*K), ...]: each group's skills are
-    read once for all U tasks (the cost of routing is memory traffic, so this is ~U times cheaper)."""
+    read once for all U tasks (the cost of routing is memory traffic, so this is several times cheaper)."""
     cfg = inventory.config
-    mixed = [mix_group_many(group, routing_weights(z, cfg.n_splits, cfg.n_skills))
-             for group, z in zip(inventory.groups, logits, strict=True)]
     tasks = logits[0].shape[0]
+    weights = [routing_weights(z, cfg.n_splits, cfg.n_skills) for z in logits]  # [(U, L, H, K), ...]
+    if tasks == 1:
+        groups = tuple(mix_group(g, w[0]) for g, w in zip(inventory.groups, weights, strict=True))
+        return [TaskAdapter(cfg.r, 1.0 / cfg.r, groups)]
+    mixed = [mix_group_many(g, w) for g, w in zip(inventory.groups, weights, strict=True)]
     return [
         TaskAdapter(cfg.r, 1.0 / cfg.r, tuple(LayerGroup(g.names, a[u], b[u])
                                               for g, (a, b) in zip(inventory.groups, mixed, strict=True)))

@@ -60,7 +60,7 @@ def write_inventory(folder: Path) -> None:
 def peft_layout(store: AdapterStore) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per-module contiguous tensors as PEFT holds them: A (H, K, d/H, r), B (H, K, r, d/H), logits."""
     return [
-        (g.lora_a[i].clone(), g.lora_b[i].clone(), g.logits[i])
+        (g.lora_a[:, i].transpose(0, 1).contiguous(), g.lora_b[:, i].transpose(0, 1).contiguous(), g.logits[i])
         for g in store.inventory.groups
         for i in range(len(g.names))
     ]

@@ -37,7 +37,7 @@ def test_reads_every_module_grouped_by_shape(good_inventory):
     shapes = inventory.module_shapes
     assert shapes["encoder.block.0.layer.0.SelfAttention.q"] == (32, 32)
     assert shapes["decoder.block.1.layer.2.DenseReluDense.wi"] == (32, 64)
-    assert {group.lora_a.shape[1:3] for group in inventory.groups} == {(2, 4)}  # (L, H, K, ...)
+    assert {group.lora_a.shape[:3:2] for group in inventory.groups} == {(4, 2)}  # (K, L, H, ...)
     assert len(inventory.fingerprint) == 16
 
 

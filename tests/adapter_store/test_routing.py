@@ -82,34 +82,34 @@ def test_batched_mixing_equals_per_layer_einsum():
     n_layers, heads, skills, d_in_h, rank, d_out_h = 3, 4, 5, 6, 2, 7
     group = ModuleGroup(
         names=("a", "b", "c"),
-        lora_a=torch.randn(n_layers, heads, skills, d_in_h, rank),
-        lora_b=torch.randn(n_layers, heads, skills, rank, d_out_h),
+        lora_a=torch.randn(skills, n_layers, heads, d_in_h, rank),
+        lora_b=torch.randn(skills, n_layers, heads, rank, d_out_h),
         logits=torch.randn(n_layers, 1, heads * skills),
     )
     weights = torch.softmax(torch.randn(n_layers, heads, skills), -1)
     mixed = mix_group(group, weights)
     for layer in range(n_layers):
         # PEFT's layer: einsum over skills, then reshape A rows / transpose-reshape B columns
-        a = torch.einsum("qs,qsdr->qdr", weights[layer], group.lora_a[layer]).reshape(heads * d_in_h, rank)
-        b = torch.einsum("qs,qsrd->qrd", weights[layer], group.lora_b[layer])
+        a = torch.einsum("qs,sqdr->qdr", weights[layer], group.lora_a[:, layer]).reshape(heads * d_in_h, rank)
+        b = torch.einsum("qs,sqrd->qrd", weights[layer], group.lora_b[:, layer])
         b = b.transpose(0, 1).reshape(rank, heads * d_out_h)
         torch.testing.assert_close(mixed.lora_a[layer], a)
         torch.testing.assert_close(mixed.lora_b[layer], b)
 
 
 def test_parameters_are_mixed_not_products():
-    group = ModuleGroup(("m",), torch.randn(1, 1, 2, 4, 1), torch.randn(1, 1, 2, 1, 4), torch.zeros(1, 1, 2))
+    group = ModuleGroup(("m",), torch.randn(2, 1, 1, 4, 1), torch.randn(2, 1, 1, 1, 4), torch.zeros(1, 1, 2))
     weights = torch.tensor([[[0.5, 0.5]]])
     mixed = mix_group(group, weights)
     delta = mixed.lora_a[0] @ mixed.lora_b[0]
-    mixture_of_products = sum(0.5 * group.lora_a[0, 0, k] @ group.lora_b[0, 0, k] for k in range(2))
+    mixture_of_products = sum(0.5 * group.lora_a[k, 0, 0] @ group.lora_b[k, 0, 0] for k in range(2))
     assert not torch.allclose(delta, mixture_of_products)
 
 
 def test_mixing_many_tasks_at_once_equals_one_at_a_time():
     n_layers, heads, skills, d_in_h, rank, d_out_h = 2, 3, 4, 5, 2, 6
-    group = ModuleGroup(("a", "b"), torch.randn(n_layers, heads, skills, d_in_h, rank),
-                        torch.randn(n_layers, heads, skills, rank, d_out_h), torch.zeros(n_layers, 1, heads * skills))
+    group = ModuleGroup(("a", "b"), torch.randn(skills, n_layers, heads, d_in_h, rank),
+                        torch.randn(skills, n_layers, heads, rank, d_out_h), torch.zeros(n_layers, 1, heads * skills))
     weights = torch.softmax(torch.randn(5, n_layers, heads, skills), -1)  # 5 tasks
     many_a, many_b = mix_group_many(group, weights)
     for task in range(5):

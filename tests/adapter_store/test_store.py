@@ -46,6 +46,11 @@ def _same(first, second):
                for (_, a1, b1), (_, a2, b2) in zip(first.layers(), second.layers(), strict=True))
 
 
+def _close(first, second):
+    return all(torch.allclose(a1, a2, atol=1e-6) and torch.allclose(b1, b2, atol=1e-6)
+               for (_, a1, b1), (_, a2, b2) in zip(first.layers(), second.layers(), strict=True))
+
+
 def test_default_names_kinds_and_versions(store):
     tasks = {t.name: t for t in store.tasks()}
     assert set(tasks) == {MU_TASK, "task-0", "task-1", "task-2"}
@@ -80,8 +85,8 @@ def test_adapters_of_many_tasks_at_once_equal_one_at_a_time(store):
     names = ["task-2", "z-task", "__mu__", "lora-task", "task-0", "z-task"]
     together = store.adapters(names)
     for name, adapter in zip(names, together, strict=True):
-        assert _same(adapter, store.adapter(name))
-    assert together[1] is together[5] and not _same(together[0], together[4])
+        assert _close(adapter, store.adapter(name))  # routed together: a batched matmul, same sums
+    assert together[1] is together[5] and not _close(together[0], together[4])
 
 
 def test_task_deleted_and_adapted_again_gets_a_new_cache_key(store):
