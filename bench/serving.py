@@ -5,6 +5,7 @@ distinct tasks in a batch of 16, (d) ours with 1000 distinct tasks cycling throu
 (e) HTTP through uvicorn on loopback, 1 client vs 32 concurrent clients.
 Measured on a random T5 (d_model 512, r=8, K=8, H=8) and, with keys prefixed `demo_`, on the demo bundle.
 Generation runs a fixed number of new tokens (end-of-sequence is never chosen), so tokens/s compare.
+The modes run in interleaved rounds; ratios use each mode's median round, `best_round_ratios` its best round.
 
     .venv/bin/python bench/serving.py [--quick] [--skip-demo] [--skip-http]
 """
@@ -67,9 +68,11 @@ def inputs(n: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choices(string.ascii_lowercase, k=24)) for _ in range(n)]
 
 
-def interleaved_tokens_per_s(runs: dict, reps: int) -> dict[str, float]:
+def interleaved_tokens_per_s(runs: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
     """Each mode once per round, rounds repeated: drifts of a noisy machine hit all modes alike.
-    Returns the median tokens/s of each mode over the rounds."""
+    Returns each mode's median round and its best round (tokens/s). The ratios of medians are the headline:
+    on a shared machine single rounds swing by ±15 %, and a ratio of two best rounds follows whichever mode
+    got the one lucky round; the best rounds are reported beside them."""
     for run in runs.values():
         run()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -78,7 +81,8 @@ def interleaved_tokens_per_s(runs: dict, reps: int) -> dict[str, float]:
             start = time.perf_counter()
             tokens = run()
             rates[name].append(tokens / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return medians, {name: max(values) for name, values in rates.items()}
 
 
 def hf_generate(model, tokenizer, texts, new_tokens, **kwargs):
@@ -139,7 +143,7 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
     engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes))
     random_tasks = add_random_tasks(store, args.cycle_tasks)
     task_ids = torch.tensor([i % n_tasks for i in range(BATCH)])
-    results = interleaved_tokens_per_s({
+    results, best = interleaved_tokens_per_s({
         "bare": hf_generate(base, tok, texts, n),
         "peft_16_tasks": hf_generate(peft_model, tok, texts, n, task_ids=task_ids),
         "ours_1_task": engine_generate(engine, [sixteen[0]] * BATCH, texts, n),
@@ -149,14 +153,22 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
     }, reps)
     stats = engine.cache.stats()
     out = {f"tokens_per_s_{k}": round(v, 1) for k, v in results.items()}
+    out.update(ratios(results))
     out.update(
-        ratio_1_task_vs_bare=round(results["ours_1_task"] / results["bare"], 3),
-        ratio_16_tasks_vs_bare=round(results["ours_16_tasks"] / results["bare"], 3),
-        ratio_16_tasks_vs_peft=round(results["ours_16_tasks"] / results["peft_16_tasks"], 3),
-        ratio_1000_vs_16_tasks=round(results["ours_1000_tasks_cache_64"] / results["ours_16_tasks"], 3),
+        best_round_ratios=ratios(best),
         cache_evictions=stats.evictions, cache_misses=stats.misses, adapter_kb=round(adapter_bytes / 1024, 1),
+        row_pool_copies=engine.slots.pool.copies,
     )
     return out
+
+
+def ratios(rates: dict[str, float]) -> dict[str, float]:
+    return dict(
+        ratio_1_task_vs_bare=round(rates["ours_1_task"] / rates["bare"], 3),
+        ratio_16_tasks_vs_bare=round(rates["ours_16_tasks"] / rates["bare"], 3),
+        ratio_16_tasks_vs_peft=round(rates["ours_16_tasks"] / rates["peft_16_tasks"], 3),
+        ratio_1000_vs_16_tasks=round(rates["ours_1000_tasks_cache_64"] / rates["ours_16_tasks"], 3),
+    )
 
 
 def main() -> None:
@@ -168,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.reps = 3 if args.quick else 7
+    args.reps = 5 if args.quick else 9
     args.new_tokens = 16 if args.quick else 32
     args.cycle_tasks = 1000
     args.http_requests = 64 if args.quick else 160

@@ -24,9 +24,9 @@ from .row_pool import RowPool
 
 
 class AdapterSlots:
-    def __init__(self, model: nn.Module, module_names: list[str]):
+    def __init__(self, model: nn.Module, module_names: list[str], *, pool_rows: int = 64):
         self.layers: dict[str, BatchedLoraLinear] = wrap_linears(model, module_names)
-        self.pool = RowPool()
+        self.pool = RowPool(pool_rows)
 
     @contextmanager
     def activate(self, row_adapters: Sequence[TaskAdapter | None], *, keys: Sequence[Hashable | None] | None = None,
@@ -42,6 +42,7 @@ class AdapterSlots:
     def clear(self) -> None:
         for layer in self.layers.values():
             layer.clear()
+        self.pool.release()
 
     def _set(self, row_adapters: list[TaskAdapter | None], keys: list[Hashable | None], merge: bool) -> list[int]:
         unique = list({id(a): a for a in row_adapters}.values())
@@ -68,9 +69,9 @@ class AdapterSlots:
 
     def _set_rows(self, row_adapters: list[TaskAdapter], keys: list[Hashable | None]) -> list[int]:
         order = self.pool.place(row_adapters, keys)
-        n, first = len(row_adapters), row_adapters[0]
+        first = row_adapters[0]
         for g, group in enumerate(first.groups):
-            a, b = self.pool.rows(g, n)  # (L, n, d_in, r), (L, n, r, d_out)
+            a, b = self.pool.rows(g)  # (L, n, d_in, r), (L, n, r, d_out)
             for i, name in enumerate(group.names):
                 self.layers[name].set_rows(a[i], b[i], first.scale)
         return order

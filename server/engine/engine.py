@@ -18,13 +18,14 @@ from .scoring import score_pairs
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
-                 merge_single_task: bool = True):
+                 merge_single_task: bool = True, pool_rows: int = 64):
         check_model(store.inventory, loaded.model)
         self.loaded = loaded
         self.merge_single_task = merge_single_task  # single-task batches on temporarily merged weights
         self.store = store
         self.cache = cache
-        self.slots = AdapterSlots(loaded.model, store.inventory.module_names)
+        # adapters of mixed batches stay in place between batches, for batches of up to pool_rows rows
+        self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=pool_rows)
         self.lock = threading.Lock()  # one forward at a time: serving batches and adaptation steps
 
     @property

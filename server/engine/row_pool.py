@@ -8,6 +8,7 @@ adapter when it can (rows may run in any order), and copies only into the others
 
     pool (per module group):  A (L, S, d_in, r),  B (L, S, r, d_out)    S = the largest batch seen so far
     layer i of the group, batch of n:  A[i, :n] (n, d_in, r), B[i, :n]  -- contiguous views, no copy
+The pool holds S whole adapters for good, so S is capped (max_rows); a larger batch gets stacks of its own.
 """
 
 from __future__ import annotations
@@ -42,15 +43,20 @@ def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashabl
 
 
 class RowPool:
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = 64) -> None:
+        self.max_rows = max_rows  # larger batches (e.g. /score: rows x choices) get throw-away stacks instead
         self._a: list[torch.Tensor] = []  # per module group: (L, S, d_in, r)
         self._b: list[torch.Tensor] = []  # per module group: (L, S, r, d_out)
         self._resident: list[Hashable | None] = []  # cache key of the adapter at each position
+        self._current: list[tuple[torch.Tensor, torch.Tensor]] = []  # the batch's stacks, per group
         self.copies = 0  # adapters copied into the pool so far (a measure of reuse)
 
     def place(self, row_adapters: Sequence[TaskAdapter], keys: Sequence[Hashable | None]) -> list[int]:
         """Put each row's adapter at its position (copying only where needed); return the order (see above)."""
         n = len(row_adapters)
+        if n > self.max_rows:
+            self._current = [_stacked(row_adapters, g) for g in range(len(row_adapters[0].groups))]
+            return list(range(n))
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, written in and out of inference
             self._fit(row_adapters[0], n)
             order = assign_positions(self._resident, keys)
@@ -58,11 +64,16 @@ class RowPool:
                 if keys[row] is None or self._resident[position] != keys[row]:
                     self._copy_in(position, row_adapters[row])
                     self._resident[position] = keys[row]
+        self._current = [(a[:, :n], b[:, :n]) for a, b in zip(self._a, self._b, strict=True)]
         return order
 
-    def rows(self, group: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n positions of a group: A (L, n, d_in, r), B (L, n, r, d_out)."""
-        return self._a[group][:, :n], self._b[group][:, :n]
+    def rows(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The placed batch's stacks of a group: A (L, n, d_in, r), B (L, n, r, d_out)."""
+        return self._current[group]
+
+    def release(self) -> None:
+        """Drop the batch's views (the pool itself stays)."""
+        self._current = []
 
     def _fit(self, adapter: TaskAdapter, n: int) -> None:
         """(Re)allocate when the layout, dtype or device changed or the batch is larger than the pool."""
@@ -82,6 +93,12 @@ class RowPool:
             pool_a[:, position].copy_(group.lora_a)
             pool_b[:, position].copy_(group.lora_b)
         self.copies += 1
+
+
+def _stacked(row_adapters: Sequence[TaskAdapter], group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's own stacks in row order, one copy: (L, d_in, r) x n -> (L, n, d_in, r); same for B."""
+    return (torch.stack([a.groups[group].lora_a for a in row_adapters], dim=1),
+            torch.stack([a.groups[group].lora_b for a in row_adapters], dim=1))
 
 
 def _pool(stacked: torch.Tensor, size: int) -> torch.Tensor:

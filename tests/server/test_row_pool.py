@@ -32,7 +32,7 @@ def test_pool_copies_only_new_adapters_and_every_position_holds_its_rows_adapter
 
     def place(keys):
         order = pool.place([adapters[k] for k in keys], keys)
-        a, b = pool.rows(0, len(keys))  # (L, n, d_in, r), (L, n, r, d_out)
+        a, b = pool.rows(0)  # (L, n, d_in, r), (L, n, r, d_out)
         for position, row in enumerate(order):
             assert torch.equal(a[:, position], adapters[keys[row]].groups[0].lora_a)
             assert torch.equal(b[:, position], adapters[keys[row]].groups[0].lora_b)
@@ -57,7 +57,7 @@ def test_unkeyed_adapters_are_always_copied():
     pool.place([trained, adapter(2.0)], [None, "b"])
     trained.groups[0].lora_a.add_(1.0)  # e.g. an adapter being trained, changed in place
     order = pool.place([trained, adapter(2.0)], [None, "b"])
-    a, _ = pool.rows(0, 2)
+    a, _ = pool.rows(0)
     assert torch.equal(a[:, order.index(0)], trained.groups[0].lora_a)
 
 
@@ -66,4 +66,15 @@ def test_pool_follows_a_change_of_dtype():
     pool.place([adapter(1.0), adapter(2.0)], ["a", "b"])
     half = [a.to("cpu", torch.bfloat16) for a in (adapter(1.0), adapter(2.0))]
     pool.place(half, ["a16", "b16"])
-    assert pool.rows(0, 2)[0].dtype == torch.bfloat16
+    assert pool.rows(0)[0].dtype == torch.bfloat16
+
+
+def test_a_batch_larger_than_the_cap_gets_its_own_stacks_and_leaves_the_pool_alone():
+    pool, adapters = RowPool(max_rows=2), [adapter(float(v)) for v in range(1, 4)]
+    pool.place(adapters[:2], ["a", "b"])
+    order = pool.place(adapters, ["a", "b", "c"])
+    a, b = pool.rows(0)
+    assert order == [0, 1, 2] and a.shape[1] == 3 and pool.copies == 2
+    assert all(torch.equal(a[:, i], adapters[i].groups[0].lora_a) for i in range(3))
+    pool.place(adapters[:2][::-1], ["b", "a"])
+    assert pool.copies == 2  # the pool still holds a and b
