@@ -67,6 +67,8 @@ class Engine:
 
     def _generate_call(self, rows: list[GenerateRow]) -> list[Completion]:
         adapters, keys = self.adapters_and_keys([row.task for row in rows])
+        if rows[0].params.do_sample:  # sampling draws its random numbers in row order: keep the input order
+            keys = None
         return self.generate_with(adapters, rows, keys=keys)
 
     def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow], *,

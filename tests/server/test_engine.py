@@ -143,3 +143,12 @@ def test_scores_of_a_mixed_batch_come_back_in_input_order(bundle):
         assert [c.choice for c in mixed] == ["yes", "no", "maybe"]
         torch.testing.assert_close([c.logprob_sum for c in mixed], [c.logprob_sum for c in single],
                                    rtol=1e-5, atol=1e-3)
+
+
+def test_seeded_sampling_of_a_mixed_batch_does_not_depend_on_what_ran_before(bundle):
+    _, _, _, _, engine = bundle
+    sampled = SamplingParams(max_new_tokens=8, do_sample=True, temperature=2.0, seed=5)
+    rows = [GenerateRow(f"task-{i % 3}", text, sampled) for i, text in enumerate(TEXTS)]
+    first = [c.text for c in engine.generate(rows)]
+    engine.generate([GenerateRow(t, "x", GREEDY) for t in ("task-2", "__mu__", "task-1", "task-0")])  # reshuffle
+    assert [c.text for c in engine.generate(rows)] == first
