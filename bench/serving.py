@@ -180,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.reps = 5 if args.quick else 9
+    args.reps = 7 if args.quick else 9
     args.new_tokens = 16 if args.quick else 32
     args.cycle_tasks = 1000
     args.http_requests = 64 if args.quick else 160

@@ -15,6 +15,7 @@ from adapter_store import (
     TaskConflictError,
     TaskNameError,
     UnknownTaskError,
+    persistence,
     validate_task_name,
 )
 from tests.factories import LLAMA_TARGETS, T5_TARGETS, make_inventory, tiny_llama, tiny_t5
@@ -191,3 +192,14 @@ def test_export_refuses_a_non_empty_folder(store, tmp_path):
     with pytest.raises(FileExistsError):
         store.export_lora("task-0", tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_logits_of_an_adapted_task_are_read_once_and_a_new_version_is_read_again(store, monkeypatch):
+    reads = []
+    original = persistence.read_tensors
+    monkeypatch.setattr(persistence, "read_tensors", lambda path: reads.append(path) or original(path))
+    store.save_routing("t", "mhr-z", _random_logits(store, 0))
+    first = store.adapter("t")
+    assert _same(store.adapter("t"), first) and len(reads) == 1
+    store.save_routing("t", "mhr-z", _random_logits(store, 1))
+    assert not _same(store.adapter("t"), first) and len(reads) == 2
