@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    keep_alive_s: int = Field(75, ge=1, description="idle keep-alive connections are closed after this; longer "
+                                "than clients' own pool expiry (httpx: 5 s), so a client never reuses a connection "
+                                "the server is closing at that moment")
     log_level: str = "info"
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -80,3 +81,22 @@ def test_sigterm_finishes_in_flight_requests(t5_bundle, tmp_path):
         t.join()
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
     assert results == [200] * 4
+
+
+@pytest.mark.slow
+def test_idle_connections_are_closed_after_the_keep_alive_setting(t5_bundle, tmp_path):
+    port = free_port()
+    proc = start_server(t5_bundle / "model", t5_bundle / "inventory", tmp_path / "adapted", port, 1,
+                        extra_env={"MHR_KEEP_ALIVE_S": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = b""
+            while not response.endswith(b"}"):  # headers and body may arrive in separate reads
+                response += conn.recv(4096)
+            assert response.startswith(b"HTTP/1.1 200")
+            time.sleep(2.5)  # idle past the 1 s keep-alive: the server closes, a read sees end-of-stream
+            assert conn.recv(4096) == b""
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
