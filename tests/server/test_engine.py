@@ -162,3 +162,12 @@ def test_batches_larger_than_the_row_pool_run_on_their_own_stacks(bundle):
         torch.testing.assert_close([c.logprob_sum for c in ours], [c.logprob_sum for c in reference],
                                    rtol=1e-5, atol=1e-3)
     assert small.slots.pool.copies == 0
+
+
+def test_beam_search_in_a_mixed_batch_equals_each_row_alone(bundle):
+    _, _, _, _, engine = bundle
+    beams = SamplingParams(max_new_tokens=6, num_beams=2)
+    rows = [GenerateRow(f"task-{(i + 1) % 3}", text, beams) for i, text in enumerate(TEXTS)]
+    engine.generate([GenerateRow(t, "x", GREEDY) for t in ("task-2", "task-0", "task-1", "__mu__")])  # fill the pool
+    together = [c.text for c in engine.generate(rows)]
+    assert together == [engine.generate([row])[0].text for row in rows]
