@@ -11,7 +11,6 @@ returned but not kept.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import TaskAdapter
+from .lru import BytesLRU
 
 
 @dataclass(frozen=True)
@@ -38,28 +38,13 @@ class AdapterCache:
         self.capacity_bytes = capacity_bytes
         self.device = torch.device(device)
         self.dtype = dtype
-        self._entries: OrderedDict[Hashable, TaskAdapter] = OrderedDict()
+        self._entries: BytesLRU[TaskAdapter] = BytesLRU(capacity_bytes)
         self._inflight: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
-        self._bytes = self._hits = self._misses = self._evictions = 0
+        self._hits = self._misses = 0
 
     def get(self, key: Hashable, compute: Callable[[], TaskAdapter]) -> TaskAdapter:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self._hits += 1
-                return self._entries[key]
-            pending = self._inflight.get(key)
-            if pending is None:
-                pending = self._inflight[key] = Future()
-                self._misses += 1
-                owner = True
-            else:
-                self._hits += 1
-                owner = False
-        if not owner:
-            return pending.result()
-        return self._compute([key], lambda: [compute()], [pending])[key]
+        return self.get_many([key], lambda _: [compute()])[0]
 
     def get_many(self, keys: Sequence[Hashable], compute_many: Callable[[list[Hashable]], list[TaskAdapter]]
                  ) -> list[TaskAdapter]:
@@ -69,10 +54,10 @@ class AdapterCache:
         found: dict[Hashable, TaskAdapter | Future] = {}
         with self._lock:
             for key in dict.fromkeys(keys):
-                if key in self._entries:
-                    self._entries.move_to_end(key)
+                hit = self._entries.get(key)
+                if hit is not None:
                     self._hits += 1
-                    found[key] = self._entries[key]
+                    found[key] = hit
                 elif key in self._inflight:
                     self._hits += 1
                     found[key] = self._inflight[key]
@@ -98,28 +83,15 @@ class AdapterCache:
         with self._lock:
             for key, adapter in zip(keys, adapters, strict=True):
                 del self._inflight[key]
-                self._insert(key, adapter)
+                self._entries.put(key, adapter, adapter.nbytes)
         for future, adapter in zip(pending, adapters, strict=True):
             future.set_result(adapter)
         return dict(zip(keys, adapters, strict=True))
 
-    def _insert(self, key: Hashable, adapter: TaskAdapter) -> None:
-        if adapter.nbytes > self.capacity_bytes:
-            return
-        while self._entries and self._bytes + adapter.nbytes > self.capacity_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.nbytes
-            self._evictions += 1
-        self._entries[key] = adapter
-        self._bytes += adapter.nbytes
-
     def discard(self, predicate: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose key satisfies `predicate` (e.g. a deleted task); return how many."""
         with self._lock:
-            doomed = [key for key in self._entries if predicate(key)]
-            for key in doomed:
-                self._bytes -= self._entries.pop(key).nbytes
-            return len(doomed)
+            return self._entries.discard(predicate)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -127,5 +99,5 @@ class AdapterCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self._hits, self._misses, self._evictions, self._bytes, len(self._entries),
-                              self.capacity_bytes)
+            return CacheStats(self._hits, self._misses, self._entries.evictions, self._entries.bytes,
+                              len(self._entries), self.capacity_bytes)

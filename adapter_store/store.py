@@ -21,7 +21,7 @@ from .adapter import TaskAdapter
 from .errors import InventoryError, TaskConflictError, UnknownTaskError
 from .export import export_peft_lora
 from .inventory import Inventory
-from .lru import TensorsLRU
+from .lru import BytesLRU
 from .names import MU_TASK, validate_task_name
 from .registry import MU_INFO, TaskInfo, read_pretrained_tasks
 
@@ -39,7 +39,7 @@ class AdapterStore:
         self._adapted_meta: dict[str, dict[str, str]] = {}
         # adapted tasks' logits (~100x smaller than their adapters): a miss of the adapter cache routes
         # from memory instead of re-reading the task's file
-        self._logits = TensorsLRU(LOGITS_CACHE_BYTES)
+        self._logits: BytesLRU[list[torch.Tensor]] = BytesLRU(LOGITS_CACHE_BYTES)  # guarded by _lock
         self._load_adapted()
 
     @classmethod
@@ -100,11 +100,13 @@ class AdapterStore:
             return routing.pretrained_logits(self.inventory, info.row)
         if info.kind == "adapted" and self._adapted_meta[name]["format"] == "routing":
             key = (name, info.version, info.created)
-            logits = self._logits.get(key)
+            with self._lock:
+                logits = self._logits.get(key)
             if logits is None:
                 path = persistence.task_path(self.adapted_dir, name)
                 logits = self._logits_from_tensors(path, persistence.read_tensors(path))
-                self._logits.put(key, logits)
+                with self._lock:
+                    self._logits.put(key, logits, sum(z.numel() * z.element_size() for z in logits))
             return logits
         return None
 
