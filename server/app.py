@@ -32,9 +32,10 @@ def build_engine(settings: Settings) -> Engine:
     loaded = load_model(settings.model, settings.device, settings.dtype)
     cache = AdapterCache(settings.cache_bytes, loaded.device, loaded.dtype)
     engine = Engine(loaded, store, cache, merge_single_task=settings.merge_single_task,
-                    pool_rows=settings.max_batch_size)
-    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s", settings.model,
-             settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype)
+                    pool_rows=settings.max_batch_size, prepack_weights=settings.prepack_weights)
+    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
+             settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
+             ", prepacked weights" if engine.prepacked else "")
     return engine
 
 

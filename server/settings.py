@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(512 * 2**20, ge=0, description="adapter cache capacity in bytes")
     merge_single_task: bool = Field(True, description="run a batch of one task on temporarily merged weights "
                                     "(fastest; holds one extra copy of the adapted layers' weights meanwhile)")
+    prepack_weights: bool | None = Field(
+        None, description="CPU: run the adapted layers' base matmuls on a oneDNN-packed copy of their weights "
+        "(decoding ~15-20 % faster here; one extra copy of those weights). Unset: weights of at least 512 × 512, "
+        "where oneDNN is available; true: every adapted layer (start-up fails where impossible); false: none")
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")

@@ -20,6 +20,7 @@ from torch import nn
 from adapter_store import TaskAdapter
 
 from .lora_layer import BatchedLoraLinear, wrap_linears
+from .prepack import worth_packing
 from .row_pool import RowPool
 
 
@@ -38,6 +39,19 @@ class AdapterSlots:
             yield self._set(list(row_adapters), keys, merge)
         finally:
             self.clear()
+
+    def prepack(self, rows_hint: int, *, every_layer: bool = False) -> int:
+        """Run base matmuls on oneDNN's packed weights (prepack.py): the layers whose weights are large enough to
+        gain, or every layer. Returns how many were packed: 0 where this CPU cannot pack (then none is)."""
+        chosen = [layer for layer in self.layers.values() if every_layer or worth_packing(layer.base.weight)]
+        if all(layer.prepack(rows_hint) for layer in chosen):
+            return len(chosen)
+        self.unpack()
+        return 0
+
+    def unpack(self) -> None:
+        for layer in self.layers.values():
+            layer.unpack()
 
     def clear(self) -> None:
         for layer in self.layers.values():

@@ -11,14 +11,15 @@ from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
 
 from .activation import AdapterSlots
 from .generation import generate_rows
-from .loader import LoadedModel
+from .loader import LoadedModel, ModelLoadError
+from .prepack import prepack_supported
 from .requests import ChoiceScore, Completion, GenerateRow, SamplingParams, ScoreRow
 from .scoring import score_pairs
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
-                 merge_single_task: bool = True, pool_rows: int = 64):
+                 merge_single_task: bool = True, pool_rows: int = 64, prepack_weights: bool | None = None):
         check_model(store.inventory, loaded.model)
         self.loaded = loaded
         self.merge_single_task = merge_single_task  # single-task batches on temporarily merged weights
@@ -27,6 +28,19 @@ class Engine:
         # adapters of mixed batches stay in place between batches, for batches of up to pool_rows rows
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=pool_rows)
         self.lock = threading.Lock()  # one forward at a time: serving batches and adaptation steps
+        self.prepacked = self._prepack(prepack_weights, pool_rows)
+
+    def _prepack(self, wanted: bool | None, rows_hint: int) -> bool:
+        """None: where oneDNN can (CPU), the layers large enough to gain; True: every wrapped layer, and a
+        start-up error where it cannot; False: none."""
+        if wanted is False:
+            return False
+        supported = prepack_supported(self.loaded.device, self.loaded.dtype)
+        packed = supported and self.slots.prepack(rows_hint, every_layer=bool(wanted)) > 0
+        if wanted and not packed:
+            raise ModelLoadError(f"prepack_weights: oneDNN cannot pack {self.loaded.dtype} weights on "
+                                 f"{self.loaded.device} here; leave it unset (auto) or set it to false")
+        return packed
 
     @property
     def model(self):

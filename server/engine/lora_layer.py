@@ -7,6 +7,8 @@
                                                                  while batches of the same task follow
     off:          y    = base(x)
 Nothing is routed here: A and B are the cached per-task adapters the engine set for this batch.
+After `prepack`, base(x) and the merged matmul run on oneDNN's blocked copy of the weight (prepack.py) whenever
+gradients are off; training steps keep using the plain weight.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prepack import pack_weight, packed_linear
+
 
 @dataclass(slots=True)
 class Active:
@@ -28,6 +32,7 @@ class Active:
     scale: float = 1.0  # the adapter's 1/r, applied as the alpha of the fused matmul
     per_row: bool = False
     merged: torch.Tensor | None = None  # (d_out, d_in) in merged mode
+    merged_packed: bool = False  # merged is a oneDNN-packed weight
     expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None  # rows repeated for beam search
 
 
@@ -38,6 +43,8 @@ class BatchedLoraLinear(nn.Module):
         self.active: Active | None = None
         self._merge_buffer: torch.Tensor | None = None  # reused: no weight-sized allocation per batch
         self._merged_key: Hashable | None = None  # whose merge the buffer holds (None: unknown, never reused)
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of base.weight, once prepacked
+        self._rows_hint = 16
 
     # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
     @property
@@ -68,15 +75,38 @@ class BatchedLoraLinear(nn.Module):
                    ) -> None:
         """Merge A (d_in, r), B (r, d_out) into a weight-sized buffer for the coming batch: no per-token adapter
         work at all. The buffer is kept, and reused without merging while batches of the same key follow."""
-        weight = self.base.weight  # (d_out, d_in)
         buffer = self._merge_buffer
-        if key is None or key != self._merged_key or buffer is None or buffer.dtype != weight.dtype:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, updatable in and out of inference
-                if buffer is None or buffer.dtype != weight.dtype:
-                    buffer = self._merge_buffer = torch.empty_like(weight)
-                torch.addmm(weight, lora_b.T.to(weight.dtype), lora_a.T.to(weight.dtype), alpha=scale, out=buffer)
+        if key is None or key != self._merged_key or buffer is None or buffer.dtype != self.base.weight.dtype:
+            buffer = self._merge_buffer = self._merge(lora_a, lora_b, scale)
             self._merged_key = key
-        self.active = Active(merged=buffer)
+        self.active = Active(merged=buffer, merged_packed=buffer.is_mkldnn)
+
+    def _merge(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+        weight = self.base.weight  # (d_out, d_in)
+        b_t, a_t = lora_b.T.to(weight.dtype), lora_a.T.to(weight.dtype)  # (d_out, r), (r, d_in)
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, updatable in and out of inference
+            if self.packed is not None:
+                packed = pack_weight(torch.addmm(weight, b_t, a_t, alpha=scale), self._rows_hint)
+                if packed is not None:
+                    return packed
+            buffer = self._merge_buffer
+            if buffer is None or buffer.is_mkldnn or buffer.dtype != weight.dtype:
+                buffer = torch.empty_like(weight)
+            return torch.addmm(weight, b_t, a_t, alpha=scale, out=buffer)
+
+    def prepack(self, rows_hint: int) -> bool:
+        """Keep oneDNN's blocked copy of the weight for inference matmuls; False where this CPU cannot."""
+        self._rows_hint = rows_hint
+        self.packed = pack_weight(self.base.weight, rows_hint)
+        self._forget_merge()
+        return self.packed is not None
+
+    def unpack(self) -> None:
+        self.packed = None
+        self._forget_merge()
+
+    def _forget_merge(self) -> None:
+        self._merge_buffer, self._merged_key = None, None
 
     def clear(self) -> None:
         self.active = None
@@ -84,8 +114,13 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active
         if active is not None and active.merged is not None:
+            if active.merged_packed:  # merged mode is inference-only
+                return packed_linear(x, active.merged, self.base.bias)
             return F.linear(x, active.merged, self.base.bias)
-        out = F.linear(x, self.base.weight, self.base.bias)  # the wrapped layer, without a second module call
+        if self.packed is not None and not torch.is_grad_enabled():
+            out = packed_linear(x, self.packed, self.base.bias)
+        else:
+            out = F.linear(x, self.base.weight, self.base.bias)  # the wrapped layer, without a second module call
         if active is None:
             return out
         if not active.per_row:
