@@ -6,6 +6,9 @@ distinct tasks in a batch of 16, (d) ours with 1000 distinct tasks cycling throu
 Measured on a random T5 (d_model 512, r=8, K=8, H=8) and, with keys prefixed `demo_`, on the demo bundle.
 Generation runs a fixed number of new tokens (end-of-sequence is never chosen), so tokens/s compare.
 The modes run in interleaved rounds; ratios use each mode's median round, `best_round_ratios` its best round.
+"Ours" is the engine as served, so on CPU its larger base matmuls run on oneDNN-packed weights; two more modes
+split the 16-task ratio into its parts: our backbone with no adapter active (`ratio_prepacked_base_vs_bare`)
+and the same engine without prepacking (`ratio_16_tasks_not_prepacked_vs_bare`: the adapters' cost alone).
 
     .venv/bin/python bench/serving.py [--quick] [--skip-demo] [--skip-http]
 """
