@@ -43,11 +43,18 @@ class AdapterSlots:
     def prepack(self, rows_hint: int, *, every_layer: bool = False) -> int:
         """Run base matmuls on oneDNN's packed weights (prepack.py): the layers whose weights are large enough to
         gain, or every layer. Returns how many were packed: 0 where this CPU cannot pack (then none is)."""
-        chosen = [layer for layer in self.layers.values() if every_layer or worth_packing(layer.base.weight)]
+        chosen = self._to_pack(every_layer)
         if all(layer.prepack(rows_hint) for layer in chosen):
             return len(chosen)
         self.unpack()
         return 0
+
+    def bytes_to_pack(self, *, every_layer: bool = False) -> int:
+        """The memory the packed copies would take."""
+        return sum(layer.base.weight.nbytes for layer in self._to_pack(every_layer))
+
+    def _to_pack(self, every_layer: bool) -> list[BatchedLoraLinear]:
+        return [layer for layer in self.layers.values() if every_layer or worth_packing(layer.base.weight)]
 
     def unpack(self) -> None:
         for layer in self.layers.values():

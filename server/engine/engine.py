@@ -3,6 +3,7 @@ that mix tasks. Its methods are synchronous and run on one worker thread (the ba
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Hashable, Sequence
 from itertools import groupby
@@ -12,9 +13,11 @@ from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
 from .activation import AdapterSlots
 from .generation import generate_rows
 from .loader import LoadedModel, ModelLoadError
-from .prepack import prepack_supported
+from .prepack import fits_in_memory, prepack_supported
 from .requests import ChoiceScore, Completion, GenerateRow, SamplingParams, ScoreRow
 from .scoring import score_pairs
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -31,11 +34,15 @@ class Engine:
         self.prepacked = self._prepack(prepack_weights, pool_rows)
 
     def _prepack(self, wanted: bool | None, rows_hint: int) -> bool:
-        """None: where oneDNN can (CPU), the layers large enough to gain; True: every wrapped layer, and a
-        start-up error where it cannot; False: none."""
+        """None: where oneDNN can (CPU), the layers large enough to gain, if their copies fit in half of the
+        available memory; True: every wrapped layer, and a start-up error where it cannot; False: none."""
         if wanted is False:
             return False
         supported = prepack_supported(self.loaded.device, self.loaded.dtype)
+        if wanted is None and supported and not fits_in_memory(self.slots.bytes_to_pack()):
+            log.warning("not prepacking weights: their copies (%d MiB) would take over half of the available "
+                        "memory (set MHR_PREPACK_WEIGHTS=true to pack anyway)", self.slots.bytes_to_pack() >> 20)
+            return False
         packed = supported and self.slots.prepack(rows_hint, every_layer=bool(wanted)) > 0
         if wanted and not packed:
             raise ModelLoadError(f"prepack_weights: oneDNN cannot pack {self.loaded.dtype} weights on "

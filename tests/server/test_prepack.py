@@ -8,9 +8,10 @@ from torch import nn
 from adapter_store import AdapterCache, AdapterStore
 from server.engine import Engine, GenerateRow, ModelLoadError, SamplingParams, ScoreRow, load_model
 from server.engine import engine as engine_module
+from server.engine import prepack as prepack_module
 from server.engine.activation import AdapterSlots
 from server.engine.lora_layer import BatchedLoraLinear
-from server.engine.prepack import pack_weight, packed_linear, prepack_supported
+from server.engine.prepack import fits_in_memory, pack_weight, packed_linear, prepack_supported
 from tests.factories import save_bundle
 
 pytestmark = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.float32),
@@ -136,3 +137,20 @@ def test_prepacking_asked_for_where_unsupported_stops_start_up(t5_bundle, monkey
     assert not _engine(t5_bundle).prepacked  # auto: simply off
     with pytest.raises(ModelLoadError, match="prepack_weights"):
         _engine(t5_bundle, prepack_weights=True)
+
+
+def test_fits_in_memory_reads_mem_available(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  4000 kB\nMemAvailable:   2000 kB\n")
+    assert fits_in_memory(999 * 1024, meminfo) and not fits_in_memory(1000 * 1024, meminfo)
+    assert fits_in_memory(10**15, tmp_path / "missing")  # unknown (not Linux): no limit
+
+
+def test_auto_does_not_pack_when_the_copies_would_not_fit_in_memory(t5_bundle, monkeypatch):
+    monkeypatch.setattr(prepack_module, "MIN_PACKED_ELEMENTS", 0)  # every layer of the tiny model worth packing
+    assert _engine(t5_bundle).prepacked
+    monkeypatch.setattr(engine_module, "fits_in_memory", lambda nbytes: False)
+    engine = _engine(t5_bundle)
+    assert not engine.prepacked and engine.slots.bytes_to_pack() > 0
+    assert all(layer.packed is None for layer in engine.slots.layers.values())
+    assert _engine(t5_bundle, prepack_weights=True).prepacked  # asked for: packed anyway
