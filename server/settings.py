@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     prepack_weights: bool | None = Field(
         None, description="CPU: run the adapted layers' base matmuls on a oneDNN-packed copy of their weights "
         "(decoding ~15-20 % faster here; one extra copy of those weights). Unset: weights of at least 512 × 512, "
-        "where oneDNN is available and the copies fit in half of the available memory; true: every adapted layer (start-up fails where impossible); false: none")
+        "where oneDNN is available and the copies fit in half of the available memory; true: every adapted layer "
+        "(start-up fails where impossible); false: none")
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
