@@ -72,17 +72,21 @@ def inputs(n: int, seed: int = 0) -> list[str]:
 
 
 def interleaved_tokens_per_s(runs: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Each mode once per round, rounds repeated: drifts of a noisy machine hit all modes alike.
+    """Each mode once per round, rounds repeated: drifts of a noisy machine hit all modes alike. Each round runs
+    the modes in a new (seeded) order, so that no mode always follows the same one (what ran just before
+    changes a mode's speed here: caches, the allocator's state).
     Returns each mode's median round and its best round (tokens/s). The ratios of medians are the headline:
     on a shared machine single rounds swing by ±15 %, and a ratio of two best rounds follows whichever mode
     got the one lucky round; the best rounds are reported beside them."""
     for run in runs.values():
         run()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle
     for _ in range(reps):
-        for name, run in runs.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            tokens = run()
+            tokens = runs[name]()
             rates[name].append(tokens / (time.perf_counter() - start))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     return medians, {name: max(values) for name, values in rates.items()}
@@ -185,14 +189,14 @@ def ratios(rates: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 9, fewer HTTP requests (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="7 rounds instead of 11, fewer HTTP requests (< 5 min)")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.reps = 5 if args.quick else 9
+    args.reps = 7 if args.quick else 11
     args.new_tokens = 32  # the same work per round as the full run: --quick only runs fewer rounds
     args.cycle_tasks = 1000
     args.http_requests = 64 if args.quick else 160
