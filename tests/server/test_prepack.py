@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from adapter_store import AdapterCache, AdapterStore
+from server.app import build_engine
 from server.engine import Engine, GenerateRow, ModelLoadError, SamplingParams, ScoreRow, load_model
 from server.engine import engine as engine_module
 from server.engine import prepack as prepack_module
 from server.engine.activation import AdapterSlots
 from server.engine.lora_layer import BatchedLoraLinear
 from server.engine.prepack import fits_in_memory, pack_weight, packed_linear, prepack_supported
+from server.settings import Settings
 from tests.factories import save_bundle
 
 pytestmark = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.float32),
@@ -154,3 +156,12 @@ def test_auto_does_not_pack_when_the_copies_would_not_fit_in_memory(t5_bundle, m
     assert not engine.prepacked and engine.slots.bytes_to_pack() > 0
     assert all(layer.packed is None for layer in engine.slots.layers.values())
     assert _engine(t5_bundle, prepack_weights=True).prepacked  # asked for: packed anyway
+
+
+def test_the_setting_reaches_the_engine(t5_bundle):
+    def engine_with(**settings):
+        return build_engine(Settings(model=t5_bundle / "model", inventory=t5_bundle / "inventory", device="cpu",
+                                     adapted_dir=t5_bundle / "adapted", **settings))
+
+    assert engine_with(prepack_weights=True).prepacked
+    assert not engine_with(prepack_weights=False).prepacked
