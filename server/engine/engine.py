@@ -39,10 +39,12 @@ class Engine:
         if wanted is False:
             return False
         supported = prepack_supported(self.loaded.device, self.loaded.dtype)
-        if wanted is None and supported and not fits_in_memory(self.slots.bytes_to_pack()):
-            log.warning("not prepacking weights: their copies (%d MiB) would take over half of the available "
-                        "memory (set MHR_PREPACK_WEIGHTS=true to pack anyway)", self.slots.bytes_to_pack() >> 20)
-            return False
+        if wanted is None and supported:
+            nbytes = self.slots.bytes_to_pack()
+            if not fits_in_memory(nbytes):
+                log.warning("not prepacking weights: their copies (%d MiB) would take over half of the available "
+                            "memory (set MHR_PREPACK_WEIGHTS=true to pack anyway)", nbytes >> 20)
+                return False
         packed = supported and self.slots.prepack(rows_hint, every_layer=bool(wanted)) > 0
         if wanted and not packed:
             raise ModelLoadError(f"prepack_weights: oneDNN cannot pack {self.loaded.dtype} weights on "
