@@ -1,4 +1,7 @@
-"""Client (blocking) and AsyncClient (asyncio): the same methods, the same options, the same exceptions."""
+"""Client (blocking) and AsyncClient (asyncio): the same methods, the same options, the same exceptions.
+
+Each method pair shares one docstring, written in ``_docs.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any, TypeVar
 import httpx
 
 from . import _base as b
+from . import _docs as d
+from ._docs import documented
 from .models import AdaptJob, GenerateResponse, Readiness, ScoreResponse, StreamEvent, TaskInfo
 
 T = TypeVar("T")
@@ -38,10 +43,11 @@ def _training(method, steps, learning_rate, batch_size, seed, validation_fractio
 class Client:
     """Blocking client for mhr-serve. Use it as a context manager (or call ``close()``).
 
-    ``retries``: extra attempts for GET/DELETE after a transport error or a 503 (POST is never retried).
-    ``transport``: any httpx transport (``httpx.MockTransport``, a TestClient's, ...).
+    Each method documents its parameters (meaning, units, default, range), what it returns and what it raises:
+    ``help(Client.generate)``. Every exception is an ``MhrError`` (see ``client.exceptions``).
     """
 
+    @documented(d.INIT)
     def __init__(self, base_url: str = b.DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = 60.0,
                  retries: int = 2, transport: httpx.BaseTransport | None = None,
                  headers: dict[str, str] | None = None):
@@ -54,6 +60,7 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @documented(d.CLOSE)
     def close(self) -> None:
         self._http.close()
 
@@ -74,6 +81,7 @@ class Client:
             _sleep(delay)
             attempt += 1
 
+    @documented(d.GENERATE)
     def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
                  do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
@@ -81,11 +89,11 @@ class Client:
         options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
         return self._call(b.generate_call(task, inputs, options))
 
+    @documented(d.STREAM)
     def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
                do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
                top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
                stop: list[str] | None = None) -> Iterator[StreamEvent]:
-        """Pieces of text as they are generated, then one event with ``.response`` (``.done`` is True)."""
         options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
         call = b.generate_call(task, inputs, options, stream=True)
         parser = b.SSEParser()
@@ -104,36 +112,44 @@ class Client:
         if event is not None:
             yield event
 
+    @documented(d.SCORE)
     def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
         return self._call(b.score_call(task, inputs, choices))
 
+    @documented(d.TASKS)
     def tasks(self) -> list[TaskInfo]:
         return self._call(b.tasks_call())
 
+    @documented(d.TASK)
     def task(self, name: str) -> TaskInfo:
         return self._call(b.task_call(name))
 
+    @documented(d.DELETE_TASK)
     def delete_task(self, name: str) -> TaskInfo:
         return self._call(b.task_call(name, "DELETE"))
 
+    @documented(d.ADAPT)
     def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z", steps: int | None = None,
               learning_rate: float | None = None, batch_size: int | None = None, seed: int | None = None,
               validation_fraction: float | None = None, overwrite: bool = False) -> AdaptJob:
         options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
         return self._call(b.adapt_call(task, examples, options))
 
+    @documented(d.JOB)
     def job(self, job_id: str | AdaptJob) -> AdaptJob:
         return self._call(b.job_call(job_id))
 
+    @documented(d.JOBS)
     def jobs(self) -> list[AdaptJob]:
         return self._call(b.jobs_call())
 
+    @documented(d.CANCEL)
     def cancel(self, job_id: str | AdaptJob) -> AdaptJob:
         return self._call(b.job_call(job_id, "DELETE"))
 
+    @documented(d.WAIT)
     def wait(self, job_id: str | AdaptJob, *, poll_interval: float = 0.5, timeout: float | None = None,
              on_progress: Progress | None = None) -> AdaptJob:
-        """Poll the job until it is succeeded, failed or cancelled; raises WaitTimeout after ``timeout`` s."""
         deadline = b.Deadline(timeout, poll_interval)
         while True:
             job = self.job(job_id)
@@ -143,20 +159,27 @@ class Client:
                 return job
             _sleep(deadline.next_sleep(job))
 
+    @documented(d.EXPORT)
     def export(self, task: str, dest_dir: str | Path) -> Path:
-        """Download the task as a PEFT LoRA folder into ``dest_dir``; returns ``dest_dir/<task>``."""
         return b.extract_zip(self._call(b.export_call(task)), dest_dir)
 
+    @documented(d.HEALTH)
     def health(self) -> dict[str, Any]:
         return self._call(b.health_call())
 
+    @documented(d.READY)
     def ready(self) -> Readiness:
         return self._call(b.ready_call())
 
 
 class AsyncClient:
-    """The asyncio twin of Client: the same constructor and methods, awaited; ``stream()`` is an async iterator."""
+    """The asyncio twin of Client: the same constructor and methods, awaited; ``stream()`` is an async iterator.
 
+    Use it as ``async with AsyncClient(...) as mhr`` (or call ``aclose()``). Each method shares its Client twin's
+    documentation: ``help(AsyncClient.generate)``.
+    """
+
+    @documented(d.INIT)
     def __init__(self, base_url: str = b.DEFAULT_URL, *, api_key: str | None = None, timeout: float | None = 60.0,
                  retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
                  headers: dict[str, str] | None = None):
@@ -169,6 +192,7 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @documented(d.CLOSE)
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -189,6 +213,7 @@ class AsyncClient:
             await _async_sleep(delay)
             attempt += 1
 
+    @documented(d.GENERATE)
     async def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
                        do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
                        top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
@@ -196,6 +221,7 @@ class AsyncClient:
         options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
         return await self._call(b.generate_call(task, inputs, options))
 
+    @documented(d.STREAM)
     async def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
                      do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
                      top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
@@ -218,18 +244,23 @@ class AsyncClient:
         if event is not None:
             yield event
 
+    @documented(d.SCORE)
     async def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
         return await self._call(b.score_call(task, inputs, choices))
 
+    @documented(d.TASKS)
     async def tasks(self) -> list[TaskInfo]:
         return await self._call(b.tasks_call())
 
+    @documented(d.TASK)
     async def task(self, name: str) -> TaskInfo:
         return await self._call(b.task_call(name))
 
+    @documented(d.DELETE_TASK)
     async def delete_task(self, name: str) -> TaskInfo:
         return await self._call(b.task_call(name, "DELETE"))
 
+    @documented(d.ADAPT)
     async def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z",
                     steps: int | None = None, learning_rate: float | None = None, batch_size: int | None = None,
                     seed: int | None = None, validation_fraction: float | None = None,
@@ -237,15 +268,19 @@ class AsyncClient:
         options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
         return await self._call(b.adapt_call(task, examples, options))
 
+    @documented(d.JOB)
     async def job(self, job_id: str | AdaptJob) -> AdaptJob:
         return await self._call(b.job_call(job_id))
 
+    @documented(d.JOBS)
     async def jobs(self) -> list[AdaptJob]:
         return await self._call(b.jobs_call())
 
+    @documented(d.CANCEL)
     async def cancel(self, job_id: str | AdaptJob) -> AdaptJob:
         return await self._call(b.job_call(job_id, "DELETE"))
 
+    @documented(d.WAIT)
     async def wait(self, job_id: str | AdaptJob, *, poll_interval: float = 0.5, timeout: float | None = None,
                    on_progress: Progress | None = None) -> AdaptJob:
         deadline = b.Deadline(timeout, poll_interval)
@@ -257,12 +292,15 @@ class AsyncClient:
                 return job
             await _async_sleep(deadline.next_sleep(job))
 
+    @documented(d.EXPORT)
     async def export(self, task: str, dest_dir: str | Path) -> Path:
         data = await self._call(b.export_call(task))
         return await asyncio.to_thread(b.extract_zip, data, dest_dir)
 
+    @documented(d.HEALTH)
     async def health(self) -> dict[str, Any]:
         return await self._call(b.health_call())
 
+    @documented(d.READY)
     async def ready(self) -> Readiness:
         return await self._call(b.ready_call())

@@ -1,0 +1,361 @@
+"""The docstrings of Client and AsyncClient, each written once: a blocking method and its awaited twin share one.
+
+Limits and defaults are the server's (``server/schemas.py``, ``server/settings.py``). A limit quoted with an
+``MHR_...`` setting is that setting's default, which the server's operator may change. An option left as None is not
+sent, so the server's default (quoted as "None: ...") applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def documented(doc: str) -> Callable[[F], F]:
+    """Give the decorated method ``doc`` as its docstring (what ``help()`` shows)."""
+    def apply(method: F) -> F:
+        method.__doc__ = doc
+        return method
+    return apply
+
+
+# Parameters and exceptions that several methods share (indented as in a docstring's Args / Raises section).
+
+_TASK = """\
+    task: The task whose adapter answers: a name listed by ``tasks()`` (1 to 64 characters), or ``"__mu__"``
+        for the μ adapter (every skill weighted equally).
+"""
+
+_INPUTS = """\
+    inputs: One text, or a non-empty list of texts sent together (one result per text, in their order). Each
+        text has 1 to 100,000 characters and at most ``MHR_MAX_INPUT_TOKENS`` (512) tokens; one request
+        carries at most ``MHR_MAX_INPUTS_PER_REQUEST`` (64) texts.
+"""
+
+_SAMPLING = """\
+    max_new_tokens: The most tokens to generate per input, >= 1 and at most ``MHR_MAX_NEW_TOKENS`` (256).
+        None: the server's ``MHR_DEFAULT_MAX_NEW_TOKENS`` (32).
+    do_sample: False (default): greedy decoding, or beam search when ``num_beams`` > 1. True: sample the next
+        token at random, shaped by ``temperature``, ``top_p``, ``top_k`` and ``seed``, which only apply then.
+    temperature: Divides the logits before sampling (lower: closer to greedy); > 0 and <= 100. None: 1.0.
+    top_p: Nucleus sampling: draw from the most likely tokens whose probabilities add up to ``top_p``;
+        > 0 and <= 1. None: 1.0 (no filter).
+    top_k: Draw from the ``top_k`` most likely tokens only; 0 to 100,000. None: 0 (no filter).
+    seed: Seeds the sampler, so the same request gives the same text; 0 to 2**63 - 1. None: not seeded.
+    num_beams: Beam search with this many beams; >= 1 and at most ``MHR_MAX_NUM_BEAMS`` (8). None: 1 (no beam search).
+    stop: Up to 16 strings of 1 to 128 characters; an output ends just before the first of them it produces
+        (the string itself is left out, ``finish_reason`` is "stop"). None: no stop strings.
+"""
+
+_JOB_ID = """\
+    job_id: The job's ``id``, or the AdaptJob itself (as ``adapt()`` returned it).
+"""
+
+_TOO_LARGE = """\
+    BadRequest: 413: the request body is over ``MHR_MAX_BODY_BYTES`` (8 MiB).
+"""
+
+_READING_KEY = """\
+    Unauthorized: 401: no ``api_key``, where the server wants it on every route (``MHR_API_KEY_ALL_ROUTES``).
+    Forbidden: 403: ``api_key`` is not the server's key.
+"""
+
+_WRITING_KEY = """\
+    Unauthorized: 401: no ``api_key``, and the server has one (``MHR_API_KEY``), which this route always needs.
+    Forbidden: 403: ``api_key`` is not the server's key.
+"""
+
+_SERVER_ERROR = """\
+    ServerError: A 5xx answer other than 503.
+"""
+
+_UNREADABLE = """\
+    MhrError: The answer is not what this route returns (e.g. not JSON). Also the base class of every exception above.
+"""
+
+_FAILURES = _SERVER_ERROR + """\
+    TransportError: The server could not be reached, did not answer within ``timeout``, or dropped the connection.
+""" + _UNREADABLE
+
+_NOT_RETRIED = """\
+    Overloaded: 503: the request queue is full or the model is still loading; ``.retry_after`` says when to try
+        again (a POST is never retried by the client).
+""" + _FAILURES
+
+_RETRIED = """\
+    Overloaded: 503 (busy or still loading), still so after ``retries`` more attempts; see ``.retry_after``.
+""" + _SERVER_ERROR + """\
+    TransportError: The server could not be reached, did not answer within ``timeout``, or dropped the
+        connection, still so after ``retries`` more attempts.
+""" + _UNREADABLE
+
+_JOB_FIELDS = """
+        Its fields: ``.id``, ``.task``, ``.method``, ``.state`` ("queued", "running", "succeeded", "failed" or
+        "cancelled"; ``.done`` once it is one of the last three), ``.step`` of ``.steps``, ``.examples``, ``.loss``
+        (training loss of the last step), ``.validation_loss`` and ``.validation_exact_match`` (with a validation
+        split), ``.trainable_parameters``, ``.elapsed_s``, ``.eta_s`` (seconds left), ``.created``, ``.started``,
+        ``.finished`` (Unix times), ``.version`` (of the task written on success), ``.stopped_early`` (why it
+        stopped before ``.steps``, e.g. ``MHR_ADAPT_MAX_SECONDS``, 600 s) and ``.error`` (why it failed)."""
+
+_TASK_FIELDS = """
+        Its fields: ``.name``, ``.kind`` ("pretrained", "adapted" or "mu"), ``.version`` (goes up when an adapted
+        task is replaced), ``.method`` ("routed" for pretrained tasks, "mu", or the adaptation method), ``.row`` (a
+        pretrained task's router row) and ``.created`` (Unix time an adapted task was written)."""
+
+
+INIT = """\
+Make a client for the mhr-serve server at ``base_url``; nothing is sent before the first call.
+
+Args:
+    base_url: The server's address; every route is joined to it. Default: "http://127.0.0.1:8000".
+    api_key: Sent as ``Authorization: Bearer <api_key>`` with every request. A server with ``MHR_API_KEY`` wants it
+        for ``adapt()``, ``cancel()``, ``delete_task()`` and ``export()``, and, with ``MHR_API_KEY_ALL_ROUTES``, for
+        every route but ``health()`` and ``ready()``. None (default): no key is sent.
+    timeout: Seconds allowed to connect, to wait for a free connection, and for each read and each write
+        (``httpx.Timeout(timeout)``): a long ``stream()`` does not time out while text keeps coming. None: wait
+        for ever. Default: 60.
+    retries: Further attempts of a GET or DELETE after a transport error or a 503 answer, waiting the answer's
+        Retry-After, or else 0.25 s, 0.5 s, 1 s, ... (30 s at most) in between; >= 0, default 2. POST requests
+        (``generate()``, ``stream()``, ``score()``, ``adapt()``) are never retried.
+    transport: The httpx transport that sends the requests (``httpx.BaseTransport`` for Client,
+        ``httpx.AsyncBaseTransport`` for AsyncClient), e.g. ``httpx.MockTransport`` or an ASGI app's transport in
+        tests. None (default): httpx's network transport.
+    headers: Extra headers sent with every request; they replace the default ``User-Agent``, and ``api_key``
+        replaces their ``Authorization``. None (default): none.
+"""
+
+CLOSE = """\
+Close the client's connections; it cannot send requests afterwards. Leaving a ``with`` (``async with``) block calls it.
+"""
+
+GENERATE = f"""\
+Generate a text for each input with the task's adapter (POST /generate).
+
+Args:
+{_TASK}{_INPUTS}{_SAMPLING}
+Returns:
+    GenerateResponse: ``.outputs``, one per input, each with ``.text``, ``.prompt_tokens``,
+        ``.completion_tokens`` and ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
+        ``max_new_tokens`` reached); ``.texts`` (the texts alone), ``.usage`` (token totals), ``.task`` and its
+        ``.version``.
+
+Raises:
+    UnknownTask: 404: the server has no task ``task``.
+    ValidationError: 422: an argument is out of range or over a server limit; ``.field`` names it.
+{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
+
+STREAM = f"""\
+Generate like ``generate()``, receiving each output piece by piece while it is produced (server-sent events).
+
+Nothing is sent before the iteration starts (``for event in client.stream(...)``; ``async for`` with AsyncClient), so
+every exception below, a refused request included, is raised by the iteration. A stream that ends before its last
+event raises TransportError.
+
+Args:
+{_TASK}{_INPUTS}{_SAMPLING}
+Yields:
+    StreamEvent: For each new piece of text, ``.index`` (which input) and ``.text`` (the piece); then one last
+        event with ``.done`` True and ``.response``, the whole GenerateResponse as ``generate()`` returns it.
+
+Raises:
+    UnknownTask: 404: the server has no task ``task``.
+    ValidationError: 422: an argument is out of range or over a server limit (``.field`` names it); ``num_beams``
+        > 1, as beam search cannot stream (``.field`` is "stream").
+    ApiError: The server reported an error in the stream after it had begun: UnknownTask, or else ServerError
+        (its ``.type`` says which, e.g. "overloaded").
+{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
+
+SCORE = f"""\
+Rank classification: the log-likelihood of each choice as the output for each input (POST /score).
+
+Args:
+{_TASK}{_INPUTS}\
+    choices: The candidate outputs: one list for every input, or one list per input (as many lists as there
+        are inputs). Each list has 1 to ``MHR_MAX_CHOICES`` (32) choices, each of 1 to 100,000 characters and at most
+        ``MHR_MAX_INPUT_TOKENS`` (512) tokens.
+
+Returns:
+    ScoreResponse: ``.results``, one per input, each with ``.scores`` (per choice, in order: ``.choice``,
+        ``.logprob_sum``, ``.logprob_mean`` per token, ``.tokens``), ``.best`` and ``.best_index`` (the highest
+        summed log-likelihood) and ``.best_by_mean_index`` (the highest per-token mean); ``.task`` and its
+        ``.version``.
+
+Raises:
+    UnknownTask: 404: the server has no task ``task``.
+    ValidationError: 422: an argument is out of range or over a server limit; ``.field`` names it (e.g.
+        "choices.1").
+{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
+
+TASKS = f"""\
+List the tasks the server can serve: the μ adapter, the pretrained tasks and the adapted ones (GET /tasks).
+
+Returns:
+    list[TaskInfo]: One per task.{_TASK_FIELDS}
+
+Raises:
+{_READING_KEY}{_RETRIED}"""
+
+TASK = f"""\
+Describe one task (GET /tasks/{{name}}).
+
+Args:
+    name: The task's name, as ``tasks()`` lists it (``"__mu__"`` for the μ adapter).
+
+Returns:
+    TaskInfo: The task.{_TASK_FIELDS}
+
+Raises:
+    UnknownTask: 404: the server has no task ``name``.
+{_READING_KEY}{_RETRIED}"""
+
+DELETE_TASK = f"""\
+Delete an adapted task: its file and its cached adapter (DELETE /tasks/{{name}}).
+
+Args:
+    name: The adapted task's name.
+
+Returns:
+    TaskInfo: The deleted task, as it was.{_TASK_FIELDS}
+
+Raises:
+    UnknownTask: 404: the server has no task ``name`` (also when a retried DELETE had in fact succeeded).
+    Conflict: 409: ``name`` is a pretrained task or the μ adapter, which cannot be deleted.
+{_WRITING_KEY}{_RETRIED}"""
+
+ADAPT = f"""\
+Start adapting a new task to a few examples, as a background job on the server (POST /adapt).
+
+The server trains one job at a time; on success the task is saved, listed by ``tasks()`` and served at once.
+``wait()`` follows the job to its end.
+
+Args:
+    task: The new task's name: 1 to 64 characters from [A-Za-z0-9._-], not starting with "." and not "__mu__".
+    examples: The training examples, each an ``(input, target)`` pair or a mapping with "input" and "target"
+        keys: 1 to ``MHR_ADAPT_MAX_EXAMPLES`` (256) of them, each text of 1 to 100,000 characters and at most
+        ``MHR_MAX_INPUT_TOKENS`` (512) tokens.
+    method: What is trained over the frozen model and skills: "mhr-z" (default; a routing-logits row per layer,
+        H·K numbers), "poly-z" (K routing logits per layer, shared by the heads) or "mhr-mu" (the averaged LoRA
+        of each layer, A and B, saved as a plain LoRA).
+    steps: Training steps (AdamW), >= 1 and at most ``MHR_ADAPT_MAX_STEPS`` (2000). None: 200. A job also stops,
+        and saves, after ``MHR_ADAPT_MAX_SECONDS`` (600 s).
+    learning_rate: > 0 and <= 10. None: 0.1 for "mhr-z" and "poly-z", 1e-3 for "mhr-mu".
+    batch_size: Examples per step, 1 to 256. None: 8.
+    seed: Seeds the validation split, the order of the examples and torch; 0 to 2**63 - 1. None: 0.
+    validation_fraction: The share of the examples held out to report ``validation_loss`` and
+        ``validation_exact_match`` (at least one example is kept for training); 0 to 0.5. None: 0 (none held out).
+    overwrite: True: replace the adapted task already named ``task`` (its version goes up). False (default): such
+        a task is a Conflict. A pretrained task is never replaced.
+
+Returns:
+    AdaptJob: The new job, normally "queued".{_JOB_FIELDS}
+
+Raises:
+    ValidationError: 422: an argument is out of range, over a server limit or not a valid task name; ``.field``
+        names it (e.g. "examples.3.target").
+    Conflict: 409: ``task`` is a pretrained task, or an adapted one and ``overwrite`` is False.
+    Overloaded: 503: ``MHR_ADAPT_MAX_QUEUED`` (8) jobs are already waiting, or the model is still loading;
+        ``.retry_after`` says when to try again (a POST is never retried by the client).
+{_TOO_LARGE}{_WRITING_KEY}{_FAILURES}\
+    ValueError: An example is neither a pair nor a mapping with both keys (raised before anything is sent).
+"""
+
+JOB = f"""\
+Fetch an adaptation job's current state and progress (GET /adapt/{{job_id}}).
+
+Args:
+{_JOB_ID}
+Returns:
+    AdaptJob: The job.{_JOB_FIELDS}
+
+Raises:
+    NotFound: 404: the server has no such job.
+{_READING_KEY}{_RETRIED}"""
+
+JOBS = f"""\
+List every adaptation job the server knows, oldest first (GET /adapt).
+
+Returns:
+    list[AdaptJob]: One per job.{_JOB_FIELDS}
+
+Raises:
+{_READING_KEY}{_RETRIED}"""
+
+CANCEL = f"""\
+Cancel an adaptation job (DELETE /adapt/{{job_id}}); a cancelled job writes nothing.
+
+A queued job is cancelled at once; a running one is asked to stop at its next step and reads "running" until
+then (``wait()`` returns it "cancelled").
+
+Args:
+{_JOB_ID}
+Returns:
+    AdaptJob: The job after the request.{_JOB_FIELDS}
+
+Raises:
+    NotFound: 404: the server has no such job.
+    Conflict: 409: the job has already ended (also when a retried DELETE had in fact succeeded).
+{_WRITING_KEY}{_RETRIED}"""
+
+WAIT = f"""\
+Poll an adaptation job with ``job()`` until it has succeeded, failed or been cancelled, and return it.
+
+A failed or cancelled job is returned, not raised: check ``.state`` (and ``.error``).
+
+Args:
+{_JOB_ID}\
+    poll_interval: Seconds between two polls, > 0. Default: 0.5.
+    timeout: Seconds to wait in all before raising WaitTimeout, >= 0 (each request is still bounded by the
+        client's own ``timeout``). None (default): wait for ever.
+    on_progress: A plain function (not awaited, also by AsyncClient) called with each AdaptJob polled, the last
+        one included, e.g. to show ``.step`` of ``.steps`` and ``.loss``; what it returns is ignored.
+        None (default): no callback.
+
+Returns:
+    AdaptJob: The job in its final state.{_JOB_FIELDS}
+
+Raises:
+    WaitTimeout: The job had not ended after ``timeout`` seconds; ``.job`` is its last state seen. The job goes on
+        on the server (``cancel()`` stops it). It is also a TimeoutError.
+    NotFound: 404: the server has no such job.
+{_READING_KEY}{_RETRIED}"""
+
+EXPORT = f"""\
+Download a task's adapter as a standard PEFT LoRA folder (GET /tasks/{{task}}/lora) and unpack it into ``dest_dir``.
+
+The folder (``adapter_config.json``, ``adapter_model.safetensors``) loads with ``PeftModel.from_pretrained``, vLLM
+or LoRAX.
+
+Args:
+    task: The task's name, as ``tasks()`` lists it; any kind of task can be exported.
+    dest_dir: The folder to unpack into; it is created if missing, and files of the same names are overwritten.
+
+Returns:
+    Path: ``dest_dir/<task>``, the LoRA folder.
+
+Raises:
+    UnknownTask: 404: the server has no task ``task``.
+    ExportError: The answer is not a zip archive, or one of its entries would be written outside ``dest_dir``
+        (nothing is written then).
+{_WRITING_KEY}{_RETRIED}"""
+
+HEALTH = f"""\
+Check that the server process answers (GET /healthz), loaded or not.
+
+Returns:
+    dict: ``{{"status": "ok"}}``.
+
+Raises:
+{_RETRIED}"""
+
+READY = f"""\
+Ask whether the server has loaded its model and inventory and can serve (GET /readyz); not retried.
+
+Returns:
+    Readiness: ``.ready`` True and ``.status`` "ready", with ``.inventory`` (its fingerprint), ``.tasks`` (how
+        many), ``.device`` and ``.dtype``; or ``.status`` "loading" (the server's 503, returned rather than
+        raised).
+
+Raises:
+{_FAILURES}"""
