@@ -8,11 +8,11 @@ from .export import export_peft_lora
 from .inventory import Inventory, ModuleGroup
 from .model_check import check_model
 from .names import MU_TASK, TASK_NAME_PATTERN, validate_task_name
-from .registry import TaskInfo
+from .registry import AdapterKey, TaskInfo
 from .store import AdapterStore
 
 __all__ = [
-    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterStore", "CacheStats", "Inventory",
+    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "AdapterStore", "CacheStats", "Inventory",
     "InventoryConfig", "InventoryError", "LayerGroup", "ModuleGroup", "StoreError", "TaskAdapter",
     "TaskConflictError", "TaskInfo", "TaskNameError", "UnknownTaskError", "check_model",
     "export_peft_lora", "validate_task_name",

@@ -1,4 +1,5 @@
-"""Adapted tasks on disk: `adapted/<name>.safetensors`, written atomically, read lazily.
+"""Adapted tasks on disk: `adapted/<name>.safetensors`, written atomically, read lazily. This module owns the
+file layout; the store deals in logits and adapters.
 
 Two payloads, told apart by the header's `format`:
     routing  <module>.module_logits (H*K,)          -- MHR-z / Poly-z: one logits row per layer
@@ -18,12 +19,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter import TaskAdapter
 from .errors import InventoryError, TaskNameError
+from .inventory import ModuleGroup
 from .names import validate_task_name
 from .registry import TaskInfo
 
 ADAPTED_DIR = "adapted"
 SUFFIX = ".safetensors"
+LOGITS_SUFFIX = ".module_logits"
+LORA_A_SUFFIX = ".lora_A"
+LORA_B_SUFFIX = ".lora_B"
 TEMP_PREFIX = ".tmp-"  # task names never start with a dot, so a temp file is never a task
 
 
@@ -107,3 +113,45 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load(path.read_bytes())
     except Exception as exc:
         raise InventoryError(path, f"cannot read safetensors data ({exc})") from exc
+
+
+# ---- payloads ---------------------------------------------------------------------------------
+def encode_routing(groups: tuple[ModuleGroup, ...], logits: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Logits per module group [(L, H*K), ...] -> one (H*K,) tensor per module."""
+    return {module + LOGITS_SUFFIX: z[i].float()
+            for group, z in zip(groups, logits, strict=True) for i, module in enumerate(group.names)}
+
+
+def decode_routing(path: Path, tensors: dict[str, torch.Tensor], groups: tuple[ModuleGroup, ...],
+                   width: int) -> list[torch.Tensor]:
+    """The inverse of encode_routing, every key and shape checked: [(L, H*K), ...]."""
+    return [torch.stack([_tensor(path, tensors, name + LOGITS_SUFFIX, (width,)) for name in group.names]).float()
+            for group in groups]
+
+
+def encode_lora(adapter: TaskAdapter) -> dict[str, torch.Tensor]:
+    """A plain LoRA -> A (d_in, r) and B (r, d_out) per module."""
+    tensors = {}
+    for module, a, b in adapter.layers():
+        tensors[module + LORA_A_SUFFIX] = a.float()
+        tensors[module + LORA_B_SUFFIX] = b.float()
+    return tensors
+
+
+def decode_lora(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                rank: int) -> TaskAdapter:
+    """The inverse of encode_lora for modules of the given (d_in, d_out), every key and shape checked."""
+    layers = {
+        name: (_tensor(path, tensors, name + LORA_A_SUFFIX, (d_in, rank)).float(),
+               _tensor(path, tensors, name + LORA_B_SUFFIX, (rank, d_out)).float())
+        for name, (d_in, d_out) in shapes.items()
+    }
+    return TaskAdapter.from_layers(layers, rank)
+
+
+def _tensor(path: Path, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if key not in tensors:
+        raise InventoryError(path, "missing key", key=key)
+    if tuple(tensors[key].shape) != shape:
+        raise InventoryError(path, f"expected shape {shape}, found {tuple(tensors[key].shape)}", key=key)
+    return tensors[key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .errors import InventoryError, TaskNameError
 from .names import MU_TASK, validate_task_name
@@ -25,6 +25,16 @@ class TaskInfo:
 
 
 MU_INFO = TaskInfo(MU_TASK, "mu", 1, "mu")
+
+
+class AdapterKey(NamedTuple):
+    """Names one adapter's content: a task re-adapted gets a new version, one deleted and adapted again a new
+    `created`, another inventory another fingerprint. The adapter cache and the row pool compare these."""
+
+    fingerprint: str
+    task: str
+    version: int
+    created: float | None
 
 
 def read_pretrained_tasks(folder: Path, n_tasks: int) -> dict[str, TaskInfo]:

@@ -23,10 +23,9 @@ from .export import export_peft_lora
 from .inventory import Inventory
 from .lru import BytesLRU
 from .names import MU_TASK, validate_task_name
-from .registry import MU_INFO, TaskInfo, read_pretrained_tasks
+from .registry import MU_INFO, AdapterKey, TaskInfo, read_pretrained_tasks
 
 log = logging.getLogger(__name__)
-LOGITS_SUFFIX = ".module_logits"
 LOGITS_CACHE_BYTES = 64 * 2**20
 
 
@@ -63,10 +62,10 @@ class AdapterStore:
                 raise UnknownTaskError(name)
             return self._tasks[name]
 
-    def cache_key(self, name: str) -> tuple[str, str, int, float | None]:
+    def cache_key(self, name: str) -> AdapterKey:
         """Names one adapter's content: a task deleted and adapted again gets a new key (its `created`)."""
         info = self.task(name)
-        return (self.fingerprint, name, info.version, info.created)
+        return AdapterKey(self.fingerprint, name, info.version, info.created)
 
     # ---- adapters ---------------------------------------------------------------------------
     def adapter(self, name: str) -> TaskAdapter:
@@ -104,7 +103,9 @@ class AdapterStore:
                 logits = self._logits.get(key)
             if logits is None:
                 path = persistence.task_path(self.adapted_dir, name)
-                logits = self._logits_from_tensors(path, persistence.read_tensors(path))
+                cfg = self.inventory.config
+                logits = persistence.decode_routing(path, persistence.read_tensors(path), self.inventory.groups,
+                                                    cfg.n_splits * cfg.n_skills)
                 with self._lock:
                     self._logits.put(key, logits, sum(z.numel() * z.element_size() for z in logits))
             return logits
@@ -114,48 +115,37 @@ class AdapterStore:
         if self.task(name).kind == "mu":
             return routing.mu_adapter(self.inventory)
         path = persistence.task_path(self.adapted_dir, name)
-        return self._lora_from_tensors(path, persistence.read_tensors(path), int(self._adapted_meta[name]["rank"]))
-
-    def _logits_from_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        width = self.inventory.config.n_splits * self.inventory.config.n_skills
-        out = []
-        for group in self.inventory.groups:
-            rows = [_tensor(path, tensors, name + LOGITS_SUFFIX, (width,)) for name in group.names]
-            out.append(torch.stack(rows).float())  # (L, H*K)
-        return out
-
-    def _lora_from_tensors(self, path: Path, tensors: dict[str, torch.Tensor], rank: int) -> TaskAdapter:
-        shapes = self.inventory.module_shapes
-        layers = {
-            name: (_tensor(path, tensors, name + ".lora_A", (d_in, rank)).float(),
-                   _tensor(path, tensors, name + ".lora_B", (rank, d_out)).float())
-            for name, (d_in, d_out) in shapes.items()
-        }
-        return TaskAdapter.from_layers(layers, rank)
+        return persistence.decode_lora(path, persistence.read_tensors(path), self.inventory.module_shapes,
+                                       int(self._adapted_meta[name]["rank"]))
 
     # ---- persistence ---------------------------------------------------------------------------
-    def save_routing(self, name: str, method: str, logits: list[torch.Tensor]) -> TaskInfo:
-        """Persist a z-method task: logits per module group [(L, H*K), ...]."""
-        tensors = {
-            module + LOGITS_SUFFIX: z[i].float()
-            for group, z in zip(self.inventory.groups, logits, strict=True)
-            for i, module in enumerate(group.names)
-        }
-        return self._save(name, method, "routing", tensors, self.inventory.config.r)
-
-    def save_lora(self, name: str, method: str, adapter: TaskAdapter) -> TaskInfo:
-        """Persist a plain-LoRA task (MHR-μ): A (d_in, r) and B (r, d_out) per module."""
-        tensors = {}
-        for module, a, b in adapter.layers():
-            tensors[module + ".lora_A"], tensors[module + ".lora_B"] = a.float(), b.float()
-        return self._save(name, method, "lora", tensors, adapter.rank)
-
-    def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int) -> TaskInfo:
+    def check_writable(self, name: str, *, overwrite: bool = False) -> None:
+        """May a task of this name be written? TaskNameError: not a valid name, or reserved (__mu__);
+        TaskConflictError: a pretrained task, or an adapted one and `overwrite` is off."""
         validate_task_name(name)
         with self._lock:
+            info = self._tasks.get(name)
+        if info is None:
+            return
+        if info.kind != "adapted":
+            raise TaskConflictError(f"task {name!r} is a pretrained task and cannot be replaced")
+        if not overwrite:
+            raise TaskConflictError(f"task {name!r} already exists; set overwrite=true to replace it (version goes up)")
+
+    def save_routing(self, name: str, method: str, logits: list[torch.Tensor], *,
+                     overwrite: bool = True) -> TaskInfo:
+        """Persist a z-method task: logits per module group [(L, H*K), ...]."""
+        tensors = persistence.encode_routing(self.inventory.groups, logits)
+        return self._save(name, method, "routing", tensors, self.inventory.config.r, overwrite)
+
+    def save_lora(self, name: str, method: str, adapter: TaskAdapter, *, overwrite: bool = True) -> TaskInfo:
+        """Persist a plain-LoRA task (MHR-μ): A (d_in, r) and B (r, d_out) per module."""
+        return self._save(name, method, "lora", persistence.encode_lora(adapter), adapter.rank, overwrite)
+
+    def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int, overwrite: bool) -> TaskInfo:
+        with self._lock:
+            self.check_writable(name, overwrite=overwrite)
             previous = self._tasks.get(name)
-            if previous is not None and previous.kind != "adapted":
-                raise TaskConflictError(f"task {name!r} is a pretrained task and cannot be overwritten")
             version = previous.version + 1 if previous else 1
             info = TaskInfo(name, "adapted", version, method, created=time.time())
             persistence.write_adapted(self.adapted_dir, info, fmt, tensors, self.fingerprint, rank)
@@ -193,10 +183,3 @@ class AdapterStore:
         return export_peft_lora(self.adapter(name), out_dir, task_type=cfg.task_type,
                                 base_model=cfg.base_model_name_or_path, overwrite=overwrite)
 
-
-def _tensor(path: Path, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if key not in tensors:
-        raise InventoryError(path, "missing key", key=key)
-    if tuple(tensors[key].shape) != shape:
-        raise InventoryError(path, f"expected shape {shape}, found {tuple(tensors[key].shape)}", key=key)
-    return tensors[key]

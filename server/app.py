@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from adapter_store import AdapterCache, AdapterStore
 
 from .adapt import JobManager
-from .batcher import Batcher
+from .admission import Admission
 from .engine import Engine, load_model
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
@@ -32,10 +32,12 @@ def build_engine(settings: Settings) -> Engine:
     loaded = load_model(settings.model, settings.device, settings.dtype)
     cache = AdapterCache(settings.cache_bytes, loaded.device, loaded.dtype)
     engine = Engine(loaded, store, cache, merge_single_task=settings.merge_single_task,
-                    pool_rows=settings.max_batch_size, prepack_weights=settings.prepack_weights)
-    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
+                    max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                    scheduler=settings.scheduler, max_batch_wait_ms=settings.max_batch_wait_ms,
+                    prepack_weights=settings.prepack_weights)
+    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s, %s batching%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
-             ", prepacked weights" if engine.prepacked else "")
+             settings.scheduler, ", prepacked weights" if engine.prepacked else "")
     return engine
 
 
@@ -44,29 +46,28 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = engine or build_engine(settings)
-        app.state.engine.warm_up()
-        app.state.batcher = Batcher(app.state.engine, max_batch_size=settings.max_batch_size,
-                                    max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue,
-                                    on_batch=metrics.batch_rows.observe)
-        await app.state.batcher.start()
-        app.state.jobs = JobManager(app.state.engine, app.state.engine.store.adapted_dir / ".jobs",
-                                    max_queued=settings.adapt_max_queued,
-                                    yield_to_serving=app.state.batcher.wait_until_idle)
+        owned = engine is None
+        app.state.engine = served = engine or await asyncio.to_thread(build_engine, settings)
+        await asyncio.to_thread(served.warm_up)
+        served.loop.on_step = metrics.batch_rows.observe
+        app.state.admission = Admission(served, max_queue=settings.max_queue)
+        app.state.jobs = JobManager(served, served.store.adapted_dir / ".jobs", max_queued=settings.adapt_max_queued)
         app.state.jobs.start()
-        metrics.watch(lambda: app.state.batcher.pending, app.state.engine.cache.stats,
+        metrics.watch(lambda: app.state.admission.pending, served.stats, served.cache.stats,
                       lambda: [job.state for job in app.state.jobs.jobs.values()])
         try:
             yield
         finally:
             await asyncio.to_thread(app.state.jobs.stop)
-            await app.state.batcher.stop()
+            await app.state.admission.stop()
+            if owned:
+                await asyncio.to_thread(served.close)
 
     app = FastAPI(title="mhr-serve", version="0.1.0", lifespan=lifespan,
                   description="Serve Poly / MHR adapter inventories: one backbone, many tasks.")
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    app.state.engine = app.state.batcher = app.state.jobs = None
+    app.state.engine = app.state.admission = app.state.jobs = None
     install_error_handlers(app)
     for module in (health, tasks, generate, score, adapt, openai, metrics_route):
         app.include_router(module.router)

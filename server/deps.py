@@ -8,7 +8,8 @@ from fastapi import Depends, Request
 
 from adapter_store import AdapterStore
 
-from .batcher import Batcher
+from .adapt import JobManager
+from .admission import Admission
 from .engine import Engine
 from .errors import ApiError
 from .metrics import Metrics
@@ -26,8 +27,12 @@ def get_engine(request: Request) -> Engine:
     return _state(request, "engine")
 
 
-def get_batcher(request: Request) -> Batcher:
-    return _state(request, "batcher")
+def get_admission(request: Request) -> Admission:
+    return _state(request, "admission")
+
+
+def get_jobs(request: Request) -> JobManager:
+    return _state(request, "jobs")
 
 
 def get_store(request: Request) -> AdapterStore:
@@ -43,7 +48,8 @@ def get_metrics(request: Request) -> Metrics:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+JobsDep = Annotated[JobManager, Depends(get_jobs)]
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,8 +1,10 @@
-"""Every error leaves the server as {"error": {"type", "message", "field"}} with a 4xx/5xx status."""
+"""Every error leaves the server as {"error": {"type", "message", "field"}} (schemas.error_body) with a 4xx/5xx
+status: one table maps each exception to its status, type and field."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,8 +13,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store import InventoryError, TaskConflictError, TaskNameError, UnknownTaskError
 
-from .batcher import Overloaded, ShuttingDown
+from .adapt import JobConflictError, QueueFull
+from .admission import ClientGone, Overloaded
+from .engine import ShuttingDown
 from .limits import BodyTooLarge
+from .schemas import error_body
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +27,50 @@ class ApiError(Exception):
 
     def __init__(self, status: int, type_: str, message: str, field: str | None = None,
                  headers: dict[str, str] | None = None):
-        self.status, self.type, self.message, self.field, self.headers = status, type_, message, field, headers
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+        self.headers = headers
         super().__init__(message)
+
+
+def _api_error(exc: ApiError) -> ApiError:
+    return exc
+
+
+# exception -> ApiError with its status, type, message and field
+TRANSLATIONS: dict[type[BaseException], Callable[..., ApiError]] = {
+    ApiError: _api_error,
+    UnknownTaskError: lambda e: ApiError(404, "unknown_task", f"unknown task {e.name!r}; GET /tasks lists the tasks",
+                                         "task"),
+    TaskConflictError: lambda e: ApiError(409, "conflict", str(e), "task"),
+    JobConflictError: lambda e: ApiError(409, "conflict", str(e), e.field),
+    TaskNameError: lambda e: ApiError(422, "validation_error", f"task: {e}", "task"),
+    Overloaded: lambda e: ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}),
+    QueueFull: lambda e: ApiError(503, "overloaded", str(e), headers={"Retry-After": "10"}),
+    ShuttingDown: lambda e: ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"}),
+    BodyTooLarge: lambda e: ApiError(413, "too_large", f"request body over {e.max_bytes} bytes", "body"),
+    InventoryError: lambda e: ApiError(500, "inventory_error", str(e)),
+    ClientGone: lambda e: ApiError(499, "client_closed", "the client closed the connection"),
+}
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    for kind in type(exc).__mro__:
+        if kind in TRANSLATIONS:
+            return TRANSLATIONS[kind](exc)
+    return ApiError(500, "internal_error", f"internal error ({type(exc).__name__})")
 
 
 def error_type(exc: BaseException) -> str:
     """The `type` an exception has in error bodies (also for errors reported inside an event stream)."""
-    return {UnknownTaskError: "unknown_task", TaskConflictError: "conflict", TaskNameError: "validation_error",
-            Overloaded: "overloaded", ShuttingDown: "unavailable", InventoryError: "inventory_error"}.get(
-        type(exc), exc.type if isinstance(exc, ApiError) else "internal_error")
+    return as_api_error(exc).type
 
 
 def error_response(status: int, type_: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": type_, "message": message, "field": field}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(type_, message, field), status_code=status, headers=headers)
 
 
 def _field_of(loc: tuple) -> str:
@@ -52,55 +86,21 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "validation_error", f"{field}: {first.get('msg')}{more}", field)
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
-
-
-async def _unknown_task(_: Request, exc: UnknownTaskError) -> JSONResponse:
-    return error_response(404, "unknown_task", f"unknown task {exc.name!r}; GET /tasks lists the tasks", "task")
-
-
-async def _conflict(_: Request, exc: TaskConflictError) -> JSONResponse:
-    return error_response(409, "conflict", str(exc), "task")
-
-
-async def _bad_name(_: Request, exc: TaskNameError) -> JSONResponse:
-    return error_response(422, "validation_error", f"task: {exc}", "task")
-
-
-async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-    return error_response(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
-
-
-async def _shutting_down(_: Request, exc: ShuttingDown) -> JSONResponse:
-    return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
-
-
-async def _inventory(_: Request, exc: InventoryError) -> JSONResponse:
-    log.error("inventory error while serving: %s", exc)
-    return error_response(500, "inventory_error", str(exc))
-
-
-async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-    return error_response(413, "too_large", str(exc), "body")
+async def _translated(_: Request, exc: Exception) -> JSONResponse:
+    error = as_api_error(exc)
+    if error.status >= 500 and error.type != "unavailable" and error.type != "overloaded":
+        log.error("%s: %s", error.type, exc, exc_info=error.type == "internal_error")
+    return error_response(error.status, error.type, error.message, error.field, error.headers)
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps errors while reading the body in a 400
-        return await _too_large(request, exc.__cause__)
+        return await _translated(request, exc.__cause__)
     return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type, handler in [
-        (RequestValidationError, _validation), (ApiError, _api_error), (UnknownTaskError, _unknown_task),
-        (TaskConflictError, _conflict), (TaskNameError, _bad_name), (Overloaded, _overloaded),
-        (ShuttingDown, _shutting_down), (BodyTooLarge, _too_large), (InventoryError, _inventory),
-        (StarletteHTTPException, _http), (Exception, _unexpected),
-    ]:
-        app.add_exception_handler(exc_type, handler)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    for exc_type in (*TRANSLATIONS, Exception):
+        app.add_exception_handler(exc_type, _translated)

@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .schemas import error_body
+
 
 class BodyTooLarge(Exception):
     """Raised while reading a streamed body past the cap; the app's handler turns it into a 413."""
@@ -41,8 +43,7 @@ class BodySizeLimit:
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:
-    body = json.dumps({"error": {"type": "too_large", "message": f"request body over {max_bytes} bytes",
-                                 "field": "body"}}).encode()
+    body = json.dumps(error_body("too_large", f"request body over {max_bytes} bytes", "body")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -1,18 +1,21 @@
 """Prometheus metrics (prometheus-client), one registry per app so several apps can live in one process.
 
-Requests by route and status, latency, batch sizes, queue depth, tokens generated, requests per task
-(labels bounded: the first `max_task_labels` task names, the rest counted as "other"), adapter cache
-counters, and adaptation jobs by state (read at scrape time).
+Requests by route and status, latency, rows per decoding step, queue depth, running and waiting rows, tokens
+generated, time to the first streamed token, requests per task (labels bounded: the first `max_task_labels`
+task names, the rest counted as "other"), adapter cache counters, and adaptation jobs by state (the gauges are
+read at scrape time).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .adapt.states import JOB_STATES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -24,9 +27,11 @@ class Metrics:
         self.requests = Counter("mhr_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
         self.latency = Histogram("mhr_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS,
                                  registry=r)
-        self.batch_rows = Histogram("mhr_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-                                    registry=r)
+        self.batch_rows = Histogram("mhr_batch_rows", "rows per decoding step of the serving loop",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.tokens = Counter("mhr_generated_tokens_total", "tokens generated", registry=r)
+        self.first_token = Histogram("mhr_time_to_first_token_seconds", "streamed requests: time to the first text",
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.task_requests = Counter("mhr_task_requests_total", "requests per task", ["task"], registry=r)
         self._queue_depth = Gauge("mhr_queue_depth", "requests queued or running", registry=r)
         self._task_labels: set[str] = set()
@@ -37,17 +42,34 @@ class Metrics:
             self._task_labels.add(task)
         self.task_requests.labels(task if task in self._task_labels else "other").inc()
 
-    def watch(self, queue_depth: Callable[[], int], cache_stats: Callable, job_states: Callable[[], list[str]]):
-        """Values read when Prometheus scrapes: queue depth, cache counters, jobs by state."""
+    def watch(self, queue_depth: Callable[[], int], loop_stats: Callable, cache_stats: Callable,
+              job_states: Callable[[], list[str]]):
+        """Values read when Prometheus scrapes: queue depth, the loop's rows, cache counters, jobs by state."""
         self._queue_depth.set_function(queue_depth)
-        self.registry.register(_StateCollector(cache_stats, job_states))
+        self.registry.register(_StateCollector(loop_stats, cache_stats, job_states))
+
+    async def count_streamed(self, pieces: AsyncIterator) -> AsyncIterator:
+        """Pass a stream of (row, text, completions) through, timing its first text and counting its tokens."""
+        start, first = time.perf_counter(), True
+        async for index, text, completions in pieces:
+            if first and text:
+                self.first_token.observe(time.perf_counter() - start)
+                first = False
+            if completions is not None:
+                self.tokens.inc(sum(c.completion_tokens for c in completions))
+            yield index, text, completions
 
 
 class _StateCollector:
-    def __init__(self, cache_stats: Callable, job_states: Callable[[], list[str]]):
-        self.cache_stats, self.job_states = cache_stats, job_states
+    def __init__(self, loop_stats: Callable, cache_stats: Callable, job_states: Callable[[], list[str]]):
+        self.loop_stats = loop_stats
+        self.cache_stats = cache_stats
+        self.job_states = job_states
 
     def collect(self):
+        loop = self.loop_stats()
+        yield GaugeMetricFamily("mhr_running_rows", "rows decoding in the serving loop", value=loop.running_rows)
+        yield GaugeMetricFamily("mhr_waiting_rows", "rows waiting to join the serving loop", value=loop.waiting_rows)
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)
@@ -55,7 +77,7 @@ class _StateCollector:
         yield GaugeMetricFamily("mhr_adapter_cache_entries", "adapters in the cache", value=stats.entries)
         jobs = GaugeMetricFamily("mhr_adapt_jobs", "adaptation jobs by state", labels=["state"])
         states = self.job_states()
-        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+        for state in JOB_STATES:
             jobs.add_metric([state], states.count(state))
         yield jobs
 

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .adapt.states import JobState
+
 NonEmptyText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
@@ -18,6 +20,8 @@ class GenerateRequest(StrictModel):
     task: TaskName = Field(description="a task name from GET /tasks, or __mu__ for the μ adapter")
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
     max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
+    min_new_tokens: int = Field(0, ge=0, description="end of sequence is not allowed before this many new tokens")
+    ignore_eos: bool = Field(False, description="keep generating after an end of sequence, up to max_new_tokens")
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -43,7 +47,7 @@ class Usage(BaseModel):
 
 class GenerateResponse(BaseModel):
     task: str
-    version: int
+    version: int = Field(description="the version of the task's adapter that generated these outputs")
     outputs: list[Output]
     usage: Usage
 
@@ -72,7 +76,7 @@ class ScoreResult(BaseModel):
 
 class ScoreResponse(BaseModel):
     task: str
-    version: int
+    version: int = Field(description="the version of the task's adapter that scored the choices")
     results: list[ScoreResult]
 
 
@@ -99,9 +103,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_body(type_: str, message: str, field: str | None = None) -> dict:
+    """The body of every error the server sends: {"error": {"type", "message", "field"}}."""
+    return ErrorResponse(error=ErrorBody(type=type_, message=message, field=field)).model_dump()
+
+
 class ExampleIn(StrictModel):
     input: NonEmptyText
-    target: NonEmptyText
+    target: Annotated[str, StringConstraints(max_length=100_000)] = Field(
+        description="may be empty (the target is then just the end of sequence)")
 
 
 class AdaptRequest(StrictModel):
@@ -120,7 +130,7 @@ class AdaptJobOut(BaseModel):
     id: str
     task: str
     method: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     step: int
     steps: int
     examples: int

@@ -31,8 +31,16 @@ class Settings(BaseSettings):
         "(decoding ~15-20 % faster here; one extra copy of those weights). Unset: weights of at least 512 × 512, "
         "where oneDNN is available and the copies fit in half of the available memory; true: every adapted layer "
         "(start-up fails where impossible); false: none")
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_batch_size: int = Field(16, ge=1, le=1024, description="rows decoding together in the serving loop; "
+                                "also the adapter row pool's size")
+    max_batch_tokens: int = Field(16384, ge=16, description="cache positions the running rows may hold together, "
+                                  "padding included: rows × (longest input + longest output) for seq2seq, "
+                                  "rows × (longest prompt + output) for causal LMs; bounds the KV cache memory")
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: rows join and leave the running batch at every decoding step; "
+        "static: request-level batching (a batch runs until its longest row ends), kept for comparison")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="static scheduler: how long a batch "
+                                     "collects requests after the first")
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(64, ge=1)
@@ -59,4 +67,8 @@ class Settings(BaseSettings):
     def _defaults_fit_limits(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        longest_row = self.max_input_tokens + self.max_new_tokens + 1
+        if self.max_batch_tokens < longest_row:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one row of max_input_tokens + "
+                             f"max_new_tokens + 1 = {longest_row} positions")
         return self

@@ -11,24 +11,29 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from adapter_store import TaskConflictError
 
 from ..engine import Engine
 from .data import Example
 from .methods import METHODS
+from .states import ACTIVE, ENDED, JobState
 from .trainer import Cancelled, Progress, TrainConfig, train
 
 log = logging.getLogger(__name__)
-ACTIVE = ("queued", "running")
 INTERRUPTED = "interrupted: the server stopped while this job was queued or running; nothing was saved"
 
 
 class QueueFull(RuntimeError):
-    pass
+    """Too many jobs are queued already (503)."""
+
+
+class JobConflictError(RuntimeError):
+    """The job cannot do that in its state, or another job holds its task (409); `field` names the culprit."""
+
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
 
 
 @dataclass
@@ -38,7 +43,7 @@ class AdaptJob:
     method: str
     steps: int
     examples: int
-    state: str = "queued"  # queued | running | succeeded | failed | cancelled
+    state: JobState = "queued"
     step: int = 0
     loss: float | None = None
     validation_loss: float | None = None
@@ -57,15 +62,15 @@ class AdaptJob:
 
     def eta_s(self) -> float | None:
         if self.state != "running" or not self.step:
-            return 0.0 if self.state in ("succeeded", "failed", "cancelled") else None
+            return 0.0 if self.state in ENDED else None
         return self.elapsed_s() / self.step * (self.steps - self.step)
 
 
 class JobManager:
-    def __init__(self, engine: Engine, jobs_dir: Path, *, max_queued: int,
-                 yield_to_serving: Callable[[], None] = lambda: None):
-        self.engine, self.jobs_dir, self.max_queued = engine, jobs_dir, max_queued
-        self.yield_to_serving = yield_to_serving
+    def __init__(self, engine: Engine, jobs_dir: Path, *, max_queued: int):
+        self.engine = engine
+        self.jobs_dir = jobs_dir
+        self.max_queued = max_queued
         self.jobs: dict[str, AdaptJob] = {}
         self._pending: queue.Queue[tuple[AdaptJob, list[Example], TrainConfig] | None] = queue.Queue()
         self._cancel: set[str] = set()
@@ -87,7 +92,7 @@ class JobManager:
     def submit(self, task: str, method: str, examples: list[Example], config: TrainConfig) -> AdaptJob:
         with self._lock:
             if any(j.task == task and j.state in ACTIVE for j in self.jobs.values()):
-                raise TaskConflictError(f"a job adapting task {task!r} is already queued or running")
+                raise JobConflictError(f"a job adapting task {task!r} is already queued or running", "task")
             if sum(j.state == "queued" for j in self.jobs.values()) >= self.max_queued:
                 raise QueueFull(f"{self.max_queued} adaptation jobs are already queued")
             job = AdaptJob(uuid.uuid4().hex, task, method, config.steps, len(examples))
@@ -98,11 +103,11 @@ class JobManager:
 
     def cancel(self, job_id: str) -> AdaptJob:
         """Cancel a queued job at once, or ask a running one to stop at its next step (it then ends
-        "cancelled", nothing written). A finished job cannot be cancelled (TaskConflictError)."""
+        "cancelled", nothing written). A finished job cannot be cancelled (JobConflictError)."""
         job = self.jobs[job_id]
         with self._lock:
             if job.state not in ACTIVE:
-                raise TaskConflictError(f"job {job_id} already ended ({job.state}); nothing to cancel")
+                raise JobConflictError(f"job {job_id} already ended ({job.state}); nothing to cancel", "job_id")
             if job.state == "queued":
                 job.state, job.finished = "cancelled", time.time()
             else:
@@ -135,10 +140,10 @@ class JobManager:
             method = METHODS[job.method](self.engine.store)
             job.trainable_parameters = method.trainable_parameters
             result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
-                           on_progress=on_progress, yield_to_serving=self.yield_to_serving)
+                           on_progress=on_progress)
             job.stopped_early = result.stopped_early
-            job.version = method.save(job.task).version
-            self.engine.cache.discard(lambda key: key[1] == job.task)  # older versions of this task
+            job.version = method.save(job.task, overwrite=config.overwrite).version
+            self.engine.forget_task(job.task)  # its older versions
             self._finish(job, "succeeded")
         except Cancelled:
             self._finish(job, "cancelled")
@@ -146,7 +151,7 @@ class JobManager:
             log.exception("adaptation job %s failed", job.id)
             self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
 
-    def _finish(self, job: AdaptJob, state: str, error: str | None = None) -> None:
+    def _finish(self, job: AdaptJob, state: JobState, error: str | None = None) -> None:
         job.state, job.finished, job.error = state, time.time(), error
         self._cancel.discard(job.id)
         self._save(job)

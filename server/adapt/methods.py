@@ -33,7 +33,7 @@ class AdaptMethod(ABC):
         """The current adapter, differentiable with respect to `self.params`."""
 
     @abstractmethod
-    def save(self, task: str) -> TaskInfo: ...
+    def save(self, task: str, *, overwrite: bool = False) -> TaskInfo: ...
 
     @property
     def trainable_parameters(self) -> int:
@@ -54,8 +54,8 @@ class MhrZ(AdaptMethod):
     def adapter(self) -> TaskAdapter:
         return self.store.adapter_for_logits(self.logits())
 
-    def save(self, task: str) -> TaskInfo:
-        return self.store.save_routing(task, self.name, [z.detach() for z in self.logits()])
+    def save(self, task: str, *, overwrite: bool = False) -> TaskInfo:
+        return self.store.save_routing(task, self.name, [z.detach() for z in self.logits()], overwrite=overwrite)
 
 
 class PolyZ(MhrZ):
@@ -84,10 +84,11 @@ class MhrMu(AdaptMethod):
         )
         return TaskAdapter(self._layout.rank, self._layout.scale, groups)
 
-    def save(self, task: str) -> TaskInfo:
+    def save(self, task: str, *, overwrite: bool = False) -> TaskInfo:
         adapter = self.adapter()
         detached = tuple(LayerGroup(g.names, g.lora_a.detach(), g.lora_b.detach()) for g in adapter.groups)
-        return self.store.save_lora(task, self.name, TaskAdapter(adapter.rank, adapter.scale, detached))
+        return self.store.save_lora(task, self.name, TaskAdapter(adapter.rank, adapter.scale, detached),
+                                    overwrite=overwrite)
 
 
 METHODS: dict[str, type[AdaptMethod]] = {cls.name: cls for cls in (MhrZ, PolyZ, MhrMu)}

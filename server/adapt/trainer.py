@@ -1,5 +1,6 @@
-"""The few-shot training loop: only the method's parameters learn; each step holds the engine's lock
-briefly and yields to waiting serving batches first, so adaptation never stalls generation for long."""
+"""The few-shot training loop: only the method's parameters learn. Each step's forward and backward run on the
+engine's serving loop between decoding iterations, as background work that yields to generation
+(Engine.train_step); the optimizer step runs here."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class TrainConfig:
     validation_fraction: float
     max_seconds: float
     max_new_tokens: int = 64
+    overwrite: bool = False  # the task may replace an adapted task of its name
 
 
 @dataclass
@@ -41,8 +43,7 @@ class Cancelled(Exception):
 
 
 def train(engine: Engine, method: AdaptMethod, examples: list[Example], config: TrainConfig, *,
-          cancelled: Callable[[], bool], on_progress: Callable[[Progress], None],
-          yield_to_serving: Callable[[], None] = lambda: None) -> Progress:
+          cancelled: Callable[[], bool], on_progress: Callable[[Progress], None]) -> Progress:
     train_set, val_set = split(examples, config.validation_fraction, config.seed)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -54,12 +55,10 @@ def train(engine: Engine, method: AdaptMethod, examples: list[Example], config: 
         if time.monotonic() - start > config.max_seconds:
             progress.stopped_early = f"time cap of {config.max_seconds:g} s reached after {step - 1} steps"
             break
-        yield_to_serving()
         batch = rng.sample(train_set, min(config.batch_size, len(train_set)))
         progress.step, progress.loss = step, _train_step(engine, method, optimizer, batch)
         on_progress(progress)
     if val_set:
-        yield_to_serving()
         progress.validation_loss, progress.validation_exact_match = evaluate(engine, method, val_set, config)
         on_progress(progress)
     return progress
@@ -67,15 +66,9 @@ def train(engine: Engine, method: AdaptMethod, examples: list[Example], config: 
 
 def _train_step(engine: Engine, method: AdaptMethod, optimizer, examples: list[Example]) -> float:
     m = engine.loaded
-    batch = make_batch(m.tokenizer, m.is_seq2seq, examples, m.device)
-    with engine.lock, torch.enable_grad():
-        adapter = method.adapter().to(m.device, m.dtype)
-        with engine.slots.activate([adapter]):
-            loss = m.model(**batch).loss
-        loss.backward()
+    value = engine.train_step(method.adapter, make_batch(m.tokenizer, m.is_seq2seq, examples, m.device))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(f"the training loss became {value}; try a smaller learning_rate")
     return value
@@ -86,9 +79,7 @@ def evaluate(engine: Engine, method: AdaptMethod, examples: list[Example], confi
     """(loss, exact match of greedy outputs) on held-out examples with the current adapter."""
     m = engine.loaded
     adapter = method.adapter().to(m.device, m.dtype)
-    batch = make_batch(m.tokenizer, m.is_seq2seq, examples, m.device)
-    with engine.lock, engine.slots.activate([adapter]):
-        loss = m.model(**batch).loss.item()
+    loss = engine.loss(adapter, make_batch(m.tokenizer, m.is_seq2seq, examples, m.device))
     params = SamplingParams(max_new_tokens=config.max_new_tokens)
     outputs = engine.generate_with([adapter] * len(examples), [GenerateRow("", e.input, params) for e in examples])
     hits = sum(o.text.strip() == e.target.strip() for o, e in zip(outputs, examples, strict=True))

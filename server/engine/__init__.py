@@ -1,6 +1,9 @@
 from .engine import Engine
 from .loader import LoadedModel, ModelLoadError, load_model
-from .requests import ChoiceScore, Completion, GenerateRow, SamplingParams, ScoreRow
+from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
+from .scheduler import LoopStats, SchedulerMode, ShuttingDown
+from .score_queue import RowScores
+from .sequence import GenerateJob
 
-__all__ = ["ChoiceScore", "Completion", "Engine", "GenerateRow", "LoadedModel", "ModelLoadError", "SamplingParams",
-           "ScoreRow", "load_model"]
+__all__ = ["ChoiceLogprob", "Completion", "Engine", "GenerateJob", "GenerateRow", "LoadedModel", "LoopStats",
+           "ModelLoadError", "RowScores", "SamplingParams", "SchedulerMode", "ScoreRow", "ShuttingDown", "load_model"]

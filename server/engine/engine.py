@@ -1,37 +1,53 @@
-"""The engine: one backbone with every target linear wrapped once, adapters from the cache, batches
-that mix tasks. Its methods are synchronous and run on one worker thread (the batcher's)."""
+"""The engine: one backbone with every target linear wrapped once, adapters from the cache, and the serving loop
+(scheduler.py) that owns the model. Everything that runs the model goes through the loop's thread; the methods
+here are the engine's operations, safe to call from any other thread:
+
+    generate(rows) / submit_generate(rows)     continuous batching (rows join and leave at every step)
+    score(rows) / submit_score(rows)           teacher-forced log-likelihoods, in chunks between steps
+    train_step(make_adapter, batch)            forward + backward of one /adapt step, yielding to generation
+    loss(adapter, batch)                       a loss without gradients (validation)
+    forget_task(name)                          drop every cached adapter of a task (deleted or re-adapted)
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Hashable, Sequence
-from itertools import groupby
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
 
 from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
 
-from .activation import AdapterSlots
-from .generation import generate_rows
+from .adapter_slots import AdapterSlots
+from .generation import eos_token_ids
 from .loader import LoadedModel, ModelLoadError
 from .prepack import fits_in_memory, prepack_supported
-from .requests import ChoiceScore, Completion, GenerateRow, SamplingParams, ScoreRow
-from .scoring import score_pairs
+from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
+from .scheduler import LoopStats, Scheduler, SchedulerMode
+from .score_queue import ScoreJob
+from .sequence import GenerateJob
 
 log = logging.getLogger(__name__)
+DEFAULT_TOKENS_PER_ROW = 2048
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
-                 merge_single_task: bool = True, pool_rows: int = 64, prepack_weights: bool | None = None):
+                 merge_single_task: bool = True, max_batch_size: int = 16, max_batch_tokens: int | None = None,
+                 scheduler: SchedulerMode = "continuous", max_batch_wait_ms: float = 5.0,
+                 prepack_weights: bool | None = None):
         check_model(store.inventory, loaded.model)
         self.loaded = loaded
-        self.merge_single_task = merge_single_task  # single-task batches on temporarily merged weights
+        self.merge_single_task = merge_single_task  # single-task batches on merged weights
         self.store = store
         self.cache = cache
-        # adapters of mixed batches stay in place between batches, for batches of up to pool_rows rows
-        self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=pool_rows)
-        self.lock = threading.Lock()  # one forward at a time: serving batches and adaptation steps
-        self.prepacked = self._prepack(prepack_weights, pool_rows)
+        self.eos_ids = eos_token_ids(loaded.model)
+        # the running batch's adapters stay in place between steps: one pool position per row
+        self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
+        self.prepacked = self._prepack(prepack_weights, max_batch_size)
+        self.loop = Scheduler(self, max_rows=max_batch_size,
+                              max_tokens=max_batch_tokens or max_batch_size * DEFAULT_TOKENS_PER_ROW,
+                              mode=scheduler, max_wait_s=max_batch_wait_ms / 1000)
 
     def _prepack(self, wanted: bool | None, rows_hint: int) -> bool:
         """None: where oneDNN can (CPU), the layers large enough to gain, if their copies fit in half of the
@@ -59,6 +75,7 @@ class Engine:
     def tokenizer(self):
         return self.loaded.tokenizer
 
+    # ---- adapters ---------------------------------------------------------------------------
     def adapter(self, task: str) -> TaskAdapter:
         """The task's adapter on the engine's device and dtype; routed at most once per version."""
         return self.adapters_and_keys([task])[0][0]
@@ -77,64 +94,78 @@ class Engine:
                 return adapters, keys
             self.cache.discard(lambda key, stale=stale: key in stale)
 
+    def forget_task(self, name: str) -> int:
+        """Drop every cached adapter of a task (all versions); return how many. Rows already running keep the
+        adapter they were admitted with; new rows route the task's current version."""
+        return self.cache.discard(lambda key: key.task == name)
+
+    # ---- generation and scoring -----------------------------------------------------------------
+    def submit_generate(self, rows: Sequence[GenerateRow]) -> GenerateJob:
+        """Queue rows for the serving loop; the job's future gets the completions in row order."""
+        return self.loop.submit_generate(GenerateJob(rows))
+
     def generate(self, rows: Sequence[GenerateRow]) -> list[Completion]:
-        """Rows may mix tasks and sampling parameters; rows with equal batch keys share one call."""
-        results: dict[int, Completion] = {}
-        order = sorted(range(len(rows)), key=lambda i: rows[i].params.batch_key())
-        for _, members in groupby(order, key=lambda i: rows[i].params.batch_key()):
-            members = list(members)
-            batch = [rows[i] for i in members]
-            for i, completion in zip(members, self._generate_call(batch), strict=True):
-                results[i] = completion
-        return [results[i] for i in range(len(rows))]
+        """Rows may mix tasks and sampling parameters (blocks until every row has ended)."""
+        self._not_on_loop("generate")
+        return self.submit_generate(rows).future.result()
 
-    def _generate_call(self, rows: list[GenerateRow]) -> list[Completion]:
-        adapters, keys = self.adapters_and_keys([row.task for row in rows])
-        if rows[0].params.do_sample:  # sampling draws its random numbers in row order: keep the input order
-            keys = None
-        return self.generate_with(adapters, rows, keys=keys)
+    def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow]) -> list[Completion]:
+        """Generate with explicit adapters, one per row (e.g. an adapter still being trained)."""
+        for row, adapter in zip(rows, adapters, strict=True):
+            row.adapter = adapter.to(self.loaded.device, self.loaded.dtype)
+        return self.generate(rows)
 
-    def generate_with(self, adapters: Sequence[TaskAdapter], rows: Sequence[GenerateRow], *,
-                      keys: Sequence[Hashable] | None = None) -> list[Completion]:
-        """Generate with explicit adapters, one per row (e.g. an adapter still being trained). `keys` name
-        adapters that never change (cache keys), so they may stay in place for the next batch."""
-        m = self.loaded
-        with self.lock, self.slots.activate(adapters, keys=keys, merge=self.merge_single_task) as order:
-            done = generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, [rows[i] for i in order])
-        return in_input_order(order, done)
+    def submit_score(self, rows: Sequence[ScoreRow]) -> ScoreJob:
+        return self.loop.submit_score(ScoreJob(rows))
 
-    def score(self, rows: Sequence[ScoreRow]) -> list[list[ChoiceScore]]:
-        """Every (row, choice) pair in one forward pass, each pair with its row's task adapter."""
-        pairs = [(row, choice) for row in rows for choice in row.choices]
-        if not pairs:
-            return [[] for _ in rows]
-        adapters, keys = self.adapters_and_keys([row.task for row, _ in pairs])
-        m = self.loaded
-        with self.lock, self.slots.activate(adapters, keys=keys, merge=self.merge_single_task) as order:
-            scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
-                                 [pairs[i][0].text for i in order], [pairs[i][1] for i in order])
-        scored = in_input_order(order, scored)
-        results, start = [], 0
-        for row in rows:
-            mine = scored[start: start + len(row.choices)]
-            start += len(row.choices)
-            results.append([ChoiceScore(c, s, s / max(n, 1), n) for c, (s, n) in zip(row.choices, mine, strict=True)])
-        return results
+    def score(self, rows: Sequence[ScoreRow]) -> list[list[ChoiceLogprob]]:
+        """Every (row, choice) pair's log-likelihood, each pair with its row's task adapter."""
+        self._not_on_loop("score")
+        return [scored.choices for scored in self.submit_score(rows).future.result()]
+
+    # ---- adaptation ---------------------------------------------------------------------------
+    def train_step(self, make_adapter: Callable[[], TaskAdapter], batch: dict[str, torch.Tensor]) -> float:
+        """One training step's forward and backward between the loop's iterations (it yields to generation):
+        make_adapter() builds the differentiable adapter; gradients land on what it was built from."""
+        def run() -> float:
+            with torch.enable_grad():
+                adapter = make_adapter().to(self.loaded.device, self.loaded.dtype)
+                with self.slots.activate([adapter]):
+                    loss = self.model(**batch).loss
+                loss.backward()
+            return loss.item()
+
+        return self.loop.call(run, background=True)
+
+    def loss(self, adapter: TaskAdapter, batch: dict[str, torch.Tensor]) -> float:
+        """The model's loss on a batch with an explicit adapter, no gradients."""
+        def run() -> float:
+            with torch.no_grad(), self.slots.activate([adapter.to(self.loaded.device, self.loaded.dtype)]):
+                return self.model(**batch).loss.item()
+
+        return self.loop.call(run)
+
+    # ---- misc ---------------------------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        return len(self.token_ids(text))
+
+    def stats(self) -> LoopStats:
+        return self.loop.stats()
 
     def warm_up(self) -> None:
         """Route the μ adapter once and run one tiny generation, so the first request is not slow."""
         self.generate([GenerateRow("__mu__", "warm up", _WARM_UP)])
 
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish submitted work (up to timeout_s) and stop the serving loop."""
+        self.loop.stop(timeout_s)
+
+    def _not_on_loop(self, what: str) -> None:
+        if self.loop.on_loop_thread():
+            raise RuntimeError(f"engine.{what}() waits for the serving loop: call it from another thread")
+
 
 _WARM_UP = SamplingParams(max_new_tokens=2)
-
-
-def in_input_order(order: list[int], results: list) -> list:
-    """Results of rows run in `order` (position p ran input row order[p]) -> results in input order."""
-    out = [None] * len(order)
-    for position, row in enumerate(order):
-        out[row] = results[position]
-    return out

@@ -1,14 +1,15 @@
-"""Per-row adapter stacks that persist from batch to batch, so a mixed batch copies only adapters that are new.
+"""Per-row adapter stacks that persist between decoding steps, so the running batch copies only adapters
+that are new at their position.
 
 The rows mode of the wrapped layers needs, per layer, A (N, d_in, r) and B (N, r, d_out) with row i's adapter
-at position i. Building those stacks costs a copy of N whole adapters per batch (memory-bound: ~70 MB for 16
-rows of a t5-small-sized inventory). The pool keeps them between batches instead and remembers which adapter
-(by cache key) sits at each position; the engine then runs each row at a position that already holds its
-adapter when it can (rows may run in any order), and copies only into the others.
+at position i. Building those stacks costs a copy of N whole adapters (memory-bound: ~70 MB for 16 rows of a
+t5-small-sized inventory); the pool keeps them instead and remembers which adapter (by cache key) sits at each
+position. The scheduler decides where rows run (`assign_positions` helps it put a row where its adapter already
+is); `sync` then copies only into positions whose resident key differs.
 
-    pool (per module group):  A (L, S, d_in, r),  B (L, S, r, d_out)    S = the largest batch seen so far
-    layer i of the group, batch of n:  A[i, :n] (n, d_in, r), B[i, :n]  -- contiguous views, no copy
-The pool holds S whole adapters for good, so S is capped (max_rows); a larger batch gets stacks of its own.
+    pool (per module group):  A (L, S, d_in, r),  B (L, S, r, d_out)    S = the most rows seen so far (≤ max_rows)
+    layer i of the group, rows [start, end):  A[i, start:end], B[i, start:end]  -- contiguous views, no copy
+Forwards that are not the running batch (scoring, beam search, training) use their own stacks (`stacked`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 from adapter_store import TaskAdapter
 
 
-def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashable | None]) -> list[int]:
-    """order[p] = the row that runs at position p of the batch. A row keeps a position whose resident adapter
-    has its key (each resident copy serves one row); the other rows fill the remaining positions in order.
-    A key of None never matches (e.g. an adapter still being trained)."""
+def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashable]) -> list[int]:
+    """order[p] = the row (index into keys) to run at position p of len(keys) positions. A row takes a position
+    whose resident adapter has its key (each resident copy serves one row); the others fill the rest in order."""
     n = len(keys)
     holders: dict[Hashable, list[int]] = {}
     for position, key in enumerate(resident[:n]):
@@ -31,7 +31,7 @@ def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashabl
             holders.setdefault(key, []).append(position)
     order, pending = [-1] * n, []
     for row, key in enumerate(keys):
-        spots = holders.get(key) if key is not None else None
+        spots = holders.get(key)
         if spots:
             order[spots.pop()] = row
         else:
@@ -44,49 +44,45 @@ def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashabl
 
 class RowPool:
     def __init__(self, max_rows: int = 64) -> None:
-        self.max_rows = max_rows  # larger batches (e.g. /score: rows x choices) get throw-away stacks instead
+        self.max_rows = max_rows
         self._a: list[torch.Tensor] = []  # per module group: (L, S, d_in, r)
         self._b: list[torch.Tensor] = []  # per module group: (L, S, r, d_out)
-        self._resident: list[Hashable | None] = []  # cache key of the adapter at each position
-        self._current: list[tuple[torch.Tensor, torch.Tensor]] = []  # the batch's stacks, per group
+        self.resident: list[Hashable | None] = []  # cache key of the adapter at each position
         self.copies = 0  # adapters copied into the pool so far (a measure of reuse)
 
-    def place(self, row_adapters: Sequence[TaskAdapter], keys: Sequence[Hashable | None]) -> list[int]:
-        """Put each row's adapter at its position (copying only where needed); return the order (see above)."""
-        n = len(row_adapters)
+    def sync(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable]) -> None:
+        """Make position p hold adapters[p] (named keys[p]) for every p < len(adapters), copying only where the
+        resident key differs."""
+        n = len(adapters)
         if n > self.max_rows:
-            self._current = [_stacked(row_adapters, g) for g in range(len(row_adapters[0].groups))]
-            return list(range(n))
+            raise ValueError(f"{n} rows do not fit a row pool of {self.max_rows}")
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, written in and out of inference
-            self._fit(row_adapters[0], n)
-            order = assign_positions(self._resident, keys)
-            for position, row in enumerate(order):
-                if keys[row] is None or self._resident[position] != keys[row]:
-                    self._copy_in(position, row_adapters[row])
-                    self._resident[position] = keys[row]
-        self._current = [(a[:, :n], b[:, :n]) for a, b in zip(self._a, self._b, strict=True)]
-        return order
+            self._fit(adapters[0], n)
+            for position, (adapter, key) in enumerate(zip(adapters, keys, strict=True)):
+                if self.resident[position] != key:
+                    self._copy_in(position, adapter)
+                    self.resident[position] = key
 
-    def rows(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The placed batch's stacks of a group: A (L, n, d_in, r), B (L, n, r, d_out)."""
-        return self._current[group]
+    def rows(self, group: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of positions [start, end) of a group: A (L, n, d_in, r), B (L, n, r, d_out)."""
+        return self._a[group][:, start:end], self._b[group][:, start:end]
 
-    def release(self) -> None:
-        """Drop the batch's views (the pool itself stays)."""
-        self._current = []
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self._a, *self._b))
 
     def _fit(self, adapter: TaskAdapter, n: int) -> None:
-        """(Re)allocate when the layout, dtype or device changed or the batch is larger than the pool."""
+        """(Re)allocate when the layout, dtype or device changed or more rows are needed than the pool has."""
         fits = len(self._a) == len(adapter.groups) and all(
             pool_a.shape[1] >= n and _same_layout(pool_a, g.lora_a) and _same_layout(pool_b, g.lora_b)
             for pool_a, pool_b, g in zip(self._a, self._b, adapter.groups, strict=True)
         )
         if fits:
             return
-        size = max(n, len(self._resident))
+        size = min(max(n, len(self.resident)), self.max_rows)
+        self._a, self._b = [], []  # free the old pool before allocating the new one
         self._a = [_pool(g.lora_a, size) for g in adapter.groups]
         self._b = [_pool(g.lora_b, size) for g in adapter.groups]
-        self._resident = [None] * size
+        self.resident = [None] * size
 
     def _copy_in(self, position: int, adapter: TaskAdapter) -> None:
         for pool_a, pool_b, group in zip(self._a, self._b, adapter.groups, strict=True):
@@ -95,18 +91,18 @@ class RowPool:
         self.copies += 1
 
 
-def _stacked(row_adapters: Sequence[TaskAdapter], group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked(row_adapters: Sequence[TaskAdapter], group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's own stacks in row order, one copy: (L, d_in, r) x n -> (L, n, d_in, r); same for B."""
     return (torch.stack([a.groups[group].lora_a for a in row_adapters], dim=1),
             torch.stack([a.groups[group].lora_b for a in row_adapters], dim=1))
 
 
-def _pool(stacked: torch.Tensor, size: int) -> torch.Tensor:
+def _pool(stacked_layers: torch.Tensor, size: int) -> torch.Tensor:
     """(L, x, y) per-layer tensors -> an empty pool (L, size, x, y) of the same dtype and device."""
-    layers, *matrix = stacked.shape
-    return torch.empty(layers, size, *matrix, dtype=stacked.dtype, device=stacked.device)
+    layers, *matrix = stacked_layers.shape
+    return torch.empty(layers, size, *matrix, dtype=stacked_layers.dtype, device=stacked_layers.device)
 
 
-def _same_layout(pool: torch.Tensor, stacked: torch.Tensor) -> bool:
-    return (pool.shape[0], *pool.shape[2:]) == tuple(stacked.shape) and pool.dtype == stacked.dtype \
-        and pool.device == stacked.device
+def _same_layout(pool: torch.Tensor, layers: torch.Tensor) -> bool:
+    return (pool.shape[0], *pool.shape[2:]) == tuple(layers.shape) and pool.dtype == layers.dtype \
+        and pool.device == layers.device

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..schemas import error_body
+
 router = APIRouter(tags=["health"])
 
 
@@ -17,7 +19,6 @@ async def healthz() -> dict:
 async def readyz(request: Request):
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
-        return JSONResponse({"status": "loading", "error": {"type": "unavailable", "message": "still loading",
-                                                            "field": None}}, status_code=503)
+        return JSONResponse({"status": "loading", **error_body("unavailable", "still loading")}, status_code=503)
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch.")}

@@ -1,47 +1,69 @@
-"""OpenAI-compatible completions: POST /v1/completions and GET /v1/models, with `model` = task name.
+"""OpenAI-compatible routes, `model` = task name: POST /v1/completions, POST /v1/chat/completions (models whose
+tokenizer has a chat template), GET /v1/models.
 
-As in OpenAI's API, temperature 0 means greedy decoding and the default (1.0) samples; `n` must be 1.
-Fields this server has no use for (logit_bias, user, …) are accepted and ignored, as OpenAI-compatible
-servers do, so the OpenAI SDK works unchanged.
+As in OpenAI's API, temperature 0 means greedy decoding and the default (1.0) samples; `n` must be 1. vLLM's
+extra sampling fields `min_tokens` and `ignore_eos` work as in vLLM. Fields this server has no use for
+(logit_bias, user, …) are accepted and ignored, as OpenAI-compatible servers do, so the OpenAI SDK works unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from ..deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
-from ..engine import GenerateRow, SamplingParams
-from ..errors import error_type
+from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
+from ..engine import Completion, Engine, GenerateRow, SamplingParams
+from ..errors import ApiError
 from ..schemas import ErrorResponse
 from ..security import ReadingKey
-from .generate import stream_events
-from .validation import invalid, task_and_texts
+from ..sse import completion_chunks
+from .validation import check_lengths, invalid, rows_of, task_and_texts
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=ReadingKey)
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
 
 
-class CompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: Literal[1] = 1
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = Field(None, ge=0)
+    min_tokens: int = Field(0, ge=0, description="vLLM's: end of sequence is not allowed before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's: keep generating after an end of sequence")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Annotated[str, StringConstraints(max_length=100_000)]
+
+
+class ChatRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class CompletionChoice(BaseModel):
@@ -51,18 +73,32 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: CompletionUsage
 
 
@@ -75,49 +111,70 @@ async def list_models(engine: EngineDep) -> dict:
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-async def completions(body: CompletionRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep,
-                      metrics: MetricsDep):
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
+                      settings: SettingsDep, metrics: MetricsDep):
     info, prompts = task_and_texts(engine, metrics, settings, body.model, body.prompt, "prompt")
-    params = _params(body, settings.max_new_tokens)
+    rows = rows_of(info.name, prompts, _params(body, body.max_tokens, settings))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        batcher.check_capacity()
-        return StreamingResponse(_chunks(batcher, info, prompts, params, rid, created), media_type="text/event-stream")
-    done = await batcher.generate([GenerateRow(info.name, p, params) for p in prompts])
+        admission.check_capacity()
+        pieces = metrics.count_streamed(admission.stream(rows))
+        return StreamingResponse(completion_chunks(pieces, rid=rid, created=created, model=info.name),
+                                 media_type="text/event-stream")
+    done = await admission.generate(rows, until_disconnect=request)
     metrics.tokens.inc(sum(c.completion_tokens for c in done))
     choices = [CompletionChoice(text=c.text, index=i, finish_reason=c.finish_reason) for i, c in enumerate(done)]
-    prompt_tokens, completion_tokens = sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done)
-    usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens)
-    return CompletionResponse(id=rid, created=created, model=info.name, choices=choices, usage=usage)
+    return CompletionResponse(id=rid, created=created, model=info.name, choices=choices, usage=_usage(done))
 
 
-def _params(body: CompletionRequest, limit: int) -> SamplingParams:
-    max_new = body.max_tokens or 16
-    if max_new > limit:
-        raise invalid("max_tokens", f"{max_new} is more than the server's limit {limit}")
+@router.post("/chat/completions", response_model=ChatResponse, responses=ERRORS)
+async def chat_completions(body: ChatRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
+                           settings: SettingsDep, metrics: MetricsDep):
+    info, _ = task_and_texts(engine, metrics, settings, body.model, [], "messages")
+    prompt_ids = _render_chat(engine, body, settings.max_input_tokens)
+    params = _params(body, body.max_completion_tokens or body.max_tokens, settings)
+    rows = [GenerateRow(info.name, "", params, prompt_ids=prompt_ids)]
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        admission.check_capacity()
+        pieces = metrics.count_streamed(admission.stream(rows))
+        return StreamingResponse(completion_chunks(pieces, rid=rid, created=created, model=info.name,
+                                                   kind="chat.completion.chunk"), media_type="text/event-stream")
+    done = await admission.generate(rows, until_disconnect=request)
+    metrics.tokens.inc(sum(c.completion_tokens for c in done))
+    choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+               for i, c in enumerate(done)]
+    return ChatResponse(id=rid, created=created, model=info.name, choices=choices, usage=_usage(done))
+
+
+def _render_chat(engine: Engine, body: ChatRequest, max_input_tokens: int) -> list[int]:
+    """The messages rendered with the tokenizer's chat template, as token ids (the template adds the specials)."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "unsupported", "messages: this server's model has no chat template; "
+                       "use POST /v1/completions with a plain prompt", "messages")
+    messages = [m.model_dump() for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_input_tokens:
+        raise invalid("messages", f"{len(ids)} tokens once rendered; at most max_input_tokens={max_input_tokens}")
+    return ids
+
+
+def _params(body: SamplingFields, max_tokens: int | None, settings) -> SamplingParams:
+    max_new = max_tokens or 16
+    check_lengths(settings, max_new, body.min_tokens, max_field="max_tokens", min_field="min_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise invalid("stop", "stop strings must not be empty")
     greedy = body.temperature == 0
-    return SamplingParams(max_new_tokens=max_new, do_sample=not greedy, temperature=body.temperature or 1.0,
-                          top_p=body.top_p, seed=body.seed, stop=stop)
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                          do_sample=not greedy, temperature=body.temperature or 1.0, top_p=body.top_p,
+                          seed=body.seed, stop=stop)
 
 
-async def _chunks(batcher, info, prompts, params, rid: str, created: int) -> AsyncIterator[str]:
-    """OpenAI's stream: `data: {choices: [{text, index, finish_reason}]}` chunks, then `data: [DONE]`."""
-    def chunk(index: int, text: str, finish: str | None) -> str:
-        payload = {"id": rid, "object": "text_completion", "created": created, "model": info.name,
-                   "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    try:
-        async for index, text, completions in stream_events(batcher, info, prompts, params):
-            if completions is None:
-                yield chunk(index, text, None)
-            else:
-                for i, completion in enumerate(completions):
-                    yield chunk(i, "", completion.finish_reason)
-    except Exception as exc:  # the status line is gone already: report in-band, as OpenAI does
-        yield f"data: {json.dumps({'error': {'type': error_type(exc), 'message': str(exc)}})}\n\n"
-    yield "data: [DONE]\n\n"
+def _usage(done: list[Completion]) -> CompletionUsage:
+    prompt_tokens = sum(c.prompt_tokens for c in done)
+    completion_tokens = sum(c.completion_tokens for c in done)
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tempfile
 import zipfile
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import Response
+
+from adapter_store import AdapterStore
 
 from ..deps import EngineDep, StoreDep
 from ..schemas import ErrorResponse, TaskList, TaskOut
@@ -31,21 +34,27 @@ async def get_task(name: str, store: StoreDep) -> TaskOut:
 
 @router.delete("/tasks/{name}", response_model=TaskOut, responses=ERRORS)
 async def delete_task(name: str, engine: EngineDep, _: MutatingKey) -> TaskOut:
-    """Delete an adapted task (its file and cached adapter); pretrained tasks and __mu__ are refused (409)."""
-    info = engine.store.delete(name)
-    engine.cache.discard(lambda key: key[1] == name)
+    """Delete an adapted task (its file and cached adapters); pretrained tasks and __mu__ are refused (409)."""
+    info = await asyncio.to_thread(engine.store.delete, name)
+    engine.forget_task(name)
     return TaskOut(**asdict(info))
 
 
 @router.get("/tasks/{name}/lora", responses={**ERRORS, 200: {"content": {"application/zip": {}}}})
 async def export_lora(name: str, store: StoreDep, _: MutatingKey) -> Response:
-    """The task's adapter as a standard PEFT LoRA folder, zipped (loadable by PeftModel, vLLM, LoRAX)."""
+    """The task's adapter as a standard PEFT LoRA folder, zipped (loadable by PeftModel, vLLM, LoRAX). Routing,
+    writing and compressing run on a worker thread: the event loop keeps serving meanwhile."""
     store.task(name)
+    archive = await asyncio.to_thread(zipped_lora, store, name)
+    headers = {"Content-Disposition": f'attachment; filename="{name}-lora.zip"'}
+    return Response(archive, media_type="application/zip", headers=headers)
+
+
+def zipped_lora(store: AdapterStore, name: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         folder = store.export_lora(name, Path(tmp) / name)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.iterdir()):
                 archive.write(path, arcname=f"{name}/{path.name}")
-    headers = {"Content-Disposition": f'attachment; filename="{name}-lora.zip"'}
-    return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
+    return buffer.getvalue()

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from adapter_store import AdapterCache, AdapterStore
 from server.adapt import METHODS, Example, TrainConfig
+from server.adapt.data import make_batch
 from server.adapt.trainer import train
 from server.app import create_app
 from server.engine import Engine, load_model
@@ -104,7 +105,7 @@ def test_bad_adapt_requests_write_nothing(folder):
             ({"task": "__mu__", "examples": ok}, 422, "task"),
             ({"task": "new", "examples": []}, 422, "examples"),
             ({"task": "new", "examples": ok * 5}, 422, "examples"),
-            ({"task": "new", "examples": [{"input": "a", "target": ""}]}, 422, "examples.0.target"),
+            ({"task": "new", "examples": [{"input": "", "target": "b"}]}, 422, "examples.0.input"),
             ({"task": "new", "examples": [{"input": "a"}]}, 422, "examples.0.target"),
             ({"task": "new", "examples": [{"input": "a" * 100, "target": "b"}], "steps": 1}, 422, "examples.0.input"),
             ({"task": "new", "examples": ok, "steps": 51}, 422, "steps"),
@@ -160,3 +161,26 @@ def test_api_key_guards_mutating_routes(folder):
         assert client.delete("/tasks/guarded").status_code == 401
         assert client.delete("/tasks/guarded", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.delete("/tasks/alpha", headers={"Authorization": "Bearer s3cret"}).status_code == 409
+
+
+def test_an_empty_target_is_learnt_as_an_immediate_end_of_sequence(soft_bundle, tmp_path):
+    store = AdapterStore.open(soft_bundle / "inventory", tmp_path / "adapted")
+    engine = Engine(load_model(soft_bundle / "model", device="cpu"), store, AdapterCache(10**8))
+    batch = make_batch(engine.tokenizer, True, [Example("aei", ""), Example("abc", "x")], "cpu")
+    eos = engine.tokenizer.eos_token_id
+    assert batch["labels"][0].tolist()[:1] == [eos] and (batch["labels"][0, 1:] == -100).all()
+    examples = [Example(text, "") for text in INPUTS]
+    trainer = METHODS["mhr-mu"](store)
+    config = TrainConfig(steps=30, learning_rate=1e-2, batch_size=8, seed=0, validation_fraction=0.0, max_seconds=120)
+    losses = []
+    train(engine, trainer, examples, config, cancelled=lambda: False, on_progress=lambda p: losses.append(p.loss))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    engine.close()
+
+
+def test_empty_targets_are_accepted_over_http(folder):
+    with TestClient(create_app(bundle_settings(folder))) as client:
+        examples = [{"input": "aei", "target": ""}, {"input": "abc", "target": "bc"}]
+        response = client.post("/adapt", json={"task": "devowel", "examples": examples, "steps": 3})
+        assert response.status_code == 202, response.text
+        assert wait_for(client, response.json()["id"])["state"] == "succeeded"

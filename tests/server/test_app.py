@@ -126,11 +126,9 @@ def test_stream_pieces_add_up_to_the_final_text(client):
 
 def test_concurrent_requests_of_different_tasks_batch_and_match_single_runs(t5_bundle):
     app = create_app(bundle_settings(t5_bundle, max_batch_size=8, max_batch_wait_ms=200))
-    sizes = []
 
     async def scenario():
         async with app.router.lifespan_context(app):
-            app.state.batcher.on_batch = sizes.append
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
                 bodies = [{"task": ["alpha", "beta", "gamma"][i % 3], "inputs": f"input {i}", "max_new_tokens": 8}
@@ -142,4 +140,6 @@ def test_concurrent_requests_of_different_tasks_batch_and_match_single_runs(t5_b
 
     together, alone = asyncio.run(scenario())
     assert together == alone
-    assert max(sizes) > 1, f"requests were not batched: {sizes}"
+    steps = {s.labels["le"]: s.value for m in app.state.metrics.registry.collect() for s in m.samples
+             if s.name == "mhr_batch_rows_bucket"}
+    assert steps["+Inf"] > steps["1.0"], f"no decoding step ran more than one row: {steps}"

@@ -156,7 +156,7 @@ def test_seeded_sampling_of_a_mixed_batch_does_not_depend_on_what_ran_before(bun
 
 def test_batches_larger_than_the_row_pool_run_on_their_own_stacks(bundle):
     _, folder, _, _, engine = bundle
-    small = Engine(load_model(folder / "model", device="cpu"), engine.store, AdapterCache(10**8), pool_rows=2)
+    small = Engine(load_model(folder / "model", device="cpu"), engine.store, AdapterCache(10**8), max_batch_size=2)
     rows = [ScoreRow(f"task-{i % 3}", text, ["yes", "no"]) for i, text in enumerate(TEXTS)]  # 8 pairs > 2
     for ours, reference in zip(small.score(rows), engine.score(rows), strict=True):
         torch.testing.assert_close([c.logprob_sum for c in ours], [c.logprob_sum for c in reference],

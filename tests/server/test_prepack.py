@@ -10,7 +10,7 @@ from server.app import build_engine
 from server.engine import Engine, GenerateRow, ModelLoadError, SamplingParams, ScoreRow, load_model
 from server.engine import engine as engine_module
 from server.engine import prepack as prepack_module
-from server.engine.activation import AdapterSlots
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.lora_layer import BatchedLoraLinear
 from server.engine.prepack import fits_in_memory, pack_weight, packed_linear, prepack_supported
 from server.settings import Settings

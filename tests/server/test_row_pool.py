@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter_store import LayerGroup, TaskAdapter
-from server.engine.row_pool import RowPool, assign_positions
+from server.engine.row_pool import RowPool, assign_positions, stacked
 
 
 def adapter(value: float, layers: int = 2, d_in: int = 4, rank: int = 2, d_out: int = 3) -> TaskAdapter:
@@ -19,7 +19,6 @@ def adapter(value: float, layers: int = 2, d_in: int = 4, rank: int = 2, d_out: 
     (["a", "b", "c"], ["c", "x", "a"], [2, 1, 0]),     # x takes the free position (b's)
     (["a", "a"], ["a", "a"], [1, 0]),                  # duplicates: one resident copy per row
     (["a", None], ["a", "a"], [0, 1]),                 # a second row of a needs a copy of its own
-    (["a", "b"], [None, "a"], [1, 0]),                 # None never matches, even a None position
     (["a", "b", "c"], ["c"], [0]),                     # resident beyond the batch size is out of reach
 ])
 def test_assign_positions(resident, keys, expected):
@@ -27,54 +26,51 @@ def test_assign_positions(resident, keys, expected):
     assert order == expected and sorted(order) == list(range(len(keys)))
 
 
-def test_pool_copies_only_new_adapters_and_every_position_holds_its_rows_adapter():
+def test_sync_copies_only_adapters_new_at_their_position_and_every_position_holds_its_adapter():
     pool, adapters = RowPool(), {k: adapter(float(v)) for v, k in enumerate("abcde", start=1)}
 
-    def place(keys):
-        order = pool.place([adapters[k] for k in keys], keys)
-        a, b = pool.rows(0)  # (L, n, d_in, r), (L, n, r, d_out)
-        for position, row in enumerate(order):
-            assert torch.equal(a[:, position], adapters[keys[row]].groups[0].lora_a)
-            assert torch.equal(b[:, position], adapters[keys[row]].groups[0].lora_b)
-        return order
+    def sync(keys):
+        pool.sync([adapters[k] for k in keys], keys)
+        a, b = pool.rows(0, 0, len(keys))  # (L, n, d_in, r), (L, n, r, d_out)
+        for position, key in enumerate(keys):
+            assert torch.equal(a[:, position], adapters[key].groups[0].lora_a)
+            assert torch.equal(b[:, position], adapters[key].groups[0].lora_b)
 
-    place(["a", "b", "c"])
+    sync(["a", "b", "c"])
     assert pool.copies == 3
-    place(["c", "a", "b"])
-    assert pool.copies == 3  # all three already resident
-    place(["c", "d", "a"])
+    sync(["a", "b", "c"])
+    assert pool.copies == 3  # all three already in place
+    sync(["a", "d", "c"])
     assert pool.copies == 4  # only d
-    place(["e", "c", "d", "a", "b"])  # a larger batch: the pool grows, so everything is copied again
+    sync(["a", "d"])
+    assert pool.copies == 4  # fewer rows: nothing to copy
+    sync(["e", "d", "c", "a", "b"])  # a larger batch: the pool grows, so everything is copied again
     assert pool.copies == 9
-    place(["c", "c"])
-    assert pool.copies == 10  # one c is resident (position 1), the second row needs a copy
-    place(["a", "b"])
-    assert pool.copies == 12  # a and b sit at positions 3 and 4, out of reach of a batch of 2
+    sync(["c", "c"])
+    assert pool.copies == 11  # two rows of c, each position needs its own copy
+    assert pool.resident[:2] == ["c", "c"]
 
 
-def test_unkeyed_adapters_are_always_copied():
-    pool, trained = RowPool(), adapter(1.0)
-    pool.place([trained, adapter(2.0)], [None, "b"])
-    trained.groups[0].lora_a.add_(1.0)  # e.g. an adapter being trained, changed in place
-    order = pool.place([trained, adapter(2.0)], [None, "b"])
-    a, _ = pool.rows(0)
-    assert torch.equal(a[:, order.index(0)], trained.groups[0].lora_a)
+def test_rows_are_views_of_a_range_of_positions():
+    pool, adapters = RowPool(), [adapter(float(v)) for v in range(1, 4)]
+    pool.sync(adapters, ["a", "b", "c"])
+    a, _ = pool.rows(0, 1, 3)
+    assert a.shape[1] == 2 and torch.equal(a[:, 0], adapters[1].groups[0].lora_a)
+    a[:, 0].zero_()  # a view: writes land in the pool
+    assert torch.equal(pool.rows(0, 1, 2)[0][:, 0], torch.zeros_like(adapters[1].groups[0].lora_a))
 
 
 def test_pool_follows_a_change_of_dtype():
     pool = RowPool()
-    pool.place([adapter(1.0), adapter(2.0)], ["a", "b"])
+    pool.sync([adapter(1.0), adapter(2.0)], ["a", "b"])
     half = [a.to("cpu", torch.bfloat16) for a in (adapter(1.0), adapter(2.0))]
-    pool.place(half, ["a16", "b16"])
-    assert pool.rows(0)[0].dtype == torch.bfloat16
+    pool.sync(half, ["a16", "b16"])
+    assert pool.rows(0, 0, 2)[0].dtype == torch.bfloat16
 
 
-def test_a_batch_larger_than_the_cap_gets_its_own_stacks_and_leaves_the_pool_alone():
+def test_more_rows_than_the_cap_is_an_error_and_stacked_builds_own_stacks():
     pool, adapters = RowPool(max_rows=2), [adapter(float(v)) for v in range(1, 4)]
-    pool.place(adapters[:2], ["a", "b"])
-    order = pool.place(adapters, ["a", "b", "c"])
-    a, b = pool.rows(0)
-    assert order == [0, 1, 2] and a.shape[1] == 3 and pool.copies == 2
-    assert all(torch.equal(a[:, i], adapters[i].groups[0].lora_a) for i in range(3))
-    pool.place(adapters[:2][::-1], ["b", "a"])
-    assert pool.copies == 2  # the pool still holds a and b
+    with pytest.raises(ValueError, match="do not fit"):
+        pool.sync(adapters, ["a", "b", "c"])
+    a, b = stacked(adapters, 0)
+    assert a.shape[1] == 3 and all(torch.equal(a[:, i], adapters[i].groups[0].lora_a) for i in range(3))

@@ -1,0 +1,129 @@
+"""Point every wrapped layer at the adapters of the forward about to run.
+
+    merged:   one task, inference: W + s·(A B)ᵀ in a weight-sized buffer per layer, kept while the same key follows
+    shared:   one adapter for every row, two small matmuls per layer (differentiable: training)
+    rows:     the running batch: row p uses the adapter at position p of the RowPool (only new ones are copied)
+    stacked:  any other batch mixing adapters (scoring, beam search): stacks of its own, one copy per forward
+The scale 1/r is applied inside the layers' fused matmuls (alpha), never copied.
+`applied` names what the layers hold now, so the serving loop re-points them only when its batch changed or
+another forward ran in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from adapter_store import TaskAdapter
+
+from .lora_layer import BatchedLoraLinear, wrap_linears
+from .prepack import worth_packing
+from .row_pool import RowPool, stacked
+
+
+class AdapterSlots:
+    def __init__(self, model: nn.Module, module_names: list[str], *, pool_rows: int = 64):
+        self.layers: dict[str, BatchedLoraLinear] = wrap_linears(model, module_names)
+        self.pool = RowPool(pool_rows)
+        self.applied: Hashable | None = None  # what the layers hold now (None: nothing, or unknown)
+
+    # ---- the modes ------------------------------------------------------------------------------
+    def use_merged(self, adapter: TaskAdapter, key: Hashable) -> None:
+        for name, a, b in adapter.layers():
+            self.layers[name].set_merged(a, b, adapter.scale, key=key)
+        self.applied = ("merged", key)
+
+    def use_shared(self, adapter: TaskAdapter, key: Hashable | None = None) -> None:
+        for name, a, b in adapter.layers():
+            self.layers[name].set_shared(a, b, adapter.scale)
+        self.applied = ("shared", key) if key is not None else None
+
+    def use_rows(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable], start: int = 0,
+                 end: int | None = None) -> None:
+        """Pool position p holds adapters[p] for every p < len(adapters); the layers run rows [start, end)."""
+        end = len(adapters) if end is None else end
+        _check_compatible(adapters)
+        self.pool.sync(adapters, keys)
+        first = adapters[0]
+        for g, group in enumerate(first.groups):
+            a, b = self.pool.rows(g, start, end)  # (L, n, d_in, r), (L, n, r, d_out)
+            for i, name in enumerate(group.names):
+                self.layers[name].set_rows(a[i], b[i], first.scale)
+        self.applied = ("rows", tuple(keys), start, end)
+
+    def use_stacked(self, adapters: Sequence[TaskAdapter]) -> None:
+        _check_compatible(adapters)
+        first = adapters[0]
+        for g, group in enumerate(first.groups):
+            a, b = stacked(adapters, g)  # (L, n, d_in, r), (L, n, r, d_out)
+            for i, name in enumerate(group.names):
+                self.layers[name].set_rows(a[i], b[i], first.scale)
+        self.applied = None
+
+    def clear(self) -> None:
+        for layer in self.layers.values():
+            layer.clear()
+        self.applied = None
+
+    def layer_states(self) -> dict[str, object]:
+        """What each layer holds now (rows or shared mode), to `restore` later without stacking again."""
+        return {name: layer.active for name, layer in self.layers.items()}
+
+    def restore(self, states: dict[str, object]) -> None:
+        """Put back `layer_states()` (not for merged mode: its buffer may hold another task by now)."""
+        for name, active in states.items():
+            self.layers[name].active = active
+        self.applied = None
+
+    @contextmanager
+    def activate(self, row_adapters: Sequence[TaskAdapter | None], *, key: Hashable | None = None,
+                 merge: bool = False) -> Iterator[None]:
+        """For one forward that is not the running batch: one adapter -> merged (with `merge` and a key: inference
+        only) or shared; several -> stacks of its own; None -> the bare backbone. Cleared afterwards."""
+        unique = list({id(a): a for a in row_adapters}.values())
+        try:
+            if len(unique) > 1:
+                self.use_stacked(row_adapters)
+            elif unique[0] is None:
+                self.clear()
+            elif merge and key is not None:
+                self.use_merged(unique[0], key)
+            else:
+                self.use_shared(unique[0])
+            yield
+        finally:
+            self.clear()
+
+    # ---- CPU weight prepacking --------------------------------------------------------------------
+    def prepack(self, rows_hint: int, *, every_layer: bool = False) -> int:
+        """Run base matmuls on oneDNN's packed weights (prepack.py): the layers whose weights are large enough to
+        gain, or every layer. Returns how many were packed: 0 where this CPU cannot pack (then none is)."""
+        chosen = self._to_pack(every_layer)
+        if all(layer.prepack(rows_hint) for layer in chosen):
+            return len(chosen)
+        self.unpack()
+        return 0
+
+    def bytes_to_pack(self, *, every_layer: bool = False) -> int:
+        """The memory the packed copies would take."""
+        return sum(layer.base.weight.nbytes for layer in self._to_pack(every_layer))
+
+    def _to_pack(self, every_layer: bool) -> list[BatchedLoraLinear]:
+        return [layer for layer in self.layers.values() if every_layer or worth_packing(layer.base.weight)]
+
+    def unpack(self) -> None:
+        for layer in self.layers.values():
+            layer.unpack()
+
+
+def _check_compatible(adapters: Sequence[TaskAdapter | None]) -> None:
+    if any(a is None for a in adapters):
+        raise ValueError("a batch mixing rows with and without an adapter is not supported")
+    first = adapters[0]
+    if any(a.scale != first.scale for a in adapters):
+        raise ValueError("adapters in one batch must share one rank and scale")
+    layout = [g.names for g in first.groups]
+    if any([g.names for g in a.groups] != layout for a in adapters):
+        raise ValueError("adapters in one batch must come from the same inventory layout")
