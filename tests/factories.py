@@ -12,14 +12,17 @@ from peft.tuners.poly.router import PolyRouter
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+T5_GATED_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]  # T5 v1.1's gated feed-forward
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def tiny_t5(seed: int = 0, d_model: int = 32, tie: bool = True) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0, d_model: int = 32, tie: bool = True, gated: bool = False) -> T5ForConditionalGeneration:
+    """gated: T5 v1.1's feed-forward (wi_0, wi_1, wo with gated-gelu) instead of T5's (wi, wo with relu)."""
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=259, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
         num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=tie,
+        feed_forward_proj="gated-gelu" if gated else "relu",
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -62,6 +65,9 @@ def set_uniform_routing(peft_model) -> None:
                 module.module_logits.zero_()
 
 
+PRINTABLE_IDS = range(3 + 32, 3 + 127)  # ByT5 ids of the printable ASCII bytes (id = byte + 3)
+
+
 def sharpen(model, factor: float = 30.0):
     """Scale the output layer so greedy choices are decided by the weights, not by float noise."""
     with torch.no_grad():
@@ -71,17 +77,37 @@ def sharpen(model, factor: float = 30.0):
     return model
 
 
+def printable_only(model):
+    """Zero the output rows of every id but printable ASCII: their logits are 0 while the top printable
+    logits of this tiny model are ~20, so it never ends a sequence (no EOS: every row runs to its own
+    max_new_tokens) and every token it emits is one visible character of the decoded text."""
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        keep = torch.zeros(weight.shape[0], dtype=torch.bool)
+        keep[list(PRINTABLE_IDS)] = True
+        weight[~keep] = 0
+    return model
+
+
 def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: int = 3, seed: int = 0,
-                task_names: list[str] | None = None, sharp: bool = True):
-    """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference)."""
+                task_names: list[str] | None = None, sharp: bool | float = True, printable: bool = False):
+    """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference).
+
+    kind: "t5", "t5-gated" (T5 v1.1's wi_0 / wi_1 feed-forward) or "llama". sharp: True (factor 30), a
+    factor, or False (the random output layer as it is: sampling then really varies). printable: see
+    printable_only (never ends, only visible characters)."""
     from transformers import ByT5Tokenizer
 
-    if kind == "t5":
-        base, task_type, targets = tiny_t5(seed, tie=False), "SEQ_2_SEQ_LM", T5_TARGETS
+    if kind in ("t5", "t5-gated"):
+        gated = kind == "t5-gated"
+        base, task_type = tiny_t5(seed, tie=False, gated=gated), "SEQ_2_SEQ_LM"
+        targets = T5_GATED_TARGETS if gated else T5_TARGETS
     else:
         base, task_type, targets = tiny_llama(seed), "CAUSAL_LM", LLAMA_TARGETS
     if sharp:
-        sharpen(base)
+        sharpen(base, 30.0 if sharp is True else float(sharp))
+    if printable:
+        printable_only(base)
     base.save_pretrained(folder / "model")
     ByT5Tokenizer(extra_ids=0).save_pretrained(folder / "model")
     peft_model = make_inventory(base, folder / "inventory", task_type=task_type, targets=targets,
