@@ -45,11 +45,7 @@ def test_tasks_give_different_outputs_and_mu_is_served(client):
     assert len(texts) > 1
 
 
-def test_seeded_sampling_is_reproducible_and_beams_work(client):
-    body = {"task": "beta", "inputs": "sample me", "do_sample": True, "temperature": 1.5, "seed": 7,
-            "max_new_tokens": 8}
-    first = client.post("/generate", json=body).json()["outputs"][0]["text"]
-    assert client.post("/generate", json=body).json()["outputs"][0]["text"] == first
+def test_beams_work(client):  # sampling: tests/server/test_sampling.py, on a model whose samples vary
     beams = client.post("/generate", json={"task": "beta", "inputs": "x", "num_beams": 3, "max_new_tokens": 6})
     assert beams.status_code == 200
 
