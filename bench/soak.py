@@ -1,9 +1,10 @@
 """Bounded soak on loopback: N concurrent clients for S seconds mixing generate / score / tasks / adapt
 against a real uvicorn server process (the demo bundle unless --model/--inventory). Prints JSON with
-request counts, errors (any non-2xx or transport error), latency percentiles and the server's peak RSS.
+request counts, errors (any non-2xx or transport error), latency percentiles, the server's peak RSS and
+the adaptation jobs by final state (after waiting for the ones still queued or running).
 
     .venv/bin/python bench/soak.py [--clients 64] [--seconds 60]
-Exit status 1 if any request failed.
+Exit status 1 if any request failed or any adaptation job ended failed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serving_http import free_port, start_server  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
+
+
+def settled_jobs(base: str, timeout: float = 60) -> list[dict]:
+    """Every adaptation job, once none is queued or running (or after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = httpx.get(f"{base}/adapt", timeout=30).json()["jobs"]
+        if all(j["state"] not in ("queued", "running") for j in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -98,7 +109,8 @@ def main() -> None:
             asyncio.run(soak.run(args.clients))
             elapsed = time.monotonic() - start
             rss = peak_rss_mb(proc.pid)
-            jobs = Counter(j["state"] for j in httpx.get(f"{base}/adapt").json()["jobs"])
+            all_jobs = settled_jobs(base)
+            jobs = Counter(j["state"] for j in all_jobs)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -109,9 +121,10 @@ def main() -> None:
         "requests_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(1e3 * statistics.median(lat), 1),
         "p99_ms": round(1e3 * lat[int(0.99 * (len(lat) - 1))], 1), "server_peak_rss_mb": round(rss, 1),
         "adapt_jobs": dict(jobs),
+        "failed_jobs": [{"task": j["task"], "error": j["error"]} for j in all_jobs if j["state"] == "failed"][:5],
     }
     print(json.dumps(result, indent=1))
-    sys.exit(1 if soak.errors else 0)
+    sys.exit(1 if soak.errors or jobs["failed"] else 0)
 
 
 if __name__ == "__main__":

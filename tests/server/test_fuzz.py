@@ -1,6 +1,7 @@
 """Property-based fuzzing of every route's body and path: never a 5xx, every 4xx carries a message."""
 
 import json
+import time
 import urllib.parse
 
 import pytest
@@ -87,6 +88,16 @@ def check(response) -> None:
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
+def jobs_when_idle(client, timeout: float = 120) -> list[dict]:
+    """Every adaptation job, once none is queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = client.get("/adapt").json()["jobs"]
+        if all(job["state"] not in ("queued", "running") for job in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_post_bodies_never_5xx(fuzz_client, route):
     @FUZZ
@@ -95,6 +106,11 @@ def test_post_bodies_never_5xx(fuzz_client, route):
         check(fuzz_client.post(route, content=json.dumps(body), headers={"content-type": "application/json"}))
 
     run()
+    if route == "/adapt":  # the accepted jobs all end, and none of them failed
+        jobs = jobs_when_idle(fuzz_client)
+        assert jobs, "fuzzing accepted no adaptation job"
+        assert all(job["state"] == "succeeded" for job in jobs), [
+            (job["task"], job["state"], job["error"]) for job in jobs if job["state"] != "succeeded"]
 
 
 @FUZZ
