@@ -29,7 +29,7 @@ from demo.bundle import (
     write_build_info,
 )
 from demo.inventory import InventoryHparams, count_trainable, poly_config, train_adapters
-from demo.tasks import HELDOUT_TASKS, TRAIN_TASKS
+from demo.tasks import HELDOUT_TASKS, TRAIN_TASKS, backbone_curriculum
 from demo.train_loop import LoopResult
 
 QUICK_BACKBONE_STEPS, QUICK_INVENTORY_STEPS = 150, 100
@@ -95,7 +95,7 @@ def _build_info(args, bb: LoopResult, inv: LoopResult, bb_hp: dict, inv_hp: Inve
         "inventory_hparams": vars(inv_hp),
         "train_tasks": TRAIN_TASKS,
         "heldout_tasks": HELDOUT_TASKS,
-        "backbone_curriculum": "instruction-prefixed single skills + all ordered skill pairs",
+        "backbone_curriculum": backbone_curriculum(),  # instruction-prefixed; no held-out composition
         "loss_log": {"backbone": bb.log, "inventory": inv.log},
     }
 
