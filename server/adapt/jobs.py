@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..engine import Engine
+from ..engine import Engine, ShuttingDown
 from .data import Example
 from .methods import METHODS
 from .states import ACTIVE, ENDED, JobState
@@ -75,6 +75,7 @@ class JobManager:
         self._pending: queue.Queue[tuple[AdaptJob, list[Example], TrainConfig] | None] = queue.Queue()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
+        self._accepting = True
         self._thread = threading.Thread(target=self._work, name="adapt", daemon=True)
         self._load_records()
 
@@ -82,8 +83,9 @@ class JobManager:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancel what is queued or running (nothing partial is written) and wait for the worker."""
+        """Refuse new jobs, cancel what is queued or running (nothing partial is written), wait for the worker."""
         with self._lock:
+            self._accepting = False
             self._cancel.update(job.id for job in self.jobs.values() if job.state in ACTIVE)
         self._pending.put(None)
         if self._thread.is_alive():
@@ -91,6 +93,8 @@ class JobManager:
 
     def submit(self, task: str, method: str, examples: list[Example], config: TrainConfig) -> AdaptJob:
         with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down: no new adaptation jobs")
             if any(j.task == task and j.state in ACTIVE for j in self.jobs.values()):
                 raise JobConflictError(f"a job adapting task {task!r} is already queued or running", "task")
             if sum(j.state == "queued" for j in self.jobs.values()) >= self.max_queued:

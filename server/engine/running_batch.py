@@ -84,7 +84,8 @@ class RunningBatch:
         self.state.select(order)
 
     def _take(self, rows: list[ActiveRow], logits: torch.Tensor) -> list[ActiveRow]:
-        tokens = next_tokens(logits, rows, self.eos_ids).tolist()
+        with torch.inference_mode():
+            tokens = next_tokens(logits, rows, self.eos_ids).tolist()
         ended = []
         for row, token in zip(rows, tokens, strict=True):
             if row.accept(token, self.eos_ids):

@@ -139,3 +139,10 @@ def test_concurrent_requests_of_different_tasks_batch_and_match_single_runs(t5_b
     steps = {s.labels["le"]: s.value for m in app.state.metrics.registry.collect() for s in m.samples
              if s.name == "mhr_batch_rows_bucket"}
     assert steps["+Inf"] > steps["1.0"], f"no decoding step ran more than one row: {steps}"
+
+
+def test_openapi_spec_and_docs_are_served(client):
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200 and "/generate" in spec.json()["paths"]
+    assert "/openapi.json" not in spec.json()["paths"]  # the docs routes stay out of the spec
+    assert "swagger" in client.get("/docs").text.lower() and client.get("/redoc").status_code == 200

@@ -164,6 +164,7 @@ def test_key_on_every_route_but_the_health_checks(printable_bundle, tmp_path):
             ("POST", "/score", {"json": {"task": "alpha", "inputs": "x", "choices": ["a", "b"]}}),
             ("POST", "/v1/completions", {"json": {"model": "alpha", "prompt": "x", "max_tokens": 2}}),
             ("GET", "/v1/models", {}), ("GET", "/metrics", {}), ("GET", "/adapt", {}), ("GET", f"/adapt/{job_id}", {}),
+            ("GET", "/openapi.json", {}), ("GET", "/docs", {}), ("GET", "/redoc", {}),
         ]
         for method, path, kwargs in reading:
             assert_needs_key(client, method, path, 200, **kwargs)
