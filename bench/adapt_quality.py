@@ -81,10 +81,10 @@ def p50_ms(url: str, task: str, n: int) -> float:
     return statistics.median(times)
 
 
-def latency_during_adapt(n: int) -> dict:
+def latency_during_adapt(n: int, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc = start_server(DEMO / "model", DEMO / "inventory", Path(tmp), port, None)
+        proc = start_server(DEMO / "model", DEMO / "inventory", Path(tmp), port, threads)
         base = f"http://127.0.0.1:{port}"
         try:
             task = next(t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"] if t["kind"] == "pretrained")
@@ -116,7 +116,7 @@ def main() -> None:
     tasks = HELDOUT_TASKS[:3] if args.quick else HELDOUT_TASKS
     result = {"threads": torch.get_num_threads(), **quality(tasks, args.steps or (100 if args.quick else 200))}
     if not args.skip_latency:
-        result.update(latency_during_adapt(20 if args.quick else 60))
+        result.update(latency_during_adapt(20 if args.quick else 60, args.threads))
     print(json.dumps(result, indent=1))
 
 

@@ -1,10 +1,22 @@
-"""The HTTP part of bench/serving.py: uvicorn in a subprocess on loopback, 1 client vs 32 concurrent."""
+"""The HTTP part of bench/serving.py: uvicorn in a subprocess on loopback.
+
+    throughput          1 client vs 32 concurrent clients, fixed-length requests        ratio_32_clients_vs_1
+    head of line        8-token requests alone, then while 4 clients stream 256-token generations
+                                                                                         hol_short_p50_ratio
+    mixed lengths       64 clients, max_new_tokens uniform in 8..256 (seeded), streamed, on the continuous and
+                        the static scheduler                      mixed_length_tokens_per_s_vs_static, ttft_*
+Every generation uses ignore_eos, so each request produces exactly the tokens it asks for.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +54,26 @@ def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads
     raise RuntimeError("server did not become ready in 120 s")
 
 
-async def _clients(url: str, tasks: list[str], n_requests: int, concurrency: int, new_tokens: int) -> float:
+@contextlib.contextmanager
+def served(model: Path, inventory: Path, adapted: Path, threads: int | None, **settings: str):
+    """A server process for the block; yields its base URL and its pretrained task names."""
+    port = free_port()
+    proc = start_server(model, inventory, adapted, port, threads, extra_env=settings)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"] if t["kind"] == "pretrained"]
+        yield base, tasks
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def body(task: str, i: int, new_tokens: int, **extra) -> dict:
+    return {"task": task, "inputs": f"input number {i:05d} abcdefgh", "max_new_tokens": new_tokens,
+            "ignore_eos": True, **extra}
+
+
+async def _clients(base: str, tasks: list[str], n_requests: int, concurrency: int, new_tokens: int) -> float:
     queue = list(range(n_requests))
     tokens = 0
 
@@ -50,9 +81,7 @@ async def _clients(url: str, tasks: list[str], n_requests: int, concurrency: int
         nonlocal tokens
         while queue:
             i = queue.pop()
-            body = {"task": tasks[i % len(tasks)], "inputs": f"input number {i:05d} abcdefgh",
-                    "max_new_tokens": new_tokens}
-            response = await http.post(url, json=body)
+            response = await http.post(f"{base}/generate", json=body(tasks[i % len(tasks)], i, new_tokens))
             response.raise_for_status()
             tokens += response.json()["usage"]["completion_tokens"]
 
@@ -66,17 +95,98 @@ async def _clients(url: str, tasks: list[str], n_requests: int, concurrency: int
         return tokens / (time.perf_counter() - start)
 
 
+async def _streamed(http: httpx.AsyncClient, base: str, payload: dict) -> tuple[float | None, int]:
+    """(seconds to the first text, completion tokens) of one streamed /generate."""
+    start, first = time.perf_counter(), None
+    async with http.stream("POST", f"{base}/generate", json={**payload, "stream": True}) as response:
+        response.raise_for_status()
+        event = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "done":
+                    return first, data["usage"]["completion_tokens"]
+                if event is None and data.get("text") and first is None:
+                    first = time.perf_counter() - start
+                event = None
+    raise RuntimeError("the stream ended without its done event")
+
+
+async def _short_p50_ms(http: httpx.AsyncClient, base: str, task: str, n: int) -> float:
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        (await http.post(f"{base}/generate", json=body(task, i, 8))).raise_for_status()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+async def _head_of_line(base: str, tasks: list[str], n: int) -> dict:
+    """8-token requests alone, then while 4 clients keep streaming 256-token generations."""
+    async with httpx.AsyncClient(timeout=300) as http:
+        await _short_p50_ms(http, base, tasks[0], 3)  # warm-up
+        alone = await _short_p50_ms(http, base, tasks[0], n)
+        stop = asyncio.Event()
+
+        async def streaming_client(k: int) -> None:
+            i = 0
+            while not stop.is_set():
+                await _streamed(http, base, body(tasks[(k + 1) % len(tasks)], 1000 * k + i, 256))
+                i += 1
+
+        streams = [asyncio.ensure_future(streaming_client(k)) for k in range(4)]
+        await asyncio.sleep(0.5)  # the long generations are decoding
+        busy = await _short_p50_ms(http, base, tasks[0], n)
+        stop.set()
+        await asyncio.gather(*streams)
+    return {"short_p50_ms_alone": round(alone, 1), "short_p50_ms_behind_4_streams": round(busy, 1),
+            "hol_short_p50_ratio": round(busy / alone, 3)}
+
+
+async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int = 0) -> dict:
+    """64 clients, each request streamed with max_new_tokens uniform in 8..256 (the same draws every run)."""
+    rng = random.Random(seed)
+    work = [(i, rng.randint(8, 256)) for i in range(n_requests)]
+    firsts: list[float] = []
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while work:
+            i, new_tokens = work.pop()
+            first, done = await _streamed(http, base, body(tasks[i % len(tasks)], i, new_tokens))
+            tokens += done
+            if first is not None:
+                firsts.append(first)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=72)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(64)))
+        elapsed = time.perf_counter() - start
+    firsts.sort()
+    return {"tokens_per_s": round(tokens / elapsed, 1), "ttft_p50_ms": round(1e3 * statistics.median(firsts), 1),
+            "ttft_p99_ms": round(1e3 * firsts[int(0.99 * (len(firsts) - 1))], 1)}
+
+
 def http_throughput(model: Path, inventory: Path, adapted: Path, args) -> dict:
-    port = free_port()
-    proc = start_server(model, inventory, adapted, port, args.threads)
-    try:
-        url = f"http://127.0.0.1:{port}/generate"
-        tasks = [t["name"] for t in httpx.get(f"http://127.0.0.1:{port}/tasks").json()["tasks"]
-                 if t["kind"] == "pretrained"]
-        one = asyncio.run(_clients(url, tasks, args.http_requests // 4, 1, args.new_tokens))
-        many = asyncio.run(_clients(url, tasks, args.http_requests, 32, args.new_tokens))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    return {"http_tokens_per_s_1_client": round(one, 1), "http_tokens_per_s_32_clients": round(many, 1),
-            "ratio_32_clients_vs_1": round(many / one, 3)}
+    out = {}
+    with served(model, inventory, adapted, args.threads) as (base, tasks):
+        one = asyncio.run(_clients(base, tasks, args.http_requests // 4, 1, args.new_tokens))
+        many = asyncio.run(_clients(base, tasks, args.http_requests, 32, args.new_tokens))
+        out.update(http_tokens_per_s_1_client=round(one, 1), http_tokens_per_s_32_clients=round(many, 1),
+                   ratio_32_clients_vs_1=round(many / one, 3))
+        out.update(asyncio.run(_head_of_line(base, tasks, args.hol_requests)))
+        continuous = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
+    with served(model, inventory, adapted, args.threads, MHR_SCHEDULER="static") as (base, tasks):
+        static_hol = asyncio.run(_head_of_line(base, tasks, args.hol_requests))
+        static = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
+    out.update(
+        hol_short_p50_ratio_static=static_hol["hol_short_p50_ratio"],
+        mixed_length_tokens_per_s=continuous["tokens_per_s"], mixed_length_tokens_per_s_static=static["tokens_per_s"],
+        mixed_length_tokens_per_s_vs_static=round(continuous["tokens_per_s"] / static["tokens_per_s"], 3),
+        ttft_p50_ms=continuous["ttft_p50_ms"], ttft_p99_ms=continuous["ttft_p99_ms"],
+        ttft_p50_ms_static=static["ttft_p50_ms"], ttft_p99_ms_static=static["ttft_p99_ms"],
+    )
+    return out

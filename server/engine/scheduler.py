@@ -59,12 +59,13 @@ class LoopStats:
 
 class Scheduler:
     def __init__(self, engine: Engine, *, max_rows: int, max_tokens: int, mode: SchedulerMode = "continuous",
-                 max_wait_s: float = 0.005, background_share: float = 0.2):
+                 max_wait_s: float = 0.005, background_share: float = 0.2, background_grace_s: float = 0.02):
         self.engine = engine
         self.mode = mode
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.background_share = background_share  # of loop time, for /adapt steps while generation is busy
+        self.background_grace_s = background_grace_s  # idle this long before a background step starts
         m = engine.loaded
         self.batch = RunningBatch(m.model, m.tokenizer, m.is_seq2seq, m.device, engine.slots,
                                   eos_ids=engine.eos_ids, merge_single_task=engine.merge_single_task)
@@ -76,6 +77,7 @@ class Scheduler:
         self._calls: deque[_Call] = deque()
         self._background: deque[_Call] = deque()
         self._background_after = 0.0  # monotonic time before which a busy loop runs no background step
+        self._last_served = 0.0  # monotonic time the loop last had generation or scoring to do
         self._turn = 0
         self._cv = threading.Condition()
         self._stopping = False
@@ -143,7 +145,7 @@ class Scheduler:
         while True:
             with self._cv:
                 while not self._stopping and not self._has_work():
-                    self._cv.wait(timeout=self.guests.wake_in())
+                    self._cv.wait(timeout=self._wake_in())
                 if self._stopping:
                     break
             try:
@@ -155,7 +157,30 @@ class Scheduler:
 
     def _has_work(self) -> bool:
         due_guest = bool(self.guests) and not self.guests.wake_in()
-        return bool(self._waiting or self._calls or self._background or self.scores or len(self.batch) or due_guest)
+        due_background = bool(self._background) and not self._background_wait()
+        return bool(self._waiting or self._calls or self.scores or len(self.batch) or due_guest or due_background)
+
+    def _wake_in(self) -> float | None:
+        """How long the idle loop may sleep before something becomes due (None: until notified)."""
+        waits = [w for w in (self.guests.wake_in(), self._background_wait() if self._background else None)
+                 if w is not None]
+        return min(waits) if waits else None
+
+    def _serving(self) -> bool:
+        """Generation or scoring to do (what background steps yield to)."""
+        busy = bool(len(self.batch) or self._waiting or self.scores or self.guests)
+        if busy:
+            self._last_served = time.monotonic()
+        return busy
+
+    def _background_wait(self) -> float:
+        """Seconds before a background step may start: at once when nothing was served for a grace period (the
+        next request of a client usually follows within it); while serving, after generation has had
+        (1 - share) / share times as long as the last step took, so steps still get `share` of the loop."""
+        now = time.monotonic()
+        if self._serving():
+            return max(0.0, self._background_after - now)
+        return max(0.0, self._last_served + self.background_grace_s - now)
 
     def _iteration(self) -> None:
         self.iterations += 1
@@ -186,11 +211,9 @@ class Scheduler:
         return True
 
     def _run_background(self) -> None:
-        """A training step: at once when no generation is running or waiting; else only after generation had
-        (1 - share) / share times as long as the last step took, so steps get `share` of the loop at least."""
+        """A training step, when it is due (see _background_wait)."""
         with self._cv:
-            busy = bool(len(self.batch) or self._waiting)
-            if not self._background or (busy and time.monotonic() < self._background_after):
+            if not self._background or self._background_wait() > 0:
                 return
             item = self._background.popleft()
         start = time.monotonic()
