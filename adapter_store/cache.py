@@ -88,6 +88,12 @@ class AdapterCache:
             future.set_result(adapter)
         return dict(zip(keys, adapters, strict=True))
 
+    def resize(self, capacity_bytes: int) -> None:
+        """A new capacity in bytes (e.g. clamped by the memory plan); evicts least-recently-used entries to fit."""
+        with self._lock:
+            self.capacity_bytes = capacity_bytes
+            self._entries.resize(capacity_bytes)
+
     def discard(self, predicate: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose key satisfies `predicate` (e.g. a deleted task); return how many."""
         with self._lock:

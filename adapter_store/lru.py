@@ -28,6 +28,13 @@ class BytesLRU(Generic[V]):
         self._entries.move_to_end(key)
         return entry[0]
 
+    def resize(self, capacity_bytes: int) -> None:
+        """A new capacity; least-recently-used entries go until the rest fits."""
+        self.capacity_bytes = capacity_bytes
+        while self._entries and self.bytes > capacity_bytes:
+            self.bytes -= self._entries.popitem(last=False)[1][1]
+            self.evictions += 1
+
     def put(self, key: Hashable, value: V, size: int) -> None:
         """Insert, evicting least-recently-used entries until it fits; a value larger than the capacity
         is not kept."""

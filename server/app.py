@@ -14,6 +14,7 @@ from adapter_store import AdapterCache, AdapterStore
 from .adapt import JobManager
 from .admission import Admission
 from .engine import Engine, load_model
+from .engine.memory_plan import measure
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
@@ -33,8 +34,10 @@ def build_engine(settings: Settings) -> Engine:
     cache = AdapterCache(settings.cache_bytes, loaded.device, loaded.dtype)
     engine = Engine(loaded, store, cache, merge_single_task=settings.merge_single_task,
                     max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                    longest_row=settings.max_input_tokens + settings.max_new_tokens + 1,
                     scheduler=settings.scheduler, max_batch_wait_ms=settings.max_batch_wait_ms,
-                    prepack_weights=settings.prepack_weights)
+                    prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
+                    memory=measure(loaded.device, settings.memory_limit_bytes))
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s, %s batching%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
              settings.scheduler, ", prepacked weights" if engine.prepacked else "")
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         app.state.jobs.start()
         metrics.watch(lambda: app.state.admission.pending, served.stats, served.cache.stats,
                       lambda: [job.state for job in app.state.jobs.jobs.values()])
+        metrics.show_memory_plan(served.memory)
         try:
             yield
         finally:

@@ -34,6 +34,11 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.task_requests = Counter("mhr_task_requests_total", "requests per task", ["task"], registry=r)
         self._queue_depth = Gauge("mhr_queue_depth", "requests queued or running", registry=r)
+        self._plan_items = Gauge("mhr_memory_plan_bytes", "the start-up memory plan's items", ["item", "on"],
+                                 registry=r)
+        self._plan_budget = Gauge("mhr_memory_budget_bytes", "memory the plan may use", registry=r)
+        self._plan_held = Gauge("mhr_memory_held_at_start_bytes", "memory in use when the plan was made (the "
+                                "weights included)", registry=r)
         self._task_labels: set[str] = set()
         self._max_task_labels = max_task_labels
 
@@ -47,6 +52,13 @@ class Metrics:
         """Values read when Prometheus scrapes: queue depth, the loop's rows, cache counters, jobs by state."""
         self._queue_depth.set_function(queue_depth)
         self.registry.register(_StateCollector(loop_stats, cache_stats, job_states))
+
+    def show_memory_plan(self, plan) -> None:
+        """The start-up memory plan as gauges: each item's bytes (on or off), the budget and what was held."""
+        for item in plan.items:
+            self._plan_items.labels(item.name, str(item.on).lower()).set(item.bytes)
+        self._plan_budget.set(plan.budget_bytes)
+        self._plan_held.set(plan.figures.held_bytes)
 
     async def count_streamed(self, pieces: AsyncIterator) -> AsyncIterator:
         """Pass a stream of (row, text, completions) through, timing its first text and counting its tokens."""

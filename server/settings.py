@@ -24,13 +24,19 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     cache_bytes: int = Field(512 * 2**20, ge=0, description="adapter cache capacity in bytes")
-    merge_single_task: bool = Field(True, description="run a batch of one task on temporarily merged weights "
-                                    "(fastest; holds one extra copy of the adapted layers' weights meanwhile)")
+    merge_single_task: bool | None = Field(
+        None, description="run a batch whose rows share one task on merged weights (fastest; one extra copy of "
+        "the adapted layers' weights). Unset: where the memory plan has room for it; true: start-up fails where "
+        "it has not; false: never")
     prepack_weights: bool | None = Field(
         None, description="CPU: run the adapted layers' base matmuls on a oneDNN-packed copy of their weights "
         "(decoding ~15-20 % faster here; one extra copy of those weights). Unset: weights of at least 512 × 512, "
-        "where oneDNN is available and the copies fit in half of the available memory; true: every adapted layer "
-        "(start-up fails where impossible); false: none")
+        "where oneDNN is available and the memory plan has room for the copies; true: every adapted layer "
+        "(start-up fails where impossible or where they do not fit); false: none")
+    memory_fraction: float = Field(0.9, gt=0, le=1, description="the share of the device's memory the plan may "
+                                   "use (the rest is headroom for activations and the allocator)")
+    memory_limit_bytes: int | None = Field(None, ge=1, description="plan against this much memory instead of the "
+                                           "device's (CPU: the cgroup limit or MemTotal; CUDA: the card's total)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows decoding together in the serving loop; "
                                 "also the adapter row pool's size")
     max_batch_tokens: int = Field(16384, ge=16, description="cache positions the running rows may hold together, "

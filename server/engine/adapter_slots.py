@@ -106,6 +106,10 @@ class AdapterSlots:
         self.unpack()
         return 0
 
+    def bytes_to_merge(self) -> int:
+        """The memory the merge buffers take: one copy of every wrapped weight."""
+        return sum(layer.base.weight.nbytes for layer in self.layers.values())
+
     def bytes_to_pack(self, *, every_layer: bool = False) -> int:
         """The memory the packed copies would take."""
         return sum(layer.base.weight.nbytes for layer in self._to_pack(every_layer))

@@ -21,51 +21,66 @@ from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
 from .adapter_slots import AdapterSlots
 from .generation import eos_token_ids
 from .loader import LoadedModel, ModelLoadError
-from .prepack import fits_in_memory, prepack_supported
+from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, measure, plan_memory
+from .prepack import prepack_supported
 from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
 from .scheduler import LoopStats, Scheduler, SchedulerMode
 from .score_queue import ScoreJob
 from .sequence import GenerateJob
 
 log = logging.getLogger(__name__)
-DEFAULT_TOKENS_PER_ROW = 2048
+DEFAULT_BATCH_TOKENS = 16384
+DEFAULT_LONGEST_ROW = 512 + 256 + 1  # the default max_input_tokens + max_new_tokens + a decoder start
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
-                 merge_single_task: bool = True, max_batch_size: int = 16, max_batch_tokens: int | None = None,
+                 merge_single_task: bool | None = None, max_batch_size: int = 16,
+                 max_batch_tokens: int = DEFAULT_BATCH_TOKENS, longest_row: int = DEFAULT_LONGEST_ROW,
                  scheduler: SchedulerMode = "continuous", max_batch_wait_ms: float = 5.0,
-                 prepack_weights: bool | None = None):
+                 prepack_weights: bool | None = None, memory_fraction: float = 0.9,
+                 memory: MemoryFigures | None = None):
+        """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
+        fails where it cannot), False. longest_row: the positions of one row of the longest input and output
+        (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured)."""
         check_model(store.inventory, loaded.model)
         self.loaded = loaded
-        self.merge_single_task = merge_single_task  # single-task batches on merged weights
         self.store = store
         self.cache = cache
         self.eos_ids = eos_token_ids(loaded.model)
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
-        self.prepacked = self._prepack(prepack_weights, max_batch_size)
-        self.loop = Scheduler(self, max_rows=max_batch_size,
-                              max_tokens=max_batch_tokens or max_batch_size * DEFAULT_TOKENS_PER_ROW,
-                              mode=scheduler, max_wait_s=max_batch_wait_ms / 1000)
+        demands = self._demands(max_batch_size, max_batch_tokens, longest_row, prepack_weights, merge_single_task)
+        self.memory = plan_memory(memory or measure(loaded.device), memory_fraction, demands, _weights_bytes(loaded))
+        log.info("%s", self.memory.table())
+        cache.resize(self.memory.cache_bytes)
+        self.merge_single_task = self.memory.merge  # single-task batches on merged weights
+        self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
+        self.loop = Scheduler(self, max_rows=max_batch_size, max_tokens=self.memory.kv_positions, mode=scheduler,
+                              max_wait_s=max_batch_wait_ms / 1000)
 
-    def _prepack(self, wanted: bool | None, rows_hint: int) -> bool:
-        """None: where oneDNN can (CPU), the layers large enough to gain, if their copies fit in half of the
-        available memory; True: every wrapped layer, and a start-up error where it cannot; False: none."""
-        if wanted is False:
-            return False
-        supported = prepack_supported(self.loaded.device, self.loaded.dtype)
-        if wanted is None and supported:
-            nbytes = self.slots.bytes_to_pack()
-            if not fits_in_memory(nbytes):
-                log.warning("not prepacking weights: their copies (%d MiB) would take over half of the available "
-                            "memory (set MHR_PREPACK_WEIGHTS=true to pack anyway)", nbytes >> 20)
-                return False
-        packed = supported and self.slots.prepack(rows_hint, every_layer=bool(wanted)) > 0
-        if wanted and not packed:
+    def _demands(self, rows: int, positions: int, longest_row: int, prepack: bool | None, merge: bool | None
+                 ) -> Demands:
+        m = self.loaded
+        dtype_bytes = torch.empty((), dtype=m.dtype).element_size()
+        adapter_bytes = sum((d_in + d_out) * self.store.inventory.config.r * dtype_bytes
+                            for d_in, d_out in self.store.inventory.module_shapes.values())
+        packable = prepack_supported(m.device, m.dtype)
+        return Demands(
+            pool_bytes=rows * adapter_bytes, kv_bytes_per_position=kv_bytes_per_position(m.model.config, m.dtype),
+            kv_positions=positions, min_kv_positions=longest_row, cache_bytes=self.cache.capacity_bytes,
+            prepack_bytes=self.slots.bytes_to_pack(every_layer=prepack is True) if packable else None,
+            prepack_wanted=prepack, merge_bytes=self.slots.bytes_to_merge(), merge_wanted=merge)
+
+    def _prepack(self, rows_hint: int, *, every_layer: bool) -> bool:
+        """Pack the planned layers; where this CPU cannot after all (bf16 without AVX-512), off — or a start-up
+        error if it was asked for."""
+        if self.slots.prepack(rows_hint, every_layer=every_layer) > 0:
+            return True
+        if every_layer:
             raise ModelLoadError(f"prepack_weights: oneDNN cannot pack {self.loaded.dtype} weights on "
                                  f"{self.loaded.device} here; leave it unset (auto) or set it to false")
-        return packed
+        return False
 
     @property
     def model(self):
@@ -169,3 +184,7 @@ class Engine:
 
 
 _WARM_UP = SamplingParams(max_new_tokens=2)
+
+
+def _weights_bytes(loaded: LoadedModel) -> int:
+    return sum(t.nbytes for t in (*loaded.model.parameters(), *loaded.model.buffers()))

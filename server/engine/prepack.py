@@ -10,34 +10,19 @@ d_model 128: 0.83× with every layer packed); by default only weights of at leas
 The packed copy is inference-only: oneDNN's linear has no autograd kernel, so whenever gradients are on (an
 /adapt training step) the layer uses the plain weight. That plain weight stays, so prepacking holds a second
 copy of every packed weight (MHR_PREPACK_WEIGHTS=false turns it off); left to itself, the engine packs only
-when those copies take less than half of the memory the system reports available. Rounding differs from MKL's by ~1e-6
+when the memory plan (memory_plan.py) has room for those copies. Rounding differs from MKL's by ~1e-6
 relative: a different summation order, not a different result.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-MEMINFO = Path("/proc/meminfo")
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller weights lose more to oneDNN's per-call overhead than they gain
 
 
 def worth_packing(weight: torch.Tensor) -> bool:
     return weight.numel() >= MIN_PACKED_ELEMENTS
-
-
-def fits_in_memory(nbytes: int, meminfo: Path = MEMINFO) -> bool:
-    """True when nbytes is under half of MemAvailable, or when that cannot be read (not Linux)."""
-    try:
-        lines = meminfo.read_text().splitlines()
-    except OSError:
-        return True
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return nbytes < int(line.split()[1]) * 1024 // 2  # the figure is in kB
-    return True
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -12,7 +12,8 @@ from server.engine import engine as engine_module
 from server.engine import prepack as prepack_module
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.lora_layer import BatchedLoraLinear
-from server.engine.prepack import fits_in_memory, pack_weight, packed_linear, prepack_supported
+from server.engine.memory_plan import MemoryFigures
+from server.engine.prepack import pack_weight, packed_linear, prepack_supported
 from server.settings import Settings
 from tests.factories import save_bundle
 
@@ -141,21 +142,13 @@ def test_prepacking_asked_for_where_unsupported_stops_start_up(t5_bundle, monkey
         _engine(t5_bundle, prepack_weights=True)
 
 
-def test_fits_in_memory_reads_mem_available(tmp_path):
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:  4000 kB\nMemAvailable:   2000 kB\n")
-    assert fits_in_memory(999 * 1024, meminfo) and not fits_in_memory(1000 * 1024, meminfo)
-    assert fits_in_memory(10**15, tmp_path / "missing")  # unknown (not Linux): no limit
-
-
-def test_auto_does_not_pack_when_the_copies_would_not_fit_in_memory(t5_bundle, monkeypatch):
+def test_auto_does_not_pack_when_the_memory_plan_has_no_room(t5_bundle, monkeypatch):
     monkeypatch.setattr(prepack_module, "MIN_PACKED_ELEMENTS", 0)  # every layer of the tiny model worth packing
     assert _engine(t5_bundle).prepacked
-    monkeypatch.setattr(engine_module, "fits_in_memory", lambda nbytes: False)
-    engine = _engine(t5_bundle)
+    tight = MemoryFigures(limit_bytes=10 * 2**20, held_bytes=0, source="test")  # room for the pool, KV and cache
+    engine = _engine(t5_bundle, memory=tight)
     assert not engine.prepacked and engine.slots.bytes_to_pack() > 0
     assert all(layer.packed is None for layer in engine.slots.layers.values())
-    assert _engine(t5_bundle, prepack_weights=True).prepacked  # asked for: packed anyway
 
 
 def test_the_setting_reaches_the_engine(t5_bundle):
