@@ -1,13 +1,17 @@
 """The HTTP API over a tiny T5 bundle: routes, validation errors naming their field, streaming, batching."""
 
 import asyncio
+import io
 import json
+import threading
+import zipfile
 
 import httpx
 import pytest
 
+from adapter_store import AdapterStore
 from server.app import create_app
-from tests.server.conftest import bundle_settings
+from tests.server.conftest import bundle_settings, serving
 
 
 def test_health_and_readiness(client):
@@ -146,3 +150,33 @@ def test_openapi_spec_and_docs_are_served(client):
     assert spec.status_code == 200 and "/generate" in spec.json()["paths"]
     assert "/openapi.json" not in spec.json()["paths"]  # the docs routes stay out of the spec
     assert "swagger" in client.get("/docs").text.lower() and client.get("/redoc").status_code == 200
+
+
+def test_health_answers_while_an_export_is_in_progress(t5_bundle, monkeypatch):
+    """Export routes, writes and zips off the event loop: other requests are answered meanwhile."""
+    started, release = threading.Event(), threading.Event()
+    real_export = AdapterStore.export_lora
+
+    def large_export(self, name, out_dir, **kwargs):  # stands for a T5-XL-sized export: held until released
+        started.set()
+        release.wait(30)
+        return real_export(self, name, out_dir, **kwargs)
+
+    monkeypatch.setattr(AdapterStore, "export_lora", large_export)
+    app = create_app(bundle_settings(t5_bundle))
+
+    async def scenario():
+        async with serving(app) as http:
+            export = asyncio.ensure_future(http.get("/tasks/alpha/lora"))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            health = await http.get("/healthz")
+            tasks = await http.get("/tasks")
+            assert health.status_code == 200 and tasks.status_code == 200 and not export.done()
+            release.set()
+            return await export
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert "alpha/adapter_model.safetensors" in archive.namelist()
