@@ -3,16 +3,25 @@
 from .adapter import LayerGroup, TaskAdapter
 from .cache import AdapterCache, CacheStats
 from .config import InventoryConfig
-from .errors import InventoryError, StoreError, TaskConflictError, TaskNameError, UnknownTaskError
+from .errors import (
+    BrokenCompositionError,
+    InventoryError,
+    StoreError,
+    TaskConflictError,
+    TaskNameError,
+    UnknownTaskError,
+)
 from .export import export_peft_lora
 from .inventory import Inventory, ModuleGroup
+from .mix import Mix, MixError, TaskRef
 from .model_check import check_model
 from .names import MU_TASK, TASK_NAME_PATTERN, validate_task_name
 from .registry import AdapterKey, TaskInfo
 from .store import AdapterStore
 
 __all__ = [
-    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "AdapterStore", "CacheStats", "Inventory",
+    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "BrokenCompositionError", "Mix", "MixError",
+    "TaskRef", "AdapterStore", "CacheStats", "Inventory",
     "InventoryConfig", "InventoryError", "LayerGroup", "ModuleGroup", "StoreError", "TaskAdapter",
     "TaskConflictError", "TaskInfo", "TaskNameError", "UnknownTaskError", "check_model",
     "export_peft_lora", "validate_task_name",

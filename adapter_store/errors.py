@@ -40,3 +40,7 @@ class UnknownTaskError(StoreError, KeyError):
 
 class TaskConflictError(StoreError):
     """The operation would overwrite or delete something that must stay (a pretrained task)."""
+
+
+class BrokenCompositionError(StoreError):
+    """A composed task names a task that no longer exists (or itself, through other compositions)."""

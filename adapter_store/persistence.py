@@ -1,14 +1,16 @@
 """Adapted tasks on disk: `adapted/<name>.safetensors`, written atomically, read lazily. This module owns the
 file layout; the store deals in logits and adapters.
 
-Two payloads, told apart by the header's `format`:
-    routing  <module>.module_logits (H*K,)          -- MHR-z / Poly-z: one logits row per layer
-    lora     <module>.lora_A (d_in, r), .lora_B (r, d_out)  -- MHR-μ: a plain LoRA, scale 1/r
-Header metadata (strings): format, method, version, created, fingerprint, rank.
+Three payloads, told apart by the header's `format`:
+    routing      <module>.module_logits (H*K,)          -- MHR-z / Poly-z: one logits row per layer
+    lora         <module>.lora_A (d_in, r), .lora_B (r, d_out)  -- MHR-μ: a plain LoRA, scale 1/r
+    composition  no tensors; header `recipe`: {"task": weight, ...}  -- a named mix, resolved when served
+Header metadata (strings): format, method, version, created, fingerprint, rank (and recipe).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -70,16 +72,20 @@ def task_path(folder: Path, name: str) -> Path:
 
 
 def write_adapted(folder: Path, info: TaskInfo, fmt: str, tensors: dict[str, torch.Tensor], fingerprint: str,
-                  rank: int) -> None:
+                  rank: int, **extra: str) -> None:
     metadata = {
         "format": fmt, "method": info.method, "version": str(info.version),
-        "created": repr(info.created or time.time()), "fingerprint": fingerprint, "rank": str(rank),
+        "created": repr(info.created or time.time()), "fingerprint": fingerprint, "rank": str(rank), **extra,
     }
     atomic_save(task_path(folder, info.name), tensors, metadata)
 
 
+def write_composition(folder: Path, info: TaskInfo, fingerprint: str, rank: int) -> None:
+    write_adapted(folder, info, "composition", {}, fingerprint, rank, recipe=json.dumps(dict(info.recipe)))
+
+
 def read_adapted_headers(folder: Path) -> dict[str, tuple[TaskInfo, dict[str, str]]]:
-    """Name -> (TaskInfo, header metadata) for every adapted task; reads headers only."""
+    """Name -> (TaskInfo, header metadata) for every adapted or composed task; reads headers only."""
     found = {}
     for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
         name = path.name[: -len(SUFFIX)]
@@ -88,8 +94,10 @@ def read_adapted_headers(folder: Path) -> dict[str, tuple[TaskInfo, dict[str, st
         except TaskNameError as exc:
             raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
         meta = _read_metadata(path)
-        info = TaskInfo(name, "adapted", int(meta["version"]), meta["method"], created=float(meta["created"]))
-        found[name] = (info, meta)
+        recipe = _recipe(path, meta) if meta["format"] == "composition" else None
+        kind = "composed" if recipe is not None else "adapted"
+        found[name] = (TaskInfo(name, kind, int(meta["version"]), meta["method"], created=float(meta["created"]),
+                                recipe=recipe), meta)
     return found
 
 
@@ -102,9 +110,17 @@ def _read_metadata(path: Path) -> dict[str, str]:
     for key in ("format", "method", "version", "created", "fingerprint", "rank"):
         if key not in meta:
             raise InventoryError(path, "missing header metadata", key=key)
-    if meta["format"] not in ("routing", "lora"):
+    if meta["format"] not in ("routing", "lora", "composition"):
         raise InventoryError(path, f"unknown format {meta['format']!r}", key="format")
     return meta
+
+
+def _recipe(path: Path, meta: dict[str, str]) -> tuple[tuple[str, float], ...]:
+    try:
+        recipe = json.loads(meta["recipe"])
+        return tuple(sorted((str(task), float(weight)) for task, weight in recipe.items()))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise InventoryError(path, f"a composition without a readable recipe ({exc})", key="recipe") from exc
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from .errors import InventoryError, TaskNameError
 from .names import MU_TASK, validate_task_name
 
 TASKS_FILE = "tasks.json"
-TaskKind = Literal["pretrained", "adapted", "mu"]
+TaskKind = Literal["pretrained", "adapted", "composed", "mu"]
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,10 @@ class TaskInfo:
     name: str
     kind: TaskKind
     version: int
-    method: str  # "routed" (pretrained row), "mu", or the adaptation method: "mhr-z" | "poly-z" | "mhr-mu"
+    method: str  # "routed" (pretrained row), "mu", "composition", or the adaptation method: mhr-z | poly-z | mhr-mu
     row: int | None = None  # router row of a pretrained task
-    created: float | None = None  # unix time an adapted task was written
+    created: float | None = None  # unix time an adapted or composed task was written
+    recipe: tuple[tuple[str, float], ...] | None = None  # a composed task's members and their weights
 
 
 MU_INFO = TaskInfo(MU_TASK, "mu", 1, "mu")
@@ -32,9 +33,10 @@ class AdapterKey(NamedTuple):
     `created`, another inventory another fingerprint. The adapter cache and the row pool compare these."""
 
     fingerprint: str
-    task: str
+    task: str  # a task's name, or a mix's canonical name
     version: int
     created: float | None
+    members: tuple = ()  # a mix's or composed task's (member key, weight) pairs: a member's new version changes it
 
 
 def read_pretrained_tasks(folder: Path, n_tasks: int) -> dict[str, TaskInfo]:

@@ -75,11 +75,17 @@ def routed_adapter(inventory: Inventory, logits: list[torch.Tensor]) -> TaskAdap
 
 
 def routed_adapters(inventory: Inventory, logits: list[torch.Tensor]) -> list[TaskAdapter]:
-    """U tasks' adapters at once, from logits per module group [(U, L, H*K), ...]: each group's skills are
-    read once for all U tasks (the cost of routing is memory traffic, so this is several times cheaper)."""
+    """U tasks' adapters at once, from logits per module group [(U, L, H*K), ...]."""
     cfg = inventory.config
-    tasks = logits[0].shape[0]
-    weights = [routing_weights(z, cfg.n_splits, cfg.n_skills) for z in logits]  # [(U, L, H, K), ...]
+    return adapters_from_weights(inventory, [routing_weights(z, cfg.n_splits, cfg.n_skills) for z in logits])
+
+
+def adapters_from_weights(inventory: Inventory, weights: list[torch.Tensor]) -> list[TaskAdapter]:
+    """U adapters at once, from normalised skill weights per module group [(U, L, H, K), ...] (tasks, mixes):
+    each group's skills are read once for all U (the cost of routing is memory traffic, so this is several times
+    cheaper)."""
+    cfg = inventory.config
+    tasks = weights[0].shape[0]
     if tasks == 1:
         groups = tuple(mix_group(g, w[0]) for g, w in zip(inventory.groups, weights, strict=True))
         return [TaskAdapter(cfg.r, 1.0 / cfg.r, groups)]

@@ -2,8 +2,10 @@
 
     store = AdapterStore.open("inventory/")
     store.adapter("my-task")            # TaskAdapter (float32, CPU), computed from the routing
-    store.cache_key("my-task")          # (fingerprint, name, version, created) for an AdapterCache
+    store.adapter(Mix.of({"a": .7, "b": .3}))   # a mix in skill space (mix.py)
+    store.cache_key("my-task")          # AdapterKey for an AdapterCache
     store.save_routing("new", "mhr-z", logits)   # persisted atomically, servable at once
+    store.save_composition("ab", Mix.of({"a": .7, "b": .3}))   # a named mix
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from pathlib import Path
 
 import torch
 
-from . import persistence, routing
+from . import persistence, routing, skill_space
 from .adapter import TaskAdapter
 from .errors import InventoryError, TaskConflictError, UnknownTaskError
 from .export import export_peft_lora
 from .inventory import Inventory
 from .lru import BytesLRU
+from .mix import MAX_MIX_TASKS, Mix, MixError, TaskRef
 from .names import MU_TASK, validate_task_name
 from .registry import MU_INFO, AdapterKey, TaskInfo, read_pretrained_tasks
 
 log = logging.getLogger(__name__)
 LOGITS_CACHE_BYTES = 64 * 2**20
+WRITABLE = ("adapted", "composed")  # kinds a client may overwrite or delete
 
 
 class AdapterStore:
@@ -62,38 +66,53 @@ class AdapterStore:
                 raise UnknownTaskError(name)
             return self._tasks[name]
 
-    def cache_key(self, name: str) -> AdapterKey:
-        """Names one adapter's content: a task deleted and adapted again gets a new key (its `created`)."""
-        info = self.task(name)
-        return AdapterKey(self.fingerprint, name, info.version, info.created)
+    def cache_key(self, ref: TaskRef) -> AdapterKey:
+        """Names one adapter's content: a task deleted and adapted again gets a new key (its `created`); a mix's
+        or composed task's key holds its members' keys."""
+        if isinstance(ref, Mix):
+            return AdapterKey(self.fingerprint, ref.name, 0, None, skill_space.key_members(self, ref.name, ref.members))
+        info = self.task(ref)
+        members = skill_space.key_members(self, ref, info.recipe) if info.recipe is not None else ()
+        return AdapterKey(self.fingerprint, ref, info.version, info.created, members)
+
+    def check_mix(self, weights: dict[str, float], max_tasks: int = MAX_MIX_TASKS) -> Mix:
+        """A servable mix, or MixError naming the field: weights ≥ 0 and not all zero, known tasks with skill
+        weights (not plain-LoRA ones), at most max_tasks entries."""
+        mix = Mix.of(weights, max_tasks)
+        for task, _ in mix.members:
+            try:
+                self.task(task)
+            except UnknownTaskError:
+                raise MixError(f"unknown task {task!r}; GET /tasks lists the tasks", f"mix.{task}") from None
+        skill_space.weights(self, mix)
+        return mix
 
     # ---- adapters ---------------------------------------------------------------------------
-    def adapter(self, name: str) -> TaskAdapter:
-        """The task's per-layer LoRA (float32, CPU): routed, μ, or as stored."""
-        return self.adapters([name])[0]
+    def adapter(self, ref: TaskRef) -> TaskAdapter:
+        """The task's (or mix's) per-layer LoRA (float32, CPU): routed, μ, mixed, or as stored."""
+        return self.adapters([ref])[0]
 
-    def adapters(self, names: Sequence[str]) -> list[TaskAdapter]:
-        """Several tasks' adapters. Routed tasks (pretrained rows, z-method tasks) are mixed together,
-        reading the inventory's skills once for all of them."""
-        found: dict[str, TaskAdapter] = {}
-        routed: dict[str, list[torch.Tensor]] = {}
-        for name in dict.fromkeys(names):
-            logits = self._routing_logits(name)
-            if logits is None:
-                found[name] = self._unrouted_adapter(name)
+    def adapters(self, refs: Sequence[TaskRef]) -> list[TaskAdapter]:
+        """Several tasks' adapters. Everything in skill space (pretrained rows, z-method tasks, μ, mixes, composed
+        tasks) is routed together, reading the inventory's skills once for all of them."""
+        found: dict[TaskRef, TaskAdapter] = {}
+        weighted: dict[TaskRef, list[torch.Tensor]] = {}
+        for ref in dict.fromkeys(refs):
+            if self._is_plain_lora(ref):
+                found[ref] = self._stored_lora(ref)
             else:
-                routed[name] = logits
-        if routed:
-            per_group = [torch.stack(z) for z in zip(*routed.values(), strict=True)]  # [(U, L, H*K), ...]
-            found.update(zip(routed, routing.routed_adapters(self.inventory, per_group), strict=True))
-        return [found[name] for name in names]
+                weighted[ref] = skill_space.weights(self, ref)
+        if weighted:
+            per_group = [torch.stack(w) for w in zip(*weighted.values(), strict=True)]  # [(U, L, H, K), ...]
+            found.update(zip(weighted, routing.adapters_from_weights(self.inventory, per_group), strict=True))
+        return [found[ref] for ref in refs]
 
     def adapter_for_logits(self, logits: list[torch.Tensor]) -> TaskAdapter:
         """Routed adapter for logits given per module group, [(L, H*K), ...] (used while adapting)."""
         return routing.routed_adapter(self.inventory, logits)
 
-    def _routing_logits(self, name: str) -> list[torch.Tensor] | None:
-        """A routed task's logits per module group [(L, H*K), ...]; None for μ and stored-LoRA tasks."""
+    def routing_logits(self, name: str) -> list[torch.Tensor] | None:
+        """A routed task's logits per module group [(L, H*K), ...]; None for the others."""
         info = self.task(name)
         if info.kind == "pretrained":
             return routing.pretrained_logits(self.inventory, info.row)
@@ -111,9 +130,11 @@ class AdapterStore:
             return logits
         return None
 
-    def _unrouted_adapter(self, name: str) -> TaskAdapter:
-        if self.task(name).kind == "mu":
-            return routing.mu_adapter(self.inventory)
+    def _is_plain_lora(self, ref: TaskRef) -> bool:
+        return isinstance(ref, str) and self.task(ref).kind == "adapted" and \
+            self._adapted_meta[ref]["format"] == "lora"
+
+    def _stored_lora(self, name: str) -> TaskAdapter:
         path = persistence.task_path(self.adapted_dir, name)
         return persistence.decode_lora(path, persistence.read_tensors(path), self.inventory.module_shapes,
                                        int(self._adapted_meta[name]["rank"]))
@@ -121,13 +142,13 @@ class AdapterStore:
     # ---- persistence ---------------------------------------------------------------------------
     def check_writable(self, name: str, *, overwrite: bool = False) -> None:
         """May a task of this name be written? TaskNameError: not a valid name, or reserved (__mu__);
-        TaskConflictError: a pretrained task, or an adapted one and `overwrite` is off."""
+        TaskConflictError: a pretrained task, or an adapted or composed one and `overwrite` is off."""
         validate_task_name(name)
         with self._lock:
             info = self._tasks.get(name)
         if info is None:
             return
-        if info.kind != "adapted":
+        if info.kind not in WRITABLE:
             raise TaskConflictError(f"task {name!r} is a pretrained task and cannot be replaced")
         if not overwrite:
             raise TaskConflictError(f"task {name!r} already exists; set overwrite=true to replace it (version goes up)")
@@ -142,21 +163,39 @@ class AdapterStore:
         """Persist a plain-LoRA task (MHR-μ): A (d_in, r) and B (r, d_out) per module."""
         return self._save(name, method, "lora", persistence.encode_lora(adapter), adapter.rank, overwrite)
 
+    def save_composition(self, name: str, mix: Mix, *, overwrite: bool = False,
+                         method: str = "composition") -> TaskInfo:
+        """Persist a named mix (its recipe: member names and weights, resolved whenever it is served)."""
+        with self._lock:
+            self.check_writable(name, overwrite=overwrite)
+            skill_space.key_members(self, name, mix.members)  # no member is the task itself (or contains it)
+            info = TaskInfo(name, "composed", self._next_version(name), method, created=time.time(),
+                            recipe=mix.members)
+            persistence.write_composition(self.adapted_dir, info, self.fingerprint, self.inventory.config.r)
+            return self._register(info, "composition", self.inventory.config.r)
+
     def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int, overwrite: bool) -> TaskInfo:
         with self._lock:
             self.check_writable(name, overwrite=overwrite)
-            previous = self._tasks.get(name)
-            version = previous.version + 1 if previous else 1
-            info = TaskInfo(name, "adapted", version, method, created=time.time())
+            info = TaskInfo(name, "adapted", self._next_version(name), method, created=time.time())
             persistence.write_adapted(self.adapted_dir, info, fmt, tensors, self.fingerprint, rank)
-            self._tasks[name] = info
-            self._adapted_meta[name] = {"format": fmt, "rank": str(rank)}
-            return info
+            return self._register(info, fmt, rank)
+
+    def _next_version(self, name: str) -> int:
+        previous = self._tasks.get(name)
+        return previous.version + 1 if previous else 1
+
+    def _register(self, info: TaskInfo, fmt: str, rank: int) -> TaskInfo:
+        self._tasks[info.name] = info
+        self._adapted_meta[info.name] = {"format": fmt, "rank": str(rank)}
+        return info
 
     def delete(self, name: str) -> TaskInfo:
+        """Delete an adapted or composed task. Compositions that use it fail from then on (409), until composed
+        again without it."""
         with self._lock:
             info = self.task(name)
-            if info.kind != "adapted":
+            if info.kind not in WRITABLE:
                 raise TaskConflictError(f"task {name!r} is {info.kind} and cannot be deleted")
             persistence.task_path(self.adapted_dir, name).unlink(missing_ok=True)
             del self._tasks[name], self._adapted_meta[name]
@@ -170,7 +209,7 @@ class AdapterStore:
             if name in self._tasks:
                 raise InventoryError(persistence.task_path(self.adapted_dir, name),
                                      "an adapted task has the name of a pretrained task", key=name)
-            if meta["format"] == "routing" and meta["fingerprint"] != self.fingerprint:
+            if meta["format"] in ("routing", "composition") and meta["fingerprint"] != self.fingerprint:
                 log.warning("skipping adapted task %r: its routing was learnt for inventory %s, not %s",
                             name, meta["fingerprint"], self.fingerprint)
                 continue

@@ -11,7 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store import InventoryError, TaskConflictError, TaskNameError, UnknownTaskError
+from adapter_store import (
+    BrokenCompositionError,
+    InventoryError,
+    MixError,
+    TaskConflictError,
+    TaskNameError,
+    UnknownTaskError,
+)
 
 from .adapt import JobConflictError, QueueFull
 from .admission import ClientGone, Overloaded
@@ -45,6 +52,8 @@ TRANSLATIONS: dict[type[BaseException], Callable[..., ApiError]] = {
     UnknownTaskError: lambda e: ApiError(404, "unknown_task", f"unknown task {e.name!r}; GET /tasks lists the tasks",
                                          "task"),
     TaskConflictError: lambda e: ApiError(409, "conflict", str(e), "task"),
+    BrokenCompositionError: lambda e: ApiError(409, "conflict", str(e), "task"),
+    MixError: lambda e: ApiError(422, "validation_error", f"{e.field}: {e}", e.field),
     JobConflictError: lambda e: ApiError(409, "conflict", str(e), e.field),
     TaskNameError: lambda e: ApiError(422, "validation_error", f"task: {e}", "task"),
     Overloaded: lambda e: ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}),

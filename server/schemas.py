@@ -16,8 +16,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class MixSpec(StrictModel):
+    mix: dict[TaskName, float] = Field(
+        description="tasks and their weights (≥ 0, normalised to sum 1): served with the weighted sum of the tasks' "
+        "normalised skill weights, per layer and head; __mu__ allowed, plain-LoRA (MHR-μ) tasks are not",
+        examples=[{"reverse-upper": 0.7, "shift-double": 0.3}])
+
+
+TaskOrMix = TaskName | MixSpec
+
+
 class GenerateRequest(StrictModel):
-    task: TaskName = Field(description="a task name from GET /tasks, or __mu__ for the μ adapter")
+    task: TaskOrMix = Field(description="a task name from GET /tasks (__mu__: the μ adapter), or {\"mix\": {...}}")
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
     max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
     min_new_tokens: int = Field(0, ge=0, description="end of sequence is not allowed before this many new tokens")
@@ -46,14 +56,15 @@ class Usage(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    task: str
-    version: int = Field(description="the version of the task's adapter that generated these outputs")
+    task: str = Field(description="the task's name, or the mix's canonical name: mix(a=0.7,b=0.3)")
+    version: int | None = Field(description="the version of the task's adapter that generated these outputs "
+                                "(null for a mix)")
     outputs: list[Output]
     usage: Usage
 
 
 class ScoreRequest(StrictModel):
-    task: TaskName
+    task: TaskOrMix
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
     choices: (Annotated[list[NonEmptyText], Field(min_length=1)]
               | Annotated[list[Annotated[list[NonEmptyText], Field(min_length=1)]], Field(min_length=1)]) = Field(
@@ -76,17 +87,30 @@ class ScoreResult(BaseModel):
 
 class ScoreResponse(BaseModel):
     task: str
-    version: int = Field(description="the version of the task's adapter that scored the choices")
+    version: int | None = Field(description="the version of the task's adapter that scored the choices (null for "
+                                "a mix)")
     results: list[ScoreResult]
 
 
 class TaskOut(BaseModel):
     name: str
-    kind: Literal["pretrained", "adapted", "mu"]
+    kind: Literal["pretrained", "adapted", "composed", "mu"]
     version: int
     method: str
     row: int | None = None
     created: float | None = None
+    mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
+
+    @classmethod
+    def of(cls, info) -> TaskOut:
+        return cls(name=info.name, kind=info.kind, version=info.version, method=info.method, row=info.row,
+                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None)
+
+
+class ComposeRequest(StrictModel):
+    name: TaskName = Field(description="the composed task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
+    mix: dict[TaskName, float] = Field(description="tasks and their weights, as in a request's {\"mix\": ...}")
+    overwrite: bool = Field(False, description="replace a composed or adapted task of this name (version goes up)")
 
 
 class TaskList(BaseModel):
@@ -117,7 +141,11 @@ class ExampleIn(StrictModel):
 class AdaptRequest(StrictModel):
     task: TaskName = Field(description="the new task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
     examples: Annotated[list[ExampleIn], Field(min_length=1)]
-    method: Literal["mhr-z", "poly-z", "mhr-mu"] = Field("mhr-z", description="what is trained (see README)")
+    method: Literal["mhr-z", "poly-z", "mhr-mu", "retrieve"] = Field(
+        "mhr-z", description="what is trained (see README); retrieve: no training, the best mix of known tasks")
+    init: Literal["uniform", "retrieve"] = Field(
+        "uniform", description="mhr-z / poly-z: start from uniform routing, or from the retrieved mix's routing")
+    k: int = Field(3, ge=1, le=16, description="retrieve: how many of the best tasks the mix keeps")
     steps: int = Field(200, ge=1)
     learning_rate: float | None = Field(None, gt=0, le=10, description="default: 0.1 for z methods, 1e-3 for mhr-mu")
     batch_size: int = Field(8, ge=1, le=256)
@@ -147,6 +175,8 @@ class AdaptJobOut(BaseModel):
     stopped_early: str | None
     error: str | None
     cancel_requested: bool = False
+    result: dict | None = Field(None, description="retrieve (and init retrieve): the mix and each candidate task's "
+                                "loss on the examples, best first")
 
 
 class AdaptJobList(BaseModel):

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(32, ge=1)
     max_num_beams: int = Field(8, ge=1)
     max_choices: int = Field(32, ge=1)
+    max_mix_tasks: int = Field(16, ge=1, le=1024, description="tasks one skill-space mix may hold")
     adapt_max_examples: int = Field(256, ge=1, description="examples one /adapt request may carry")
     adapt_max_steps: int = Field(2000, ge=1)
     adapt_max_seconds: float = Field(600.0, gt=0, description="a job stops (and saves) at this time cap")

@@ -14,13 +14,17 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from adapter_store import skill_space
+
 from ..engine import Engine, ShuttingDown
 from .data import Example
 from .methods import METHODS
+from .retrieve import retrieve
 from .states import ACTIVE, ENDED, JobState
 from .trainer import Cancelled, Progress, TrainConfig, train
 
 log = logging.getLogger(__name__)
+RETRIEVE = "retrieve"
 INTERRUPTED = "interrupted: the server stopped while this job was queued or running; nothing was saved"
 
 
@@ -56,6 +60,7 @@ class AdaptJob:
     stopped_early: str | None = None
     error: str | None = None
     cancel_requested: bool = False
+    result: dict | None = None  # retrieve (and init "retrieve"): the mix and every candidate's loss
 
     def elapsed_s(self) -> float | None:
         return None if self.started is None else (self.finished or time.time()) - self.started
@@ -141,12 +146,8 @@ class JobManager:
                 self._save(job)
 
         try:
-            method = METHODS[job.method](self.engine.store)
-            job.trainable_parameters = method.trainable_parameters
-            result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
-                           on_progress=on_progress)
-            job.stopped_early = result.stopped_early
-            job.version = method.save(job.task, overwrite=config.overwrite).version
+            job.version = (self._retrieve if job.method == RETRIEVE else self._train)(job, examples, config,
+                                                                                     on_progress)
             self.engine.forget_task(job.task)  # its older versions
             self._finish(job, "succeeded")
         except Cancelled:
@@ -154,6 +155,27 @@ class JobManager:
         except Exception as exc:  # the job fails; the server goes on
             log.exception("adaptation job %s failed", job.id)
             self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
+
+    def _train(self, job: AdaptJob, examples: list[Example], config: TrainConfig, on_progress) -> int:
+        method = METHODS[job.method](self.engine.store)
+        job.trainable_parameters = method.trainable_parameters
+        if config.init == "retrieve":
+            start = retrieve(self.engine, examples, config.retrieve_k)
+            job.result = start.as_dict()
+            method.start_from(skill_space.weights(self.engine.store, start.mix))
+        result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
+                       on_progress=on_progress)
+        job.stopped_early = result.stopped_early
+        return method.save(job.task, overwrite=config.overwrite).version
+
+    def _retrieve(self, job: AdaptJob, examples: list[Example], config: TrainConfig, on_progress) -> int:
+        """No gradient steps: the best mix of known tasks, persisted as a composed task."""
+        found = retrieve(self.engine, examples, config.retrieve_k)
+        job.result = found.as_dict()
+        job.trainable_parameters = 0
+        on_progress(Progress(step=1, loss=found.candidates[0].loss))
+        return self.engine.store.save_composition(job.task, found.mix, overwrite=config.overwrite,
+                                                  method=RETRIEVE).version
 
     def _finish(self, job: AdaptJob, state: JobState, error: str | None = None) -> None:
         job.state, job.finished, job.error = state, time.time(), error

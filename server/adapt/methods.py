@@ -39,6 +39,11 @@ class AdaptMethod(ABC):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def start_from(self, weights: list[torch.Tensor]) -> None:
+        """Start from given normalised skill weights per group [(L, H, K), ...] instead of uniform routing
+        (init "retrieve"); only routing methods can."""
+        raise ValueError(f"{self.name} does not train routing logits: it cannot start from a mix")
+
 
 class MhrZ(AdaptMethod):
     name, default_learning_rate = "mhr-z", 0.1
@@ -57,6 +62,11 @@ class MhrZ(AdaptMethod):
     def save(self, task: str, *, overwrite: bool = False) -> TaskInfo:
         return self.store.save_routing(task, self.name, [z.detach() for z in self.logits()], overwrite=overwrite)
 
+    def start_from(self, weights: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for z, w in zip(self.params, weights, strict=True):
+                z.copy_(logits_for(w).flatten(1))  # (L, H, K) -> (L, H*K)
+
 
 class PolyZ(MhrZ):
     name, default_learning_rate = "poly-z", 0.1
@@ -68,6 +78,11 @@ class PolyZ(MhrZ):
     def logits(self) -> list[torch.Tensor]:
         heads = self.store.inventory.config.n_splits
         return [z.repeat(1, heads) for z in self.params]  # (L, K) -> (L, H*K): every head the same row
+
+    def start_from(self, weights: list[torch.Tensor]) -> None:
+        with torch.no_grad():  # one vector for all heads: the heads' average weights
+            for z, w in zip(self.params, weights, strict=True):
+                z.copy_(logits_for(w.mean(dim=1)))  # (L, H, K) -> (L, K)
 
 
 class MhrMu(AdaptMethod):
@@ -89,6 +104,13 @@ class MhrMu(AdaptMethod):
         detached = tuple(LayerGroup(g.names, g.lora_a.detach(), g.lora_b.detach()) for g in adapter.groups)
         return self.store.save_lora(task, self.name, TaskAdapter(adapter.rank, adapter.scale, detached),
                                     overwrite=overwrite)
+
+
+def logits_for(weights: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Logits whose normalised sigmoids equal the weights (..., K): p = w / max(w) / 2 (so 0 < p ≤ 1/2),
+    z = log(p / (1 − p)); then p / Σ p = w. Weights below `floor` (relative) are raised to it."""
+    p = 0.5 * (weights / weights.amax(dim=-1, keepdim=True)).clamp(min=floor)
+    return torch.log(p / (1 - p))
 
 
 METHODS: dict[str, type[AdaptMethod]] = {cls.name: cls for cls in (MhrZ, PolyZ, MhrMu)}

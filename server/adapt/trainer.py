@@ -27,6 +27,8 @@ class TrainConfig:
     max_seconds: float
     max_new_tokens: int = 64
     overwrite: bool = False  # the task may replace an adapted task of its name
+    init: str = "uniform"  # routing methods: "uniform", or "retrieve" (start from the best mix of known tasks)
+    retrieve_k: int = 3  # tasks kept by retrieval
 
 
 @dataclass

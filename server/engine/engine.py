@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from adapter_store import AdapterCache, AdapterStore, TaskAdapter, check_model
+from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
 
 from .adapter_slots import AdapterSlots
 from .generation import eos_token_ids
@@ -91,11 +91,11 @@ class Engine:
         return self.loaded.tokenizer
 
     # ---- adapters ---------------------------------------------------------------------------
-    def adapter(self, task: str) -> TaskAdapter:
+    def adapter(self, task: TaskRef) -> TaskAdapter:
         """The task's adapter on the engine's device and dtype; routed at most once per version."""
         return self.adapters_and_keys([task])[0][0]
 
-    def adapters_and_keys(self, tasks: Sequence[str]) -> tuple[list[TaskAdapter], list[Hashable]]:
+    def adapters_and_keys(self, tasks: Sequence[TaskRef]) -> tuple[list[TaskAdapter], list[Hashable]]:
         """Each task's adapter and the cache key that names its content. Misses are routed together (one
         pass over the inventory). Consistent even if a new version of a task lands meanwhile: then the
         entry, possibly routed from the newer version, is dropped and redone."""
@@ -110,9 +110,9 @@ class Engine:
             self.cache.discard(lambda key, stale=stale: key in stale)
 
     def forget_task(self, name: str) -> int:
-        """Drop every cached adapter of a task (all versions); return how many. Rows already running keep the
-        adapter they were admitted with; new rows route the task's current version."""
-        return self.cache.discard(lambda key: key.task == name)
+        """Drop every cached adapter of a task (all versions), and of mixes holding it; return how many. Rows
+        already running keep the adapter they were admitted with; new rows route the task's current version."""
+        return self.cache.discard(lambda key: _mentions(key, name))
 
     # ---- generation and scoring -----------------------------------------------------------------
     def submit_generate(self, rows: Sequence[GenerateRow]) -> GenerateJob:
@@ -184,6 +184,10 @@ class Engine:
 
 
 _WARM_UP = SamplingParams(max_new_tokens=2)
+
+
+def _mentions(key: AdapterKey, name: str) -> bool:
+    return key.task == name or any(_mentions(member, name) for member, _ in key.members)
 
 
 def _weights_bytes(loaded: LoadedModel) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapter_store import TaskAdapter
+from adapter_store import TaskAdapter, TaskRef
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class SamplingParams:
 
 @dataclass
 class GenerateRow:
-    task: str
+    task: TaskRef  # a task's name, or a Mix
     text: str
     params: SamplingParams
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text
@@ -49,7 +49,7 @@ class Completion:
 
 @dataclass
 class ScoreRow:
-    task: str
+    task: TaskRef
     text: str
     choices: list[str] = field(default_factory=list)
 

@@ -29,13 +29,17 @@ async def submit(body: AdaptRequest, engine: EngineDep, jobs: JobsDep, settings:
         raise invalid("examples", f"{len(body.examples)} examples; at most {settings.adapt_max_examples}")
     if body.steps > settings.adapt_max_steps:
         raise invalid("steps", f"{body.steps} steps; at most {settings.adapt_max_steps}")
+    if body.init == "retrieve" and body.method not in ("mhr-z", "poly-z"):
+        raise invalid("init", f"init retrieve starts routing logits: only for mhr-z and poly-z, not {body.method}")
     for i, example in enumerate(body.examples):
         check_texts([example.input], f"examples.{i}.input", engine, settings)
         check_texts([example.target], f"examples.{i}.target", engine, settings)
+    default_rate = METHODS[body.method].default_learning_rate if body.method in METHODS else 0.0
     config = TrainConfig(steps=body.steps, batch_size=body.batch_size, seed=body.seed,
-                         learning_rate=body.learning_rate or METHODS[body.method].default_learning_rate,
+                         learning_rate=body.learning_rate or default_rate,
                          validation_fraction=body.validation_fraction, max_seconds=settings.adapt_max_seconds,
-                         max_new_tokens=settings.max_new_tokens, overwrite=body.overwrite)
+                         max_new_tokens=settings.max_new_tokens, overwrite=body.overwrite, init=body.init,
+                         retrieve_k=body.k)
     examples = [Example(e.input, e.target) for e in body.examples]
     return job_out(jobs.submit(body.task, body.method, examples, config))
 

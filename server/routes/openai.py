@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, Engine, GenerateRow, SamplingParams
 from ..errors import ApiError
-from ..schemas import ErrorResponse
+from ..schemas import ErrorResponse, MixSpec
 from ..security import ReadingKey
 from ..sse import completion_chunks
 from .validation import check_lengths, invalid, rows_of, task_and_texts
@@ -42,6 +42,14 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0)
     min_tokens: int = Field(0, ge=0, description="vLLM's: end of sequence is not allowed before this many tokens")
     ignore_eos: bool = Field(False, description="vLLM's: keep generating after an end of sequence")
+    mix: dict[str, float] | None = Field(None, description="serve a skill-space mix of tasks instead of `model` "
+                                         "(as /generate's {\"mix\": ...}; the SDK's extra_body)")
+
+    def task(self) -> str | MixSpec:
+        return MixSpec.model_construct(mix=self.mix) if self.mix is not None else self.model
+
+    def task_field(self) -> str:
+        return "" if self.mix is not None else "model"
 
 
 class CompletionRequest(SamplingFields):
@@ -113,8 +121,8 @@ async def list_models(engine: EngineDep) -> dict:
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                       settings: SettingsDep, metrics: MetricsDep):
-    info, prompts = task_and_texts(engine, metrics, settings, body.model, body.prompt, "prompt")
-    rows = rows_of(info.name, prompts, _params(body, body.max_tokens, settings))
+    info, prompts = task_and_texts(engine, metrics, settings, body.task(), body.prompt, "prompt", body.task_field())
+    rows = rows_of(info.ref, prompts, _params(body, body.max_tokens, settings))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         admission.check_capacity()
@@ -130,10 +138,10 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 @router.post("/chat/completions", response_model=ChatResponse, responses=ERRORS)
 async def chat_completions(body: ChatRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                            settings: SettingsDep, metrics: MetricsDep):
-    info, _ = task_and_texts(engine, metrics, settings, body.model, [], "messages")
+    info, _ = task_and_texts(engine, metrics, settings, body.task(), [], "messages", body.task_field())
     prompt_ids = _render_chat(engine, body, settings.max_input_tokens)
     params = _params(body, body.max_completion_tokens or body.max_tokens, settings)
-    rows = [GenerateRow(info.name, "", params, prompt_ids=prompt_ids)]
+    rows = [GenerateRow(info.ref, "", params, prompt_ids=prompt_ids)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         admission.check_capacity()

@@ -8,7 +8,7 @@ from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
 from ..security import ReadingKey
-from .validation import check_texts, invalid, task_and_texts
+from .validation import check_texts, invalid, task_and_texts, version_served
 
 router = APIRouter(tags=["score"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
@@ -17,15 +17,15 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS, dependencies=ReadingKey)
 async def score(body: ScoreRequest, engine: EngineDep, admission: AdmissionDep, settings: SettingsDep,
                 metrics: MetricsDep):
-    info, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
+    target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
     choices = _choices_per_input(body.choices, len(texts))
     for i, options in enumerate(choices):
         if len(options) > settings.max_choices:
             raise invalid("choices", f"{len(options)} choices; at most {settings.max_choices}")
         check_texts(options, f"choices.{i}" if isinstance(body.choices[0], list) else "choices", engine, settings)
-    scored = await admission.score([ScoreRow(info.name, t, c) for t, c in zip(texts, choices, strict=True)])
-    version = scored[0].version if scored[0].version is not None else info.version
-    return ScoreResponse(task=info.name, version=version, results=[_result(s.choices) for s in scored])
+    scored = await admission.score([ScoreRow(target.ref, t, c) for t, c in zip(texts, choices, strict=True)])
+    return ScoreResponse(task=target.name, version=version_served(target, scored[0].version),
+                         results=[_result(s.choices) for s in scored])
 
 
 def _choices_per_input(choices: list[str] | list[list[str]], n_inputs: int) -> list[list[str]]:

@@ -1,4 +1,5 @@
-"""GET /tasks, GET /tasks/{name}, DELETE /tasks/{name} (adapted only), GET /tasks/{name}/lora (a PEFT LoRA zip)."""
+"""GET /tasks, GET /tasks/{name}, POST /tasks (a named mix), DELETE /tasks/{name} (adapted or composed),
+GET /tasks/{name}/lora (a PEFT LoRA zip)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import asyncio
 import io
 import tempfile
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from adapter_store import AdapterStore
+from adapter_store import AdapterStore, MixError
 
-from ..deps import EngineDep, StoreDep
-from ..schemas import ErrorResponse, TaskList, TaskOut
+from ..deps import EngineDep, SettingsDep, StoreDep
+from ..schemas import ComposeRequest, ErrorResponse, TaskList, TaskOut
 from ..security import MutatingKey, ReadingKey
+from .validation import invalid
 
 router = APIRouter(tags=["tasks"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409)}
@@ -24,20 +25,36 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409)}
 
 @router.get("/tasks", response_model=TaskList, dependencies=ReadingKey)
 async def list_tasks(store: StoreDep) -> TaskList:
-    return TaskList(tasks=[TaskOut(**asdict(info)) for info in store.tasks()])
+    return TaskList(tasks=[TaskOut.of(info) for info in store.tasks()])
 
 
 @router.get("/tasks/{name}", response_model=TaskOut, responses=ERRORS, dependencies=ReadingKey)
 async def get_task(name: str, store: StoreDep) -> TaskOut:
-    return TaskOut(**asdict(store.task(name)))
+    return TaskOut.of(store.task(name))
+
+
+@router.post("/tasks", status_code=201, response_model=TaskOut, responses={**ERRORS, 422: {"model": ErrorResponse}})
+async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep, _: MutatingKey) -> TaskOut:
+    """A named mix: persisted (atomic, versioned), listed with its recipe, servable, exportable, deletable. It is
+    resolved from its members each time it is routed, so a member's new version reaches it; a member deleted
+    makes it fail with 409 until it is composed again without that member."""
+    engine.store.check_writable(body.name, overwrite=body.overwrite)
+    try:
+        mix = engine.store.check_mix(body.mix, settings.max_mix_tasks)
+    except MixError as exc:
+        raise invalid(exc.field, str(exc)) from None
+    info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
+    engine.forget_task(body.name)  # an older version's cached adapter
+    return TaskOut.of(info)
 
 
 @router.delete("/tasks/{name}", response_model=TaskOut, responses=ERRORS)
 async def delete_task(name: str, engine: EngineDep, _: MutatingKey) -> TaskOut:
-    """Delete an adapted task (its file and cached adapters); pretrained tasks and __mu__ are refused (409)."""
+    """Delete an adapted or composed task (its file and cached adapters); pretrained tasks and __mu__ are refused
+    (409)."""
     info = await asyncio.to_thread(engine.store.delete, name)
     engine.forget_task(name)
-    return TaskOut(**asdict(info))
+    return TaskOut.of(info)
 
 
 @router.get("/tasks/{name}/lora", responses={**ERRORS, 200: {"content": {"application/zip": {}}}})

@@ -2,27 +2,61 @@
 
 from __future__ import annotations
 
-from adapter_store import TaskInfo
+from dataclasses import dataclass
+
+from adapter_store import MixError, TaskRef
 
 from ..engine import Engine, GenerateRow, SamplingParams
 from ..errors import ApiError
 from ..metrics import Metrics
-from ..schemas import GenerateRequest
+from ..schemas import GenerateRequest, MixSpec
 from ..settings import Settings
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a request is served with: a task (its name and version now) or a mix (its canonical name)."""
+
+    ref: TaskRef
+    name: str
+    version: int | None
 
 
 def as_list(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
-def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str, inputs: str | list[str],
-                   field: str = "inputs") -> tuple[TaskInfo, list[str]]:
-    """The request's task (404 if unknown; counted in metrics) and its inputs as a checked list."""
+def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec, field: str = "task") -> Served:
+    """The request's task (404 if unknown, 409 for a composition whose member is gone) or mix (422 naming the
+    field at fault), counted in metrics."""
+    if isinstance(task, MixSpec):
+        try:
+            mix = engine.store.check_mix(task.mix, settings.max_mix_tasks)
+        except MixError as exc:
+            raise invalid(f"{field}.{exc.field}" if field else exc.field, str(exc)) from None
+        metrics.count_task("mix")
+        return Served(mix, mix.name, None)
     info = engine.store.task(task)
     metrics.count_task(info.name)
+    if info.recipe is not None:
+        engine.store.cache_key(task)  # its members are all there (else 409 now, not after queueing)
+    return Served(info.name, info.name, info.version)
+
+
+def version_served(target: Served, ran: int | None) -> int | None:
+    """The version of the adapter that ran (the engine pins it when the request's first row starts); none for
+    a mix."""
+    return None if target.version is None else ran or target.version
+
+
+def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec,
+                   inputs: str | list[str], field: str = "inputs", task_field: str = "task"
+                   ) -> tuple[Served, list[str]]:
+    """The request's task or mix (see `served`) and its inputs as a checked list."""
+    target = served(engine, metrics, settings, task, task_field)
     texts = as_list(inputs)
     check_texts(texts, field, engine, settings)
-    return info, texts
+    return target, texts
 
 
 def invalid(field: str, message: str) -> ApiError:
@@ -59,6 +93,6 @@ def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams
                           num_beams=body.num_beams, seed=body.seed, stop=tuple(body.stop))
 
 
-def rows_of(task: str, texts: list[str], params: SamplingParams) -> list[GenerateRow]:
+def rows_of(task: TaskRef, texts: list[str], params: SamplingParams) -> list[GenerateRow]:
     """One engine row per input text."""
     return [GenerateRow(task, text, params, index=i) for i, text in enumerate(texts)]
