@@ -100,7 +100,7 @@ def interleaved_tokens_per_s(runs: dict, reps: int) -> tuple[dict[str, float], d
 
 
 def hf_generate(model, tokenizer, texts, new_tokens, **kwargs):
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
 
     def run() -> int:
         with torch.inference_mode():
@@ -143,7 +143,7 @@ def cycling_run(engine: Engine, names: list[str], texts: list[str], new_tokens: 
 
 
 def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict:
-    loaded = load_model(model_dir, device="cpu")
+    loaded = load_model(model_dir, device=args.device)
     loaded.model.generation_config.eos_token_id = None  # fixed length for every mode (the demo model stops early)
     base = copy.deepcopy(loaded.model)
     tok = loaded.tokenizer
@@ -159,7 +159,7 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
     plain = Engine(LoadedModel(copy.deepcopy(base), tok, loaded.is_seq2seq, loaded.device, loaded.dtype), store,
                    AdapterCache(64 * adapter_bytes), prepack_weights=False)
     random_tasks = add_random_tasks(store, args.cycle_tasks)
-    task_ids = torch.tensor([i % n_tasks for i in range(BATCH)])
+    task_ids = torch.tensor([i % n_tasks for i in range(BATCH)], device=loaded.device)
     results, best = interleaved_tokens_per_s({
         "bare": hf_generate(base, tok, texts, n),
         "peft_16_tasks": hf_generate(peft_model, tok, texts, n, task_ids=task_ids),
@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the engines and the HTTP servers)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,7 +210,8 @@ def main() -> None:
     args.http_requests = 64 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
     args.mixed_requests = 64 if args.quick else 160
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
+    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_random_bundle(folder)

@@ -34,9 +34,9 @@ def free_port() -> int:
 
 
 def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads: int | None,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+                 extra_env: dict[str, str] | None = None, device: str = "cpu") -> subprocess.Popen:
     env = {**os.environ, "MHR_MODEL": str(model), "MHR_INVENTORY": str(inventory), "MHR_ADAPTED_DIR": str(adapted),
-           "MHR_PORT": str(port), "MHR_DEVICE": "cpu", "MHR_MAX_BATCH_SIZE": "32", "MHR_MAX_BATCH_WAIT_MS": "5",
+           "MHR_PORT": str(port), "MHR_DEVICE": device, "MHR_MAX_BATCH_SIZE": "32", "MHR_MAX_BATCH_WAIT_MS": "5",
            "MHR_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
     if threads:
         env["MHR_THREADS"] = str(threads)
@@ -55,10 +55,10 @@ def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads
 
 
 @contextlib.contextmanager
-def served(model: Path, inventory: Path, adapted: Path, threads: int | None, **settings: str):
+def served(model: Path, inventory: Path, adapted: Path, threads: int | None, device: str = "cpu", **settings: str):
     """A server process for the block; yields its base URL and its pretrained task names."""
     port = free_port()
-    proc = start_server(model, inventory, adapted, port, threads, extra_env=settings)
+    proc = start_server(model, inventory, adapted, port, threads, extra_env=settings, device=device)
     base = f"http://127.0.0.1:{port}"
     try:
         tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"] if t["kind"] == "pretrained"]
@@ -172,14 +172,14 @@ async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int
 
 def http_throughput(model: Path, inventory: Path, adapted: Path, args) -> dict:
     out = {}
-    with served(model, inventory, adapted, args.threads) as (base, tasks):
+    with served(model, inventory, adapted, args.threads, args.device) as (base, tasks):
         one = asyncio.run(_clients(base, tasks, args.http_requests // 4, 1, args.new_tokens))
         many = asyncio.run(_clients(base, tasks, args.http_requests, 32, args.new_tokens))
         out.update(http_tokens_per_s_1_client=round(one, 1), http_tokens_per_s_32_clients=round(many, 1),
                    ratio_32_clients_vs_1=round(many / one, 3))
         out.update(asyncio.run(_head_of_line(base, tasks, args.hol_requests)))
         continuous = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
-    with served(model, inventory, adapted, args.threads, MHR_SCHEDULER="static") as (base, tasks):
+    with served(model, inventory, adapted, args.threads, args.device, MHR_SCHEDULER="static") as (base, tasks):
         static_hol = asyncio.run(_head_of_line(base, tasks, args.hol_requests))
         static = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
     out.update(

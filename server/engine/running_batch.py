@@ -78,8 +78,9 @@ class RunningBatch:
             return
         order = self._compacted_order(leaving)
         self.rows = [self.rows[i] for i in order]
-        if not self.rows:
+        if not self.rows:  # nothing running: the layers go back to the bare backbone
             self.state = None
+            self.slots.clear()
             return
         self.state.select(order)
 

@@ -291,9 +291,12 @@ class Scheduler:
         self.batch.retire(gone)
 
     def _finish(self, ended: list[ActiveRow]) -> None:
-        for row in ended:
-            row.job.finish_row(row.index, row.completion())
+        """Answer the rows that ended, after they left the batch (so a caller woken by its answer finds the
+        loop's layers cleared when the batch emptied)."""
+        answers = [(row, row.completion()) for row in ended]
         self.batch.retire(set(ended))
+        for row, completion in answers:
+            row.job.finish_row(row.index, completion)
 
     # ---- adapters -----------------------------------------------------------------------------
     def _pin(self, jobs: Sequence[GenerateJob | ScoreJob]) -> bool:

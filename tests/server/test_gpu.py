@@ -49,3 +49,32 @@ def test_cuda_cache_memory_stays_bounded(t5_bundle):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 2 * adapter_bytes
     assert gpu.cache.stats().bytes <= 2 * adapter_bytes and gpu.cache.stats().evictions > 0
+
+
+def test_cuda_rows_joining_the_running_batch_equal_each_row_alone(t5_bundle):
+    """The serving loop on the GPU (float32, so batch shapes cannot change a greedy choice): rows that join a
+    batch mid-generation and rows that leave early each equal the row run alone."""
+    gpu = engine_on(t5_bundle, "cuda", "float32")
+    rows = [GenerateRow(t, text, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for t, text, n in (("alpha", "first row", 24), ("beta", "joins later", 6), ("gamma", "x", 12))]
+    first = gpu.submit_generate(rows[:1])
+    while gpu.stats().running_rows == 0:
+        pass
+    later = [gpu.submit_generate([row]) for row in rows[1:]]
+    together = [first.future.result(60)[0], *[job.future.result(60)[0] for job in later]]
+    alone = [gpu.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.completion_tokens for c in together] == [24, 6, 12]
+    sampled = SamplingParams(max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    greedy = SamplingParams(max_new_tokens=8)
+    mixed = gpu.generate([GenerateRow("alpha", "s", sampled), GenerateRow("beta", "g", greedy)])
+    assert mixed[0].text == gpu.generate([GenerateRow("alpha", "s", sampled)])[0].text
+    gpu.close()
+
+
+def test_cuda_memory_plan_reads_the_card(t5_bundle):
+    gpu = engine_on(t5_bundle, "cuda", "bfloat16")
+    plan = gpu.memory
+    assert plan.figures.source.startswith("cuda") and plan.figures.limit_bytes == torch.cuda.mem_get_info()[1]
+    assert not plan.prepack and "not possible" in next(i.why for i in plan.items if i.name == "prepacked weights")
+    gpu.close()
