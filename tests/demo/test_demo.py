@@ -10,15 +10,26 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from demo.bundle import DEFAULT_BUNDLE, bundle_megabytes, inventory_dir, load_inventory, load_task_rows  # noqa: E402
+from demo.backbone import BackboneHparams, CurriculumSampler  # noqa: E402
+from demo.batches import decode_ids  # noqa: E402
+from demo.bundle import (  # noqa: E402
+    DEFAULT_BUNDLE,
+    bundle_megabytes,
+    inventory_dir,
+    load_inventory,
+    load_task_rows,
+    read_build_info,
+)
 from demo.metrics import mean, per_task_exact_match  # noqa: E402
 from demo.tasks import (  # noqa: E402
     HELDOUT_TASKS,
     SKILLS,
     TRAIN_TASKS,
     apply,
+    backbone_curriculum,
     examples,
     random_input,
+    skill_code,
     skills_of,
     with_prefix,
 )
@@ -67,6 +78,61 @@ def test_every_task_is_a_distinct_function():
     signatures = [signature(task) for task in tasks]
     assert len(set(signatures)) == len(tasks)
     assert not set(signatures) & singles
+
+
+def _probe_inputs() -> list[str]:
+    """Many random task inputs, plus the held-out evaluation inputs (eval seed 1000) themselves."""
+    rng = random.Random(12345)
+    inputs = [random_input(rng) for _ in range(2000)]
+    return inputs + [text for task in HELDOUT_TASKS for text, _ in examples(task, 50, seed=1000)]
+
+
+def _same_function(task: str, other: str, inputs: list[str]) -> bool:
+    return all(apply(task, text) == apply(other, text) for text in inputs)
+
+
+def test_equal_functions_are_detected():
+    """The check below can see through names: commuting skills give one function under two names."""
+    inputs = _probe_inputs()
+    assert _same_function("upper-double", "double-upper", inputs)
+    assert _same_function("double-devowel", "devowel-double", inputs)
+    assert not _same_function("devowel-swapends", "swapends-devowel", inputs)  # equal on ~77% of inputs only
+
+
+def test_backbone_curriculum_has_no_heldout_composition_in_any_form():
+    """No held-out task reaches the backbone: not by name, not by prefix code, not as an equal function."""
+    sampler = CurriculumSampler(BackboneHparams(), seed=0)
+    curriculum = sampler.tasks()
+    assert sorted(curriculum) == sorted(backbone_curriculum()) == sorted(list(SKILLS) + TRAIN_TASKS)
+    assert not set(curriculum) & set(HELDOUT_TASKS)
+    inputs = _probe_inputs()
+    for heldout in HELDOUT_TASKS:
+        for task in curriculum:
+            assert not _same_function(heldout, task, inputs), (heldout, task)
+
+
+def test_backbone_training_batches_hold_no_heldout_example():
+    """Decode the sampler's real batches: every prefix names a curriculum task, and no target is a held-out one's."""
+    sampler = CurriculumSampler(BackboneHparams(), seed=0)
+    by_code = {skill_code(task): task for task in backbone_curriculum()}
+    heldout_codes = {skill_code(task) for task in HELDOUT_TASKS}
+    assert not heldout_codes & set(by_code)
+    seen = set()
+    for _ in range(60):  # 12 single-skill batches and 48 pair batches at the default share
+        batch = sampler.next()
+        for source, labels in zip(batch.input_ids.tolist(), batch.labels.tolist(), strict=True):
+            code, text = decode_ids(source).split(":")
+            target = decode_ids([i for i in labels if i >= 0])
+            assert code in by_code and target == apply(by_code[code], text)
+            seen.add(by_code[code])
+    assert seen == set(backbone_curriculum())
+
+
+def test_committed_bundle_was_built_on_the_strict_curriculum():
+    info = read_build_info(DEFAULT_BUNDLE)
+    assert info["backbone_curriculum"] == backbone_curriculum()
+    assert not set(info["backbone_curriculum"]) & set(HELDOUT_TASKS)
+    assert info["train_tasks"] == TRAIN_TASKS and info["heldout_tasks"] == HELDOUT_TASKS
 
 
 def test_prefix_names_the_skills():
