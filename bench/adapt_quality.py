@@ -1,9 +1,12 @@
-"""Few-shot adaptation quality on the demo bundle's held-out tasks (new compositions of seen skills).
+"""Few-shot adaptation quality on the demo bundle's held-out tasks (new compositions of seen skills, absent from
+the backbone's curriculum).
 
 For each held-out task: 32 training shots, evaluation on fresh inputs (exact match, greedy).
 Methods: MHR-z (routing logits only), Poly-z (one logit vector per layer), MHR-μ (the averaged LoRA
-trained), and zero-shot μ (no training). Also seconds per task and trainable parameters, and the p50 latency
-of /generate over HTTP while an adaptation job runs, relative to idle. Prints one JSON object.
+trained), zero-shot μ (no training), retrieve (no training: the best mix of the training tasks by their loss on
+the shots), and MHR-z for 50 steps from uniform routing (cold) and from the retrieved mix (warm). Also seconds per
+task and trainable parameters, and the p50 latency of /generate over HTTP while an adaptation job runs, relative
+to idle. Prints one JSON object.
 
     .venv/bin/python bench/adapt_quality.py [--quick] [--steps N] [--skip-latency]
 """
@@ -22,10 +25,11 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapter_store import AdapterCache, AdapterStore  # noqa: E402
+from adapter_store import AdapterCache, AdapterStore, skill_space  # noqa: E402
 from bench.serving_http import free_port, start_server  # noqa: E402
 from demo.tasks import HELDOUT_TASKS, examples  # noqa: E402
 from server.adapt import METHODS, Example, TrainConfig  # noqa: E402
+from server.adapt.retrieve import retrieve  # noqa: E402
 from server.adapt.trainer import train  # noqa: E402
 from server.engine import Engine, GenerateRow, SamplingParams, load_model  # noqa: E402
 
@@ -39,13 +43,20 @@ def exact_match(engine: Engine, adapter, pairs: list[tuple[str, str]]) -> float:
     return sum(o.text == y for o, (_, y) in zip(outs, pairs, strict=True)) / len(pairs)
 
 
-def adapt_one(engine: Engine, method: str, task: str, steps: int) -> tuple[float, float, int]:
-    """(exact match on fresh inputs, seconds, trainable parameters) for one held-out task."""
-    shots = [Example(x, y) for x, y in examples(task, SHOTS, seed=1)]
+def shots_of(task: str) -> list[Example]:
+    return [Example(x, y) for x, y in examples(task, SHOTS, seed=1)]
+
+
+def adapt_one(engine: Engine, method: str, task: str, steps: int, warm: bool = False) -> tuple[float, float, int]:
+    """(exact match on fresh inputs, seconds, trainable parameters) for one held-out task; warm: start from the
+    retrieved mix (its retrieval counted in the seconds)."""
+    shots = shots_of(task)
     trainer = METHODS[method](engine.store)
     config = TrainConfig(steps=steps, learning_rate=trainer.default_learning_rate, batch_size=16, seed=0,
                          validation_fraction=0.0, max_seconds=600)
     start = time.perf_counter()
+    if warm:
+        trainer.start_from(skill_space.weights(engine.store, retrieve(engine, shots, k=3).mix))
     train(engine, trainer, shots, config, cancelled=lambda: False, on_progress=lambda p: None)
     seconds = time.perf_counter() - start
     with torch.no_grad():
@@ -61,14 +72,27 @@ def quality(tasks: list[str], steps: int) -> dict:
         out = {"heldout_tasks": tasks, "shots": SHOTS, "eval_inputs": EVAL, "steps": steps,
                "heldout_mu_exact_match": round(statistics.mean(
                    exact_match(engine, mu, examples(t, EVAL, seed=2)) for t in tasks), 3)}
-        for method in ("mhr-z", "poly-z", "mhr-mu"):
-            runs = [adapt_one(engine, method, task, steps) for task in tasks]
-            key = method.replace("-", "_")
-            out[f"heldout_{key}_exact_match"] = round(statistics.mean(r[0] for r in runs), 3)
-            out[f"per_task_{key}"] = {t: round(r[0], 2) for t, r in zip(tasks, runs, strict=True)}
-            out[f"seconds_per_task_{key}"] = round(statistics.mean(r[1] for r in runs), 2)
-            out[f"trainable_parameters_{key}"] = runs[0][2]
+        runs = {method.replace("-", "_"): [adapt_one(engine, method, task, steps) for task in tasks]
+                for method in ("mhr-z", "poly-z", "mhr-mu")}
+        runs["retrieve"] = [retrieve_one(engine, task) for task in tasks]
+        runs["mhr_z_50_steps_cold"] = [adapt_one(engine, "mhr-z", task, 50) for task in tasks]
+        runs["mhr_z_50_steps_from_retrieve"] = [adapt_one(engine, "mhr-z", task, 50, warm=True) for task in tasks]
+        for key, results in runs.items():
+            out[f"heldout_{key}_exact_match"] = round(statistics.mean(r[0] for r in results), 3)
+            out[f"per_task_{key}"] = {t: round(r[0], 2) for t, r in zip(tasks, results, strict=True)}
+            out[f"seconds_per_task_{key}"] = round(statistics.mean(r[1] for r in results), 2)
+            out[f"trainable_parameters_{key}"] = results[0][2]
     return out
+
+
+def retrieve_one(engine: Engine, task: str) -> tuple[float, float, int]:
+    """Retrieval (no training): exact match of the retrieved mix, seconds, and 0 trainable parameters."""
+    start = time.perf_counter()
+    found = retrieve(engine, shots_of(task), k=3)
+    seconds = time.perf_counter() - start
+    pairs = examples(task, EVAL, seed=2)
+    outs = engine.generate([GenerateRow(found.mix, x, SamplingParams(max_new_tokens=32)) for x, _ in pairs])
+    return sum(o.text == y for o, (_, y) in zip(outs, pairs, strict=True)) / len(pairs), seconds, 0
 
 
 def p50_ms(url: str, task: str, n: int) -> float:
