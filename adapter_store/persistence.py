@@ -6,15 +6,23 @@ Three payloads, told apart by the header's `format`:
     lora         <module>.lora_A (d_in, r), .lora_B (r, d_out)  -- MHR-μ: a plain LoRA, scale 1/r
     composition  no tensors; header `recipe`: {"task": weight, ...}  -- a named mix, resolved when served
 Header metadata (strings): format, method, version, created, fingerprint, rank (and recipe).
+
+Several processes may share one folder (replicas of a cluster): `signatures` tells a reader cheaply which files
+changed since it last looked (inode, size, mtime: os.replace gives a new inode), and `folder_lock` serialises
+writers that number versions (an advisory lock on `<folder>/.lock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -33,6 +41,15 @@ LOGITS_SUFFIX = ".module_logits"
 LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
 TEMP_PREFIX = ".tmp-"  # task names never start with a dot, so a temp file is never a task
+LOCK_FILE = ".lock"
+
+
+class Signature(NamedTuple):
+    """What tells one version of a file from the next: a rewrite (os.replace) gets a new inode."""
+
+    inode: int
+    size: int
+    mtime_ns: int
 
 
 def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -59,12 +76,61 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_partial_files(folder: Path) -> list[Path]:
-    """Delete temp files left by a process killed mid-write; return what was removed."""
+def remove_partial_files(folder: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete temp files left by a process killed mid-write; return what was removed. A folder shared with live
+    writers passes older_than_s, so a temp file another process is writing right now is left alone."""
     leftovers = list(folder.glob(TEMP_PREFIX + "*")) if folder.is_dir() else []
+    if older_than_s > 0:
+        cutoff = time.time() - older_than_s
+        leftovers = [path for path in leftovers if _mtime(path) < cutoff]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone already: nothing to remove
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the folder (flock on `<folder>/.lock`) against other processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def signatures(folder: Path) -> dict[str, Signature]:
+    """Name -> Signature of every adapted or composed task's file (one stat each, no file opened)."""
+    found = {}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if not entry.name.endswith(SUFFIX) or entry.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:  # deleted since the listing
+            continue
+        found[entry.name[: -len(SUFFIX)]] = Signature(stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def signature(path: Path) -> Signature | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return Signature(stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def task_path(folder: Path, name: str) -> Path:
@@ -88,23 +154,32 @@ def read_adapted_headers(folder: Path) -> dict[str, tuple[TaskInfo, dict[str, st
     """Name -> (TaskInfo, header metadata) for every adapted or composed task; reads headers only."""
     found = {}
     for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
-        name = path.name[: -len(SUFFIX)]
-        try:
-            validate_task_name(name)
-        except TaskNameError as exc:
-            raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
-        meta = _read_metadata(path)
-        recipe = _recipe(path, meta) if meta["format"] == "composition" else None
-        kind = "composed" if recipe is not None else "adapted"
-        found[name] = (TaskInfo(name, kind, int(meta["version"]), meta["method"], created=float(meta["created"]),
-                                recipe=recipe), meta)
+        if path.name.startswith(TEMP_PREFIX):  # another process's write in progress (a shared folder)
+            continue
+        found[path.name[: -len(SUFFIX)]] = read_adapted_header(path)
     return found
+
+
+def read_adapted_header(path: Path) -> tuple[TaskInfo, dict[str, str]]:
+    """One adapted or composed task's TaskInfo and header metadata (FileNotFoundError if it is gone)."""
+    name = path.name[: -len(SUFFIX)]
+    try:
+        validate_task_name(name)
+    except TaskNameError as exc:
+        raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
+    meta = _read_metadata(path)
+    recipe = _recipe(path, meta) if meta["format"] == "composition" else None
+    kind = "composed" if recipe is not None else "adapted"
+    return TaskInfo(name, kind, int(meta["version"]), meta["method"], created=float(meta["created"]),
+                    recipe=recipe), meta
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
+    except FileNotFoundError:
+        raise
     except Exception as exc:
         raise InventoryError(path, f"cannot read safetensors header ({exc})") from exc
     for key in ("format", "method", "version", "created", "fingerprint", "rank"):

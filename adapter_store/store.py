@@ -6,6 +6,12 @@
     store.cache_key("my-task")          # AdapterKey for an AdapterCache
     store.save_routing("new", "mhr-z", logits)   # persisted atomically, servable at once
     store.save_composition("ab", Mix.of({"a": .7, "b": .3}))   # a named mix
+
+Shared by several processes (replicas): `AdapterStore.open(inv, adapted_dir, refresh_s=0.25)` re-reads the
+adapted folder at a lookup whenever its last look is older than refresh_s — only the headers of files whose
+signature changed — so a task written, overwritten or deleted by another process is served in its new version (or
+unknown) here within refresh_s. Writers take the folder's lock and look again first, so versions keep counting up.
+`on_change(callback)` is told each name that changed that way (e.g. to drop its cached adapters).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -31,23 +38,32 @@ from .registry import MU_INFO, AdapterKey, TaskInfo, read_pretrained_tasks
 log = logging.getLogger(__name__)
 LOGITS_CACHE_BYTES = 64 * 2**20
 WRITABLE = ("adapted", "composed")  # kinds a client may overwrite or delete
+PARTIAL_FILE_AGE_S = 600.0  # a shared folder: temp files older than this are a dead writer's leftovers
 
 
 class AdapterStore:
-    def __init__(self, inventory: Inventory, adapted_dir: Path | None = None):
+    def __init__(self, inventory: Inventory, adapted_dir: Path | None = None, *, refresh_s: float | None = None):
+        """refresh_s: None (this process is the folder's only writer: read it once), or the age after which a
+        lookup looks at the folder again (a folder shared with other processes)."""
         self.inventory = inventory
         self.adapted_dir = adapted_dir or inventory.folder / persistence.ADAPTED_DIR
+        self.refresh_s = refresh_s
         self._lock = threading.RLock()
-        self._tasks: dict[str, TaskInfo] = read_pretrained_tasks(inventory.folder, inventory.config.n_tasks)
+        self._pretrained = read_pretrained_tasks(inventory.folder, inventory.config.n_tasks)
+        self._tasks: dict[str, TaskInfo] = dict(self._pretrained)
         self._adapted_meta: dict[str, dict[str, str]] = {}
         # adapted tasks' logits (~100x smaller than their adapters): a miss of the adapter cache routes
         # from memory instead of re-reading the task's file
         self._logits: BytesLRU[list[torch.Tensor]] = BytesLRU(LOGITS_CACHE_BYTES)  # guarded by _lock
+        self._seen: dict[str, persistence.Signature] = {}  # the adapted files as last looked at
+        self._looked_at = time.monotonic()
+        self._listeners: list[Callable[[str], None]] = []
         self._load_adapted()
 
     @classmethod
-    def open(cls, folder: str | Path, adapted_dir: str | Path | None = None) -> AdapterStore:
-        return cls(Inventory.read(folder), Path(adapted_dir) if adapted_dir else None)
+    def open(cls, folder: str | Path, adapted_dir: str | Path | None = None, *,
+             refresh_s: float | None = None) -> AdapterStore:
+        return cls(Inventory.read(folder), Path(adapted_dir) if adapted_dir else None, refresh_s=refresh_s)
 
     # ---- registry -------------------------------------------------------------------------
     @property
@@ -55,12 +71,14 @@ class AdapterStore:
         return self.inventory.fingerprint
 
     def tasks(self) -> list[TaskInfo]:
+        self._fresh()
         with self._lock:
             return [MU_INFO, *self._tasks.values()]
 
     def task(self, name: str) -> TaskInfo:
         if name == MU_TASK:
             return MU_INFO
+        self._fresh()
         with self._lock:
             if name not in self._tasks:
                 raise UnknownTaskError(name)
@@ -116,7 +134,7 @@ class AdapterStore:
         info = self.task(name)
         if info.kind == "pretrained":
             return routing.pretrained_logits(self.inventory, info.row)
-        if info.kind == "adapted" and self._adapted_meta[name]["format"] == "routing":
+        if info.kind == "adapted" and self._meta(name)["format"] == "routing":
             key = (name, info.version, info.created)
             with self._lock:
                 logits = self._logits.get(key)
@@ -131,19 +149,27 @@ class AdapterStore:
         return None
 
     def _is_plain_lora(self, ref: TaskRef) -> bool:
-        return isinstance(ref, str) and self.task(ref).kind == "adapted" and \
-            self._adapted_meta[ref]["format"] == "lora"
+        return isinstance(ref, str) and self.task(ref).kind == "adapted" and self._meta(ref)["format"] == "lora"
 
     def _stored_lora(self, name: str) -> TaskAdapter:
         path = persistence.task_path(self.adapted_dir, name)
         return persistence.decode_lora(path, persistence.read_tensors(path), self.inventory.module_shapes,
-                                       int(self._adapted_meta[name]["rank"]))
+                                       int(self._meta(name)["rank"]))
+
+    def _meta(self, name: str) -> dict[str, str]:
+        """An adapted task's header metadata (UnknownTaskError if another process deleted it meanwhile)."""
+        with self._lock:
+            meta = self._adapted_meta.get(name)
+        if meta is None:
+            raise UnknownTaskError(name)
+        return meta
 
     # ---- persistence ---------------------------------------------------------------------------
     def check_writable(self, name: str, *, overwrite: bool = False) -> None:
         """May a task of this name be written? TaskNameError: not a valid name, or reserved (__mu__);
         TaskConflictError: a pretrained task, or an adapted or composed one and `overwrite` is off."""
         validate_task_name(name)
+        self._fresh()
         with self._lock:
             info = self._tasks.get(name)
         if info is None:
@@ -166,7 +192,8 @@ class AdapterStore:
     def save_composition(self, name: str, mix: Mix, *, overwrite: bool = False,
                          method: str = "composition") -> TaskInfo:
         """Persist a named mix (its recipe: member names and weights, resolved whenever it is served)."""
-        with self._lock:
+        validate_task_name(name)  # before anything touches the folder
+        with self._writing():
             self.check_writable(name, overwrite=overwrite)
             skill_space.key_members(self, name, mix.members)  # no member is the task itself (or contains it)
             info = TaskInfo(name, "composed", self._next_version(name), method, created=time.time(),
@@ -175,7 +202,8 @@ class AdapterStore:
             return self._register(info, "composition", self.inventory.config.r)
 
     def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int, overwrite: bool) -> TaskInfo:
-        with self._lock:
+        validate_task_name(name)
+        with self._writing():
             self.check_writable(name, overwrite=overwrite)
             info = TaskInfo(name, "adapted", self._next_version(name), method, created=time.time())
             persistence.write_adapted(self.adapted_dir, info, fmt, tensors, self.fingerprint, rank)
@@ -188,33 +216,105 @@ class AdapterStore:
     def _register(self, info: TaskInfo, fmt: str, rank: int) -> TaskInfo:
         self._tasks[info.name] = info
         self._adapted_meta[info.name] = {"format": fmt, "rank": str(rank)}
+        self._seen[info.name] = persistence.signature(persistence.task_path(self.adapted_dir, info.name))
         return info
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the store's lock (and, shared, the folder's lock, after looking at the folder again)."""
+        with self._lock:
+            shared = self.refresh_s is not None
+            with persistence.folder_lock(self.adapted_dir) if shared else nullcontext():
+                if shared:
+                    self._notify(self.refresh())
+                yield
 
     def delete(self, name: str) -> TaskInfo:
         """Delete an adapted or composed task. Compositions that use it fail from then on (409), until composed
         again without it."""
-        with self._lock:
+        with self._writing():
             info = self.task(name)
             if info.kind not in WRITABLE:
                 raise TaskConflictError(f"task {name!r} is {info.kind} and cannot be deleted")
             persistence.task_path(self.adapted_dir, name).unlink(missing_ok=True)
             del self._tasks[name], self._adapted_meta[name]
+            self._seen.pop(name, None)
             return info
 
     def _load_adapted(self) -> None:
-        removed = persistence.remove_partial_files(self.adapted_dir)
+        age = PARTIAL_FILE_AGE_S if self.refresh_s is not None else 0.0  # shared: others may be writing now
+        removed = persistence.remove_partial_files(self.adapted_dir, older_than_s=age)
         if removed:
             log.warning("removed %d partial file(s) left in %s", len(removed), self.adapted_dir)
+        self._seen = persistence.signatures(self.adapted_dir)
         for name, (info, meta) in persistence.read_adapted_headers(self.adapted_dir).items():
             if name in self._tasks:
                 raise InventoryError(persistence.task_path(self.adapted_dir, name),
                                      "an adapted task has the name of a pretrained task", key=name)
-            if meta["format"] in ("routing", "composition") and meta["fingerprint"] != self.fingerprint:
-                log.warning("skipping adapted task %r: its routing was learnt for inventory %s, not %s",
-                            name, meta["fingerprint"], self.fingerprint)
-                continue
-            self._tasks[name] = info
-            self._adapted_meta[name] = meta
+            self._admit(info, meta)
+
+    def _admit(self, info: TaskInfo, meta: dict[str, str]) -> None:
+        if meta["format"] in ("routing", "composition") and meta["fingerprint"] != self.fingerprint:
+            log.warning("skipping adapted task %r: its routing was learnt for inventory %s, not %s",
+                        info.name, meta["fingerprint"], self.fingerprint)
+            return
+        self._tasks[info.name] = info
+        self._adapted_meta[info.name] = meta
+
+    # ---- a folder shared with other processes -----------------------------------------------------
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        """Call callback(name) for each task another process wrote, overwrote or deleted, when seen."""
+        self._listeners.append(callback)
+
+    def refresh(self) -> list[str]:
+        """Look at the adapted folder again: read the headers of new or rewritten files, forget deleted ones.
+        Returns the names that changed. Cheap when nothing did: one directory listing and a stat per file."""
+        with self._lock:
+            self._looked_at = time.monotonic()
+            now = persistence.signatures(self.adapted_dir)
+            changed = [name for name, sig in now.items() if self._seen.get(name) != sig]
+            gone = [name for name in self._seen if name not in now]
+            for name in gone:
+                self._forget(name)
+            for name in changed:
+                path = persistence.task_path(self.adapted_dir, name)
+                try:
+                    info, meta = persistence.read_adapted_header(path)
+                except FileNotFoundError:  # deleted since the listing: the next look says so
+                    now.pop(name)
+                    self._forget(name)
+                    continue
+                except InventoryError as exc:
+                    log.warning("ignoring adapted task %r until its file is readable: %s", name, exc)
+                    self._forget(name)
+                    continue
+                self._forget(name)
+                if name in self._pretrained:
+                    log.warning("ignoring %s: an adapted task has the name of a pretrained task", path)
+                    continue
+                self._admit(info, meta)
+            self._seen = now
+            return [*gone, *changed]
+
+    def _forget(self, name: str) -> None:
+        if name not in self._pretrained:
+            self._tasks.pop(name, None)
+            self._adapted_meta.pop(name, None)
+
+    def _fresh(self) -> None:
+        """Shared folder: look again if the last look is older than refresh_s."""
+        if self.refresh_s is None or time.monotonic() - self._looked_at < self.refresh_s:
+            return
+        with self._lock:
+            if time.monotonic() - self._looked_at < self.refresh_s:
+                return  # another thread looked meanwhile
+            changed = self.refresh()
+        self._notify(changed)
+
+    def _notify(self, names: list[str]) -> None:
+        for name in names:
+            for callback in self._listeners:
+                callback(name)
 
     # ---- export ----------------------------------------------------------------------------
     def export_lora(self, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
