@@ -30,6 +30,7 @@ MAX_BACKOFF_S = 30.0
 USER_AGENT = "mhr-client/0.1.0"
 
 Example = tuple[str, str] | Sequence[str] | Mapping[str, str]
+Task = str | Mapping[str, float]  # a task's name, or a skill-space mix {task: weight}
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,21 @@ def present(**options: Any) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def generate_call(task: str, inputs: str | list[str], options: dict[str, Any], *, stream: bool = False) -> Call:
-    body = {"task": task, "inputs": inputs, **present(**options)}
+def task_body(task: Task) -> str | dict[str, dict[str, float]]:
+    """A name as it is; a mix {task: weight} as {"mix": {...}} (the server checks and normalises the weights)."""
+    return task if isinstance(task, str) else {"mix": dict(task)}
+
+
+def generate_call(task: Task, inputs: str | list[str], options: dict[str, Any], *, stream: bool = False) -> Call:
+    body = {"task": task_body(task), "inputs": inputs, **present(**options)}
     if stream:
         body["stream"] = True
     return Call("POST", "/generate", _model(GenerateResponse), body)
 
 
-def score_call(task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> Call[ScoreResponse]:
-    return Call("POST", "/score", _model(ScoreResponse), {"task": task, "inputs": inputs, "choices": choices})
+def score_call(task: Task, inputs: str | list[str], choices: list[str] | list[list[str]]) -> Call[ScoreResponse]:
+    body = {"task": task_body(task), "inputs": inputs, "choices": choices}
+    return Call("POST", "/score", _model(ScoreResponse), body)
 
 
 def tasks_call() -> Call[list[TaskInfo]]:
@@ -100,6 +107,11 @@ def tasks_call() -> Call[list[TaskInfo]]:
 
 def task_call(name: str, method: str = "GET") -> Call[TaskInfo]:
     return Call(method, f"/tasks/{_segment(name)}", _model(TaskInfo))
+
+
+def compose_call(name: str, mix: Mapping[str, float], overwrite: bool) -> Call[TaskInfo]:
+    body = {"name": name, "mix": dict(mix), **present(overwrite=overwrite or None)}
+    return Call("POST", "/tasks", _model(TaskInfo), body)
 
 
 def examples_body(examples: Iterable[Example]) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,14 +30,18 @@ async def _async_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop) -> dict[str, Any]:
-    return {"max_new_tokens": max_new_tokens, "do_sample": do_sample or None, "temperature": temperature,
-            "top_p": top_p, "top_k": top_k, "seed": seed, "num_beams": num_beams, "stop": stop}
+def _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed, num_beams,
+              stop) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "ignore_eos": ignore_eos,
+            "do_sample": do_sample or None, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+            "num_beams": num_beams, "stop": stop}
 
 
-def _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite) -> dict[str, Any]:
-    return {"method": method, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
-            "seed": seed, "validation_fraction": validation_fraction, "overwrite": overwrite or None}
+def _training(method, init, k, steps, learning_rate, batch_size, seed, validation_fraction,
+              overwrite) -> dict[str, Any]:
+    return {"method": method, "init": init, "k": k, "steps": steps, "learning_rate": learning_rate,
+            "batch_size": batch_size, "seed": seed, "validation_fraction": validation_fraction,
+            "overwrite": overwrite or None}
 
 
 class Client:
@@ -82,19 +86,23 @@ class Client:
             attempt += 1
 
     @documented(d.GENERATE)
-    def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+    def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                 min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 seed: int | None = None, num_beams: int | None = None,
                  stop: list[str] | None = None) -> GenerateResponse:
-        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
+                            num_beams, stop)
         return self._call(b.generate_call(task, inputs, options))
 
     @documented(d.STREAM)
-    def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
-               do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-               top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+    def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
+               min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               seed: int | None = None, num_beams: int | None = None,
                stop: list[str] | None = None) -> Iterator[StreamEvent]:
-        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
+                            num_beams, stop)
         call = b.generate_call(task, inputs, options, stream=True)
         parser = b.SSEParser()
         try:
@@ -113,7 +121,7 @@ class Client:
             yield event
 
     @documented(d.SCORE)
-    def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
+    def score(self, task: b.Task, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
         return self._call(b.score_call(task, inputs, choices))
 
     @documented(d.TASKS)
@@ -124,15 +132,20 @@ class Client:
     def task(self, name: str) -> TaskInfo:
         return self._call(b.task_call(name))
 
+    @documented(d.COMPOSE)
+    def compose(self, name: str, mix: Mapping[str, float], *, overwrite: bool = False) -> TaskInfo:
+        return self._call(b.compose_call(name, mix, overwrite))
+
     @documented(d.DELETE_TASK)
     def delete_task(self, name: str) -> TaskInfo:
         return self._call(b.task_call(name, "DELETE"))
 
     @documented(d.ADAPT)
-    def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z", steps: int | None = None,
-              learning_rate: float | None = None, batch_size: int | None = None, seed: int | None = None,
-              validation_fraction: float | None = None, overwrite: bool = False) -> AdaptJob:
-        options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
+    def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z", init: str | None = None,
+              k: int | None = None, steps: int | None = None, learning_rate: float | None = None,
+              batch_size: int | None = None, seed: int | None = None, validation_fraction: float | None = None,
+              overwrite: bool = False) -> AdaptJob:
+        options = _training(method, init, k, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
         return self._call(b.adapt_call(task, examples, options))
 
     @documented(d.JOB)
@@ -214,19 +227,23 @@ class AsyncClient:
             attempt += 1
 
     @documented(d.GENERATE)
-    async def generate(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
-                       do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                       top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+    async def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                       min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
+                       temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                       seed: int | None = None, num_beams: int | None = None,
                        stop: list[str] | None = None) -> GenerateResponse:
-        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
+                            num_beams, stop)
         return await self._call(b.generate_call(task, inputs, options))
 
     @documented(d.STREAM)
-    async def stream(self, task: str, inputs: str | list[str], *, max_new_tokens: int | None = None,
-                     do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                     top_k: int | None = None, seed: int | None = None, num_beams: int | None = None,
+    async def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
+                     min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
+                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, num_beams: int | None = None,
                      stop: list[str] | None = None) -> AsyncIterator[StreamEvent]:
-        options = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed, num_beams, stop)
+        options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
+                            num_beams, stop)
         call = b.generate_call(task, inputs, options, stream=True)
         parser = b.SSEParser()
         try:
@@ -245,7 +262,8 @@ class AsyncClient:
             yield event
 
     @documented(d.SCORE)
-    async def score(self, task: str, inputs: str | list[str], choices: list[str] | list[list[str]]) -> ScoreResponse:
+    async def score(self, task: b.Task, inputs: str | list[str],
+                    choices: list[str] | list[list[str]]) -> ScoreResponse:
         return await self._call(b.score_call(task, inputs, choices))
 
     @documented(d.TASKS)
@@ -256,16 +274,20 @@ class AsyncClient:
     async def task(self, name: str) -> TaskInfo:
         return await self._call(b.task_call(name))
 
+    @documented(d.COMPOSE)
+    async def compose(self, name: str, mix: Mapping[str, float], *, overwrite: bool = False) -> TaskInfo:
+        return await self._call(b.compose_call(name, mix, overwrite))
+
     @documented(d.DELETE_TASK)
     async def delete_task(self, name: str) -> TaskInfo:
         return await self._call(b.task_call(name, "DELETE"))
 
     @documented(d.ADAPT)
     async def adapt(self, task: str, examples: Iterable[b.Example], *, method: str = "mhr-z",
-                    steps: int | None = None, learning_rate: float | None = None, batch_size: int | None = None,
-                    seed: int | None = None, validation_fraction: float | None = None,
-                    overwrite: bool = False) -> AdaptJob:
-        options = _training(method, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
+                    init: str | None = None, k: int | None = None, steps: int | None = None,
+                    learning_rate: float | None = None, batch_size: int | None = None, seed: int | None = None,
+                    validation_fraction: float | None = None, overwrite: bool = False) -> AdaptJob:
+        options = _training(method, init, k, steps, learning_rate, batch_size, seed, validation_fraction, overwrite)
         return await self._call(b.adapt_call(task, examples, options))
 
     @documented(d.JOB)

@@ -24,8 +24,11 @@ def documented(doc: str) -> Callable[[F], F]:
 # Parameters and exceptions that several methods share (indented as in a docstring's Args / Raises section).
 
 _TASK = """\
-    task: The task whose adapter answers: a name listed by ``tasks()`` (1 to 64 characters), or ``"__mu__"``
-        for the μ adapter (every skill weighted equally).
+    task: The task whose adapter answers: a name listed by ``tasks()`` (1 to 64 characters; ``"__mu__"`` for the μ
+        adapter, every skill weighted equally), or a skill-space mix of such tasks, a mapping {name: weight} such as
+        ``{"alpha": 0.7, "beta": 0.3}``: served with ``Σ weight_t · (task t's skill weights)`` per layer and head,
+        the weights (finite, >= 0, not all 0) normalised to sum 1; 1 to ``MHR_MAX_MIX_TASKS`` (16) tasks,
+        ``"__mu__"`` and composed tasks included, tasks adapted with "mhr-mu" (a plain LoRA) not.
 """
 
 _INPUTS = """\
@@ -37,6 +40,10 @@ _INPUTS = """\
 _SAMPLING = """\
     max_new_tokens: The most tokens to generate per input, >= 1 and at most ``MHR_MAX_NEW_TOKENS`` (256).
         None: the server's ``MHR_DEFAULT_MAX_NEW_TOKENS`` (32).
+    min_new_tokens: The end of sequence is not allowed before this many new tokens (a stop string still ends the
+        output); 0 to ``max_new_tokens``. None: 0.
+    ignore_eos: True: keep generating after an end of sequence, up to ``max_new_tokens`` (e.g. to measure
+        throughput at a fixed length); only a stop string ends an output early. None: False.
     do_sample: False (default): greedy decoding, or beam search when ``num_beams`` > 1. True: sample the next
         token at random, shaped by ``temperature``, ``top_p``, ``top_k`` and ``seed``, which only apply then.
     temperature: Divides the logits before sampling (lower: closer to greedy); > 0 and <= 100. None: 1.0.
@@ -47,6 +54,17 @@ _SAMPLING = """\
     num_beams: Beam search with this many beams; >= 1 and at most ``MHR_MAX_NUM_BEAMS`` (8). None: 1 (no beam search).
     stop: Up to 16 strings of 1 to 128 characters; an output ends just before the first of them it produces
         (the string itself is left out, ``finish_reason`` is "stop"). None: no stop strings.
+"""
+
+_TASK_REFUSED = """\
+    UnknownTask: 404: ``task`` is a name the server does not know.
+    Conflict: 409: ``task`` is a composed task one of whose members has been deleted since.
+"""
+
+_MIX_REFUSED = """\
+    ValidationError: 422: an argument is out of range or over a server limit, or ``task`` is a mix that cannot be
+        served (an unknown task, a plain-LoRA task, a weight < 0, all weights 0, too many tasks); ``.field`` names
+        the part at fault (e.g. "max_new_tokens", "task.mix.beta").
 """
 
 _JOB_ID = """\
@@ -97,12 +115,18 @@ _JOB_FIELDS = """
         (training loss of the last step), ``.validation_loss`` and ``.validation_exact_match`` (with a validation
         split), ``.trainable_parameters``, ``.elapsed_s``, ``.eta_s`` (seconds left), ``.created``, ``.started``,
         ``.finished`` (Unix times), ``.version`` (of the task written on success), ``.stopped_early`` (why it
-        stopped before ``.steps``, e.g. ``MHR_ADAPT_MAX_SECONDS``, 600 s) and ``.error`` (why it failed)."""
+        stopped before ``.steps``, e.g. ``MHR_ADAPT_MAX_SECONDS``, 600 s), ``.error`` (why it failed) and
+        ``.result`` (method "retrieve" or ``init="retrieve"``, once retrieved: ``{"mix": {task: weight}, "candidates":
+        [{"task", "loss", "weight"}, ...]}``, every candidate task's loss on the examples, best first; ``.mix`` is
+        its mix alone)."""
 
 _TASK_FIELDS = """
-        Its fields: ``.name``, ``.kind`` ("pretrained", "adapted" or "mu"), ``.version`` (goes up when an adapted
-        task is replaced), ``.method`` ("routed" for pretrained tasks, "mu", or the adaptation method), ``.row`` (a
-        pretrained task's router row) and ``.created`` (Unix time an adapted task was written)."""
+        Its fields: ``.name``, ``.kind`` ("pretrained", "adapted", "composed" or "mu"), ``.version`` (goes up when
+        an adapted or composed task is replaced), ``.method`` ("routed" for pretrained tasks, "mu", the adaptation
+        method, "composition" for ``compose()``, "retrieve" for ``adapt(method="retrieve")``), ``.row`` (a
+        pretrained task's router row), ``.created`` (Unix time an adapted or composed task was written) and
+        ``.mix`` (a composed task's recipe, {task: weight} with the weights normalised; None for the other
+        kinds)."""
 
 
 INIT = """\
@@ -111,14 +135,14 @@ Make a client for the mhr-serve server at ``base_url``; nothing is sent before t
 Args:
     base_url: The server's address; every route is joined to it. Default: "http://127.0.0.1:8000".
     api_key: Sent as ``Authorization: Bearer <api_key>`` with every request. A server with ``MHR_API_KEY`` wants it
-        for ``adapt()``, ``cancel()``, ``delete_task()`` and ``export()``, and, with ``MHR_API_KEY_ALL_ROUTES``, for
-        every route but ``health()`` and ``ready()``. None (default): no key is sent.
+        for ``adapt()``, ``cancel()``, ``compose()``, ``delete_task()`` and ``export()``, and, with
+        ``MHR_API_KEY_ALL_ROUTES``, for every route but ``health()`` and ``ready()``. None (default): no key is sent.
     timeout: Seconds allowed to connect, to wait for a free connection, and for each read and each write
         (``httpx.Timeout(timeout)``): a long ``stream()`` does not time out while text keeps coming. None: wait
         for ever. Default: 60.
     retries: Further attempts of a GET or DELETE after a transport error or a 503 answer, waiting the answer's
         Retry-After, or else 0.25 s, 0.5 s, 1 s, ... (30 s at most) in between; >= 0, default 2. POST requests
-        (``generate()``, ``stream()``, ``score()``, ``adapt()``) are never retried.
+        (``generate()``, ``stream()``, ``score()``, ``compose()``, ``adapt()``) are never retried.
     transport: The httpx transport that sends the requests (``httpx.BaseTransport`` for Client,
         ``httpx.AsyncBaseTransport`` for AsyncClient), e.g. ``httpx.MockTransport`` or an ASGI app's transport in
         tests. None (default): httpx's network transport.
@@ -138,13 +162,12 @@ Args:
 Returns:
     GenerateResponse: ``.outputs``, one per input, each with ``.text``, ``.prompt_tokens``,
         ``.completion_tokens`` and ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
-        ``max_new_tokens`` reached); ``.texts`` (the texts alone), ``.usage`` (token totals), ``.task`` and its
-        ``.version``.
+        ``max_new_tokens`` reached); ``.texts`` (the texts alone), ``.usage`` (token totals), ``.task`` (the
+        task's name, or a mix's canonical name: "mix(alpha=0.7,beta=0.3)") and ``.version`` (of the task's adapter
+        that ran; None for a mix).
 
 Raises:
-    UnknownTask: 404: the server has no task ``task``.
-    ValidationError: 422: an argument is out of range or over a server limit; ``.field`` names it.
-{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
+{_TASK_REFUSED}{_MIX_REFUSED}{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
 
 STREAM = f"""\
 Generate like ``generate()``, receiving each output piece by piece while it is produced (server-sent events).
@@ -160,9 +183,11 @@ Yields:
         event with ``.done`` True and ``.response``, the whole GenerateResponse as ``generate()`` returns it.
 
 Raises:
-    UnknownTask: 404: the server has no task ``task``.
-    ValidationError: 422: an argument is out of range or over a server limit (``.field`` names it); ``num_beams``
-        > 1, as beam search cannot stream (``.field`` is "stream").
+{_TASK_REFUSED}\
+    ValidationError: 422: an argument is out of range or over a server limit, ``num_beams`` > 1 (beam search
+        cannot stream: ``.field`` "stream"), or ``task`` is a mix that cannot be served (an unknown task, a
+        plain-LoRA task, a weight < 0, all weights 0, too many tasks); ``.field`` names the part at fault (e.g.
+        "max_new_tokens", "task.mix.beta").
     ApiError: The server reported an error in the stream after it had begun: UnknownTask, or else ServerError
         (its ``.type`` says which, e.g. "overloaded").
 {_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
@@ -179,17 +204,15 @@ Args:
 Returns:
     ScoreResponse: ``.results``, one per input, each with ``.scores`` (per choice, in order: ``.choice``,
         ``.logprob_sum``, ``.logprob_mean`` per token, ``.tokens``), ``.best`` and ``.best_index`` (the highest
-        summed log-likelihood) and ``.best_by_mean_index`` (the highest per-token mean); ``.task`` and its
-        ``.version``.
+        summed log-likelihood) and ``.best_by_mean_index`` (the highest per-token mean); ``.task`` (the task's
+        name, or a mix's canonical name) and ``.version`` (None for a mix).
 
 Raises:
-    UnknownTask: 404: the server has no task ``task``.
-    ValidationError: 422: an argument is out of range or over a server limit; ``.field`` names it (e.g.
-        "choices.1").
-{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
+{_TASK_REFUSED}{_MIX_REFUSED}{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
 
 TASKS = f"""\
-List the tasks the server can serve: the μ adapter, the pretrained tasks and the adapted ones (GET /tasks).
+List the tasks the server can serve: the μ adapter, the pretrained tasks, the adapted and the composed ones
+(GET /tasks).
 
 Returns:
     list[TaskInfo]: One per task.{_TASK_FIELDS}
@@ -210,11 +233,39 @@ Raises:
     UnknownTask: 404: the server has no task ``name``.
 {_READING_KEY}{_RETRIED}"""
 
-DELETE_TASK = f"""\
-Delete an adapted task: its file and its cached adapter (DELETE /tasks/{{name}}).
+COMPOSE = f"""\
+Save a skill-space mix of tasks under a name, as a composed task (POST /tasks).
+
+The composed task is listed by ``tasks()`` with its recipe (``.mix``) and served, scored, exported and deleted like
+any task. It is resolved from its members each time it is served: a member's new version reaches it, and a member
+deleted makes it a Conflict until it is composed again without that member (``overwrite=True``).
 
 Args:
-    name: The adapted task's name.
+    name: The composed task's name: 1 to 64 characters from [A-Za-z0-9._-], not starting with "." and not
+        "__mu__".
+    mix: The tasks and their weights, {{name: weight}}, as ``generate()``'s ``task`` takes a mix: 1 to
+        ``MHR_MAX_MIX_TASKS`` (16) tasks (``"__mu__"`` and composed tasks included, tasks adapted with "mhr-mu"
+        not), weights finite and >= 0, not all 0, normalised to sum 1 by the server.
+    overwrite: True: replace the adapted or composed task already named ``name`` (its version goes up). False
+        (default): such a task is a Conflict. A pretrained task is never replaced.
+
+Returns:
+    TaskInfo: The new task, ``.kind`` "composed".{_TASK_FIELDS}
+
+Raises:
+    ValidationError: 422: ``name`` is not a valid task name (``.field`` "task"), or ``mix`` cannot be served (an
+        unknown task, a plain-LoRA task, a weight < 0, all weights 0, too many tasks; ``.field`` e.g. "mix.beta").
+    Conflict: 409: ``name`` is a pretrained task, or an adapted or composed one and ``overwrite`` is False, or the
+        mix would contain the new task itself (through a composed member).
+{_TOO_LARGE}{_WRITING_KEY}{_NOT_RETRIED}"""
+
+DELETE_TASK = f"""\
+Delete an adapted or composed task: its file and its cached adapters (DELETE /tasks/{{name}}).
+
+Composed tasks that use it fail (Conflict) from then on, until composed again without it.
+
+Args:
+    name: The adapted or composed task's name.
 
 Returns:
     TaskInfo: The deleted task, as it was.{_TASK_FIELDS}
@@ -228,7 +279,8 @@ ADAPT = f"""\
 Start adapting a new task to a few examples, as a background job on the server (POST /adapt).
 
 The server trains one job at a time; on success the task is saved, listed by ``tasks()`` and served at once.
-``wait()`` follows the job to its end.
+``wait()`` follows the job to its end. Method "retrieve" trains nothing: it finds the best mix of known tasks
+(``.result`` of the finished job) and saves it as a composed task.
 
 Args:
     task: The new task's name: 1 to 64 characters from [A-Za-z0-9._-], not starting with "." and not "__mu__".
@@ -236,25 +288,33 @@ Args:
         keys: 1 to ``MHR_ADAPT_MAX_EXAMPLES`` (256) of them, each text of 1 to 100,000 characters and at most
         ``MHR_MAX_INPUT_TOKENS`` (512) tokens.
     method: What is trained over the frozen model and skills: "mhr-z" (default; a routing-logits row per layer,
-        H·K numbers), "poly-z" (K routing logits per layer, shared by the heads) or "mhr-mu" (the averaged LoRA
-        of each layer, A and B, saved as a plain LoRA).
+        H·K numbers), "poly-z" (K routing logits per layer, shared by the heads), "mhr-mu" (the averaged LoRA
+        of each layer, A and B, saved as a plain LoRA) or "retrieve" (nothing: every task with skill weights is
+        scored on the examples, loss_t = mean negative log-likelihood per target token, and the ``k`` best are
+        mixed with weights softmax(-loss_t), saved as a composed task with method "retrieve").
+    init: Where "mhr-z" and "poly-z" start: "uniform" (every skill weighted equally) or "retrieve" (the mix that
+        method "retrieve" would find, reported in ``.result``); any other method refuses "retrieve" (422).
+        None: "uniform".
+    k: How many of the best tasks a retrieved mix keeps ("retrieve", or ``init="retrieve"``), 1 to 16. None: 3.
     steps: Training steps (AdamW), >= 1 and at most ``MHR_ADAPT_MAX_STEPS`` (2000). None: 200. A job also stops,
-        and saves, after ``MHR_ADAPT_MAX_SECONDS`` (600 s).
+        and saves, after ``MHR_ADAPT_MAX_SECONDS`` (600 s). "retrieve" takes no steps (its job ends at step 1 of
+        ``steps``).
     learning_rate: > 0 and <= 10. None: 0.1 for "mhr-z" and "poly-z", 1e-3 for "mhr-mu".
     batch_size: Examples per step, 1 to 256. None: 8.
     seed: Seeds the validation split, the order of the examples and torch; 0 to 2**63 - 1. None: 0.
     validation_fraction: The share of the examples held out to report ``validation_loss`` and
         ``validation_exact_match`` (at least one example is kept for training); 0 to 0.5. None: 0 (none held out).
-    overwrite: True: replace the adapted task already named ``task`` (its version goes up). False (default): such
-        a task is a Conflict. A pretrained task is never replaced.
+    overwrite: True: replace the adapted or composed task already named ``task`` (its version goes up). False
+        (default): such a task is a Conflict. A pretrained task is never replaced.
 
 Returns:
     AdaptJob: The new job, normally "queued".{_JOB_FIELDS}
 
 Raises:
     ValidationError: 422: an argument is out of range, over a server limit or not a valid task name; ``.field``
-        names it (e.g. "examples.3.target").
-    Conflict: 409: ``task`` is a pretrained task, or an adapted one and ``overwrite`` is False.
+        names it (e.g. "examples.3.target", "init").
+    Conflict: 409: ``task`` is a pretrained task, or an adapted or composed one and ``overwrite`` is False, or
+        another job adapting ``task`` is queued or running.
     Overloaded: 503: ``MHR_ADAPT_MAX_QUEUED`` (8) jobs are already waiting, or the model is still loading;
         ``.retry_after`` says when to try again (a POST is never retried by the client).
 {_TOO_LARGE}{_WRITING_KEY}{_FAILURES}\

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,16 +18,54 @@ from typing import Any, TextIO
 
 import httpx
 
-from ._base import DEFAULT_URL
+from ._base import DEFAULT_URL, Task
 from ._client import Client
 from .exceptions import ApiError, MhrError
 from .models import AdaptJob, GenerateResponse, Model
 
 Handler = Callable[[Client, argparse.Namespace], int]
+RETRIEVE = "retrieve"  # the adaptation method that trains nothing: its job has no steps to show
 
 
 class UsageError(Exception):
     """A problem with the command line or its files (exit status 2)."""
+
+
+def parse_mix(pairs: Sequence[str]) -> dict[str, float]:
+    """``["alpha=0.7", "beta=0.3"]`` -> ``{"alpha": 0.7, "beta": 0.3}``; ValueError saying which pair is wrong."""
+    mix: dict[str, float] = {}
+    for pair in pairs:
+        task, _, weight = pair.rpartition("=")
+        if not task or not weight:
+            raise ValueError(f"expected TASK=WEIGHT, got {pair!r}")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"the weight in {pair!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"the weight in {pair!r} is not a finite number")
+        if task in mix:
+            raise ValueError(f"task {task!r} is given twice")
+        mix[task] = value
+    return mix
+
+
+def mix_text(mix: dict[str, float]) -> str:
+    """``alpha=0.7,beta=0.3``: what ``--mix`` and ``mhr compose`` read."""
+    return ",".join(f"{task}={weight:g}" for task, weight in mix.items())
+
+
+class MixArgument(argparse.Action):
+    """TASK=WEIGHT pairs, comma-separated and/or one per argument, stored as {task: weight}; bad syntax is a usage
+    error naming the argument (``argument --mix: expected TASK=WEIGHT, got 'alpha'``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = values if isinstance(values, list) else [values]
+        try:
+            setattr(namespace, self.dest, parse_mix([pair for item in items for pair in item.split(",")]))
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
 
 
 def _print_json(value: Model | list[Model] | dict) -> None:
@@ -44,33 +83,44 @@ def _table(rows: list[list[str]]) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+    return {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+            "ignore_eos": args.ignore_eos or None, "do_sample": args.do_sample, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams,
             "stop": args.stop}
 
 
+def task_and_texts(args: argparse.Namespace) -> tuple[Task, list[str]]:
+    """``TASK TEXT...``, or with ``--mix`` every positional argument is a TEXT."""
+    if args.mix is not None:
+        return args.mix, args.text
+    if len(args.text) < 2:
+        raise UsageError(f"{args.command} needs a TASK and at least one TEXT, or --mix TASK=WEIGHT,... and TEXT")
+    return args.text[0], args.text[1:]
+
+
 def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
-    inputs = args.text[0] if len(args.text) == 1 else args.text
+    task, texts = task_and_texts(args)
+    inputs = texts[0] if len(texts) == 1 else texts
     if not args.stream:
-        response = mhr.generate(args.task, inputs, **_sampling(args))
+        response = mhr.generate(task, inputs, **_sampling(args))
         _print_json(response) if args.json else print("\n".join(response.texts))
         return 0
     final: GenerateResponse | None = None
-    for event in mhr.stream(args.task, inputs, **_sampling(args)):
+    for event in mhr.stream(task, inputs, **_sampling(args)):
         if args.json:
             print(event.model_dump_json(exclude_none=True), flush=True)
         elif event.done:
             final = event.response
-        elif len(args.text) == 1:
+        elif len(texts) == 1:
             print(event.text, end="", flush=True)
     if final is not None:
-        print("\n".join(final.texts) if len(args.text) > 1 else "")
+        print("\n".join(final.texts) if len(texts) > 1 else "")
     return 0
 
 
 def cmd_score(mhr: Client, args: argparse.Namespace) -> int:
-    inputs = args.text[0] if len(args.text) == 1 else args.text
-    response = mhr.score(args.task, inputs, args.choice)
+    task, texts = task_and_texts(args)
+    response = mhr.score(task, texts[0] if len(texts) == 1 else texts, args.choice)
     if args.json:
         _print_json(response)
         return 0
@@ -85,7 +135,17 @@ def cmd_tasks(mhr: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(tasks)
     elif tasks:
-        _table([["NAME", "KIND", "VERSION", "METHOD"]] + [[t.name, t.kind, str(t.version), t.method] for t in tasks])
+        rows = [[t.name, t.kind, str(t.version), t.method, mix_text(t.mix) if t.mix else ""] for t in tasks]
+        _table([["NAME", "KIND", "VERSION", "METHOD", "MIX"]] + rows)
+    return 0
+
+
+def cmd_compose(mhr: Client, args: argparse.Namespace) -> int:
+    info = mhr.compose(args.name, args.mix, overwrite=args.overwrite)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"composed {info.name} (version {info.version}): {mix_text(info.mix or {})}")
     return 0
 
 
@@ -112,9 +172,12 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(job: AdaptJob, width: int = 24) -> str:
-    """``alpha [#####-------] 40/150 running loss 1.2345 12s left``."""
-    filled = round(width * job.step / job.steps) if job.steps else 0
-    parts = [f"{job.task} [{'#' * filled}{'-' * (width - filled)}] {job.step}/{job.steps}", job.state]
+    """``alpha [#####-------] 40/150 running loss 1.2345 12s left``; ``alpha [retrieve] succeeded loss 0.8 in 2s``."""
+    if job.method == RETRIEVE:
+        parts = [f"{job.task} [{RETRIEVE}]", job.state]
+    else:
+        filled = round(width * job.step / job.steps) if job.steps else 0
+        parts = [f"{job.task} [{'#' * filled}{'-' * (width - filled)}] {job.step}/{job.steps}", job.state]
     if job.loss is not None:
         parts.append(f"loss {job.loss:.4f}")
     if job.eta_s is not None and not job.done:
@@ -144,9 +207,9 @@ class ProgressBar:
 
 def cmd_adapt(mhr: Client, args: argparse.Namespace) -> int:
     examples = load_examples(args.examples)
-    job = mhr.adapt(args.task, examples, method=args.method, steps=args.steps, learning_rate=args.lr,
-                    batch_size=args.batch_size, seed=args.seed, validation_fraction=args.validation_fraction,
-                    overwrite=args.overwrite)
+    job = mhr.adapt(args.task, examples, method=args.method, init=args.init, k=args.k, steps=args.steps,
+                    learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+                    validation_fraction=args.validation_fraction, overwrite=args.overwrite)
     if args.no_wait:
         _print_json(job)
         return 0
@@ -159,6 +222,10 @@ def cmd_adapt(mhr: Client, args: argparse.Namespace) -> int:
         return 130
     bar.end()
     _print_json(job)
+    if job.mix and not args.quiet:
+        sys.stdout.flush()
+        found = "retrieved mix" if job.method == RETRIEVE else "started from the retrieved mix"
+        print(f"{job.task}: {found} {mix_text(job.mix)}", file=sys.stderr)
     return 0 if job.state == "succeeded" else 1
 
 
@@ -204,8 +271,18 @@ def _connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="seconds per request (default %(default)s)" if top else argparse.SUPPRESS)
 
 
+def _task_or_mix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="+", metavar="[TASK] TEXT",
+                        help="the task's name (unless --mix), then one input per argument")
+    parser.add_argument("--mix", action=MixArgument, metavar="TASK=WEIGHT,...",
+                        help="serve a skill-space mix of tasks (weights normalised to sum 1) instead of one task; "
+                        "every positional argument is then an input")
+
+
 def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--min-new-tokens", type=int, help="no end of sequence before this many new tokens")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate up to --max-new-tokens regardless")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -220,15 +297,18 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 def _adapt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="the new task's name")
     parser.add_argument("--examples", required=True, help="FILE.jsonl or FILE.json of {input, target} ('-': stdin)")
-    parser.add_argument("--method", default="mhr-z", help="mhr-z (default), poly-z or mhr-mu")
+    parser.add_argument("--method", default="mhr-z",
+                        help="mhr-z (default), poly-z, mhr-mu, or retrieve (no training: the best mix of known tasks)")
+    parser.add_argument("--init", help="where mhr-z / poly-z start: uniform (default) or retrieve (the retrieved mix)")
+    parser.add_argument("--k", type=int, help="tasks a retrieved mix keeps (default 3)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--validation-fraction", type=float)
-    parser.add_argument("--overwrite", action="store_true", help="replace an adapted task of this name")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapted or composed task of this name")
     parser.add_argument("--no-wait", action="store_true", help="print the queued job and return")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (nor the retrieved mix)")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls (default 0.5)")
 
 
@@ -237,24 +317,31 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_, description=help_)
+    def command(name: str, handler: Handler, help_: str, usage: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_, usage=usage)
         _connection_options(sub, top=False)
         sub.set_defaults(handler=handler)
         return sub
 
-    sub = command("generate", cmd_generate, "generate text for one input (or several) with a task")
-    sub.add_argument("task")
-    sub.add_argument("text", nargs="+", help="one input per argument")
+    task_or_mix = "(TASK | --mix TASK=WEIGHT,...) TEXT [TEXT ...]"
+    sub = command("generate", cmd_generate, "generate text for one input (or several) with a task or a mix",
+                  f"%(prog)s [options] {task_or_mix}")
+    _task_or_mix(sub)
     _generation_options(sub)
-    sub = command("score", cmd_score, "rank choices by log-likelihood; prints the best choice and the scores")
-    sub.add_argument("task")
-    sub.add_argument("text", nargs="+", help="one input per argument")
+    sub = command("score", cmd_score, "rank choices by log-likelihood; prints the best choice and the scores",
+                  f"%(prog)s [options] {task_or_mix} --choice CHOICE [--choice CHOICE ...]")
+    _task_or_mix(sub)
     sub.add_argument("--choice", action="append", required=True, help="a choice (repeat for each)")
     sub.add_argument("--json", action="store_true")
-    sub = command("tasks", cmd_tasks, "list the tasks (or show one)")
+    sub = command("tasks", cmd_tasks, "list the tasks (or show one); MIX: a composed task's recipe")
     sub.add_argument("name", nargs="?")
     sub.add_argument("--json", action="store_true")
+    sub = command("compose", cmd_compose, "save a skill-space mix of tasks under a name (a composed task)")
+    sub.add_argument("name", metavar="NAME", help="the composed task's name")
+    sub.add_argument("mix", nargs="+", action=MixArgument, metavar="TASK=WEIGHT",
+                     help="a task and its weight, one per argument (or comma-separated); normalised to sum 1")
+    sub.add_argument("--overwrite", action="store_true", help="replace an adapted or composed task of this name")
+    sub.add_argument("--json", action="store_true", help="print the new task as JSON")
     _adapt_options(command("adapt", cmd_adapt, "adapt a new task from examples; waits with a progress bar"))
     sub = command("jobs", cmd_jobs, "list the adaptation jobs (or show one as JSON)")
     sub.add_argument("job_id", nargs="?")

@@ -30,8 +30,8 @@ class Usage(Model):
 
 
 class GenerateResponse(Model):
-    task: str
-    version: int
+    task: str  # the task's name, or a mix's canonical name: "mix(a=0.7,b=0.3)"
+    version: int | None  # None for a mix
     outputs: list[Output]
     usage: Usage
 
@@ -70,18 +70,19 @@ class ScoreResult(Model):
 
 
 class ScoreResponse(Model):
-    task: str
-    version: int
+    task: str  # the task's name, or a mix's canonical name: "mix(a=0.7,b=0.3)"
+    version: int | None  # None for a mix
     results: list[ScoreResult]
 
 
 class TaskInfo(Model):
     name: str
-    kind: str  # "pretrained" | "adapted" | "mu"
+    kind: str  # "pretrained" | "adapted" | "composed" | "mu"
     version: int
     method: str
     row: int | None = None
     created: float | None = None
+    mix: dict[str, float] | None = None  # a composed task's recipe: its tasks and their normalised weights
 
 
 class AdaptJob(Model):
@@ -104,11 +105,17 @@ class AdaptJob(Model):
     version: int | None = None
     stopped_early: str | None = None
     error: str | None = None
+    result: dict | None = None  # retrieval's: {"mix": {task: weight}, "candidates": [{task, loss, weight}, ...]}
 
     @property
     def done(self) -> bool:
         """True once the job is succeeded, failed or cancelled."""
         return self.state in FINAL_STATES
+
+    @property
+    def mix(self) -> dict[str, float] | None:
+        """The retrieved mix {task: weight} (method "retrieve", or ``init="retrieve"``); None before or without one."""
+        return None if self.result is None else self.result.get("mix")
 
 
 class Readiness(Model):

@@ -9,6 +9,13 @@ import httpx
 GENERATED = {"task": "alpha", "version": 1, "usage": {"prompt_tokens": 3, "completion_tokens": 2},
              "outputs": [{"text": "hi", "prompt_tokens": 3, "completion_tokens": 2, "finish_reason": "length"}]}
 TASKS = {"tasks": [{"name": "alpha", "kind": "pretrained", "version": 1, "method": "mhr", "row": 0, "created": None}]}
+MIX_NAME = "mix(alpha=0.75,beta=0.25)"
+MIXED = {**GENERATED, "task": MIX_NAME, "version": None}  # a mix's answer: its canonical name, no version
+COMPOSED = {"name": "blend", "kind": "composed", "version": 2, "method": "composition", "row": None, "created": 5.0,
+            "mix": {"alpha": 0.75, "beta": 0.25}}
+RETRIEVED = {"mix": {"alpha": 0.6, "beta": 0.4},
+             "candidates": [{"task": "alpha", "loss": 0.5, "weight": 0.6}, {"task": "beta", "loss": 0.9, "weight": 0.4},
+                            {"task": "__mu__", "loss": 2.0, "weight": 0.0}]}
 
 
 def job_body(state="running", step=3, **extra):

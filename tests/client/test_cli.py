@@ -8,7 +8,7 @@ import pytest
 import client._client as client_module
 from client.cli import main, progress_line
 from client.models import AdaptJob
-from tests.client.fakes import GENERATED, SSE, TASKS, error, job_body, make_zip
+from tests.client.fakes import COMPOSED, GENERATED, MIXED, RETRIEVED, SSE, TASKS, error, job_body, make_zip
 
 
 class FakeServer:
@@ -79,6 +79,64 @@ def test_score_tasks_jobs_cancel_delete(capsys):
     assert run(routes, "delete", "new")[0] == 0 and capsys.readouterr().out == "deleted new (version 1)\n"
 
 
+def test_generate_and_score_take_a_mix_instead_of_the_task(capsys):
+    scored = {"task": "mix(alpha=0.75,beta=0.25)", "version": None, "results": [
+        {"best": "yes", "best_index": 0, "best_by_mean_index": 0,
+         "scores": [{"choice": "yes", "logprob_sum": -1.0, "logprob_mean": -0.5, "tokens": 2}]}]}
+    routes = {("POST", "/generate"): MIXED, ("POST", "/score"): scored}
+    status, server = run(routes, "generate", "--mix", "alpha=0.75,beta=0.25", "hello", "world", "--min-new-tokens",
+                         "2", "--ignore-eos")
+    assert status == 0 and capsys.readouterr().out == "hi\n"
+    assert json.loads(server.requests[0].content) == {"task": {"mix": {"alpha": 0.75, "beta": 0.25}},
+                                                      "inputs": ["hello", "world"], "min_new_tokens": 2,
+                                                      "ignore_eos": True}
+    status, server = run(routes, "score", "is it?", "--mix", "alpha=3", "--choice", "yes", "--json")
+    assert status == 0 and json.loads(capsys.readouterr().out)["version"] is None
+    assert json.loads(server.requests[0].content) == {"task": {"mix": {"alpha": 3.0}}, "inputs": "is it?",
+                                                      "choices": ["yes"]}
+
+
+def test_generate_without_a_text_is_a_usage_error(capsys):
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha")
+    assert status == 2 and server.requests == []
+    assert capsys.readouterr().err == ("error: generate needs a TASK and at least one TEXT, or --mix TASK=WEIGHT,... "
+                                       "and TEXT\n")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "--mix", "alpha", "x"], "argument --mix: expected TASK=WEIGHT, got 'alpha'"),
+    (["generate", "--mix", "alpha=0.5,", "x"], "argument --mix: expected TASK=WEIGHT, got ''"),
+    (["score", "--mix", "=1", "x", "--choice", "y"], "argument --mix: expected TASK=WEIGHT, got '=1'"),
+    (["generate", "--mix", "alpha=lots", "x"], "argument --mix: the weight in 'alpha=lots' is not a number"),
+    (["generate", "--mix", "alpha=nan", "x"], "argument --mix: the weight in 'alpha=nan' is not a finite number"),
+    (["compose", "blend", "alpha=1", "beta"], "argument TASK=WEIGHT: expected TASK=WEIGHT, got 'beta'"),
+    (["compose", "blend", "alpha=1", "alpha=2"], "argument TASK=WEIGHT: task 'alpha' is given twice"),
+])
+def test_bad_task_weight_syntax_is_a_usage_error_naming_the_argument(capsys, argv, message):
+    with pytest.raises(SystemExit) as caught:
+        run({}, *argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.startswith("usage: mhr ") and err.endswith(f": error: {message}\n")
+
+
+def test_compose_then_tasks_shows_the_recipe(capsys):
+    listed = {"tasks": [*TASKS["tasks"], COMPOSED]}
+    routes = {("POST", "/tasks"): httpx.Response(201, json=COMPOSED), ("GET", "/tasks"): listed,
+              ("GET", "/tasks/blend"): COMPOSED}
+    status, server = run(routes, "compose", "blend", "alpha=3", "beta=1", "--overwrite")
+    assert status == 0 and capsys.readouterr().out == "composed blend (version 2): alpha=0.75,beta=0.25\n"
+    assert json.loads(server.requests[0].content) == {"name": "blend", "mix": {"alpha": 3.0, "beta": 1.0},
+                                                      "overwrite": True}
+    assert run(routes, "compose", "blend", "alpha=3,beta=1", "--json")[0] == 0
+    assert json.loads(capsys.readouterr().out)["mix"] == {"alpha": 0.75, "beta": 0.25}
+    assert run(routes, "tasks")[0] == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "VERSION", "METHOD", "MIX"]
+    assert lines[1].split() == ["alpha", "pretrained", "1", "mhr"]
+    assert lines[2].split() == ["blend", "composed", "2", "composition", "alpha=0.75,beta=0.25"]
+    assert run(routes, "tasks", "blend")[0] == 0 and capsys.readouterr().out.split("\n")[1].endswith("beta=0.25")
+
+
 @pytest.fixture
 def examples(tmp_path):
     path = tmp_path / "examples.jsonl"
@@ -103,6 +161,33 @@ def test_adapt_shows_a_progress_bar_then_prints_the_job(capsys, examples):
     assert frames[0].startswith("new [------------------------] 0/10 queued")
     assert "4/10 running loss 1.5000 1m15s left" in frames[1]
     assert "[########################] 10/10 succeeded loss 0.2500 in 9s" in frames[2]
+
+
+def test_adapt_by_retrieval_prints_the_retrieved_mix_at_the_end(capsys, examples):
+    done = job_body("succeeded", step=1, steps=200, method="retrieve", loss=0.5, version=1, elapsed_s=0.4,
+                    result=RETRIEVED)
+    routes = {("POST", "/adapt"): httpx.Response(202, json=job_body("queued", step=0, method="retrieve")),
+              ("GET", "/adapt/j1"): done}
+    status, server = run(routes, "adapt", "new", "--examples", str(examples), "--method", "retrieve", "--k", "2",
+                         "--poll-interval", "0")
+    out, err = capsys.readouterr()
+    assert status == 0 and json.loads(out)["result"] == RETRIEVED
+    assert json.loads(server.requests[0].content) == {
+        "task": "new", "method": "retrieve", "k": 2,
+        "examples": [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]}
+    assert err == "\rnew [retrieve] succeeded loss 0.5000 in 0s\nnew: retrieved mix alpha=0.6,beta=0.4\n"
+    assert run(routes, "adapt", "new", "--examples", str(examples), "--method", "retrieve", "--quiet")[0] == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_adapt_can_start_from_the_retrieved_mix(capsys, examples):
+    done = job_body("succeeded", step=10, version=1, elapsed_s=3.0, result=RETRIEVED)
+    routes = {("POST", "/adapt"): httpx.Response(202, json=job_body("queued", step=0)), ("GET", "/adapt/j1"): done}
+    status, server = run(routes, "adapt", "new", "--examples", str(examples), "--init", "retrieve", "--steps", "10",
+                         "--poll-interval", "0")
+    assert status == 0 and json.loads(server.requests[0].content)["init"] == "retrieve"
+    assert capsys.readouterr().err.endswith("10/10 succeeded loss 1.5000 in 3s\n"
+                                            "new: started from the retrieved mix alpha=0.6,beta=0.4\n")
 
 
 def test_adapt_exits_1_when_the_job_fails_and_no_wait_returns_at_once(capsys, examples):

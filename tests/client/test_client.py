@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from types import MappingProxyType
 
 import httpx
 import pytest
@@ -24,7 +25,20 @@ from client import (
     ValidationError,
     WaitTimeout,
 )
-from tests.client.fakes import GENERATED, SSE, TASKS, Recorder, error, job_body, make_zip
+from client.models import TaskInfo
+from tests.client.fakes import (
+    COMPOSED,
+    GENERATED,
+    MIX_NAME,
+    MIXED,
+    RETRIEVED,
+    SSE,
+    TASKS,
+    Recorder,
+    error,
+    job_body,
+    make_zip,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +86,81 @@ def test_async_generate_and_adapt_bodies():
     assert recorder.body(0) == {"task": "alpha", "inputs": "x", "seed": 3}
     assert recorder.body(1) == {"task": "new", "method": "mhr-z", "steps": 5,
                                 "examples": [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]}
+
+
+def test_a_mix_goes_where_a_task_name_goes_and_its_answer_has_no_version():
+    scored = {"task": MIX_NAME, "version": None, "results": [{"best": "no", "best_index": 1, "best_by_mean_index": 1,
+              "scores": [{"choice": "yes", "logprob_sum": -3.0, "logprob_mean": -1.5, "tokens": 2},
+                         {"choice": "no", "logprob_sum": -1.0, "logprob_mean": -0.5, "tokens": 2}]}]}
+    recorder = Recorder(httpx.Response(200, json=MIXED), httpx.Response(200, json=scored))
+    mix = {"alpha": 3, "beta": 1.0}
+    with sync_client(recorder) as mhr:
+        generated = mhr.generate(mix, "hello")
+        ranked = mhr.score(MappingProxyType(mix), "is it?", ["yes", "no"])  # any Mapping
+    assert (generated.task, generated.version) == (MIX_NAME, None) and generated.texts == ["hi"]
+    assert (ranked.task, ranked.version, ranked.results[0].best) == (MIX_NAME, None, "no")
+    assert recorder.body(0) == {"task": {"mix": {"alpha": 3, "beta": 1.0}}, "inputs": "hello"}
+    assert recorder.body(1) == {"task": {"mix": {"alpha": 3, "beta": 1.0}}, "inputs": "is it?",
+                                "choices": ["yes", "no"]}
+    streamed = Recorder(sse_response(SSE.replace('"version": 1', '"version": null')))
+
+    async def work(mhr):
+        return [event async for event in mhr.stream(mix, "hello", ignore_eos=True)]
+    assert run_async(streamed, work)[-1].response.version is None
+    assert streamed.body(0) == {"task": {"mix": mix}, "inputs": "hello", "ignore_eos": True, "stream": True}
+
+
+def test_generation_length_options_are_sent_only_when_given():
+    recorder = Recorder(httpx.Response(200, json=GENERATED))
+
+    async def work(mhr):
+        await mhr.generate("alpha", "x", min_new_tokens=0, ignore_eos=False)
+        return await mhr.generate({"alpha": 1}, "x", max_new_tokens=8, min_new_tokens=4, ignore_eos=True)
+    run_async(recorder, work)
+    assert recorder.body(0) == {"task": "alpha", "inputs": "x", "min_new_tokens": 0, "ignore_eos": False}
+    assert recorder.body(1) == {"task": {"mix": {"alpha": 1}}, "inputs": "x", "max_new_tokens": 8,
+                                "min_new_tokens": 4, "ignore_eos": True}
+
+
+def test_compose_posts_a_named_mix_and_returns_its_recipe():
+    recorder = Recorder(httpx.Response(201, json=COMPOSED))
+    with sync_client(recorder, api_key="k") as mhr:
+        info = mhr.compose("blend", {"alpha": 3, "beta": 1})
+    assert (info.kind, info.version, info.mix) == ("composed", 2, {"alpha": 0.75, "beta": 0.25})
+    request = recorder.requests[0]
+    assert (request.method, request.url.path, request.headers["authorization"]) == ("POST", "/tasks", "Bearer k")
+    assert recorder.body(0) == {"name": "blend", "mix": {"alpha": 3, "beta": 1}}
+    assert run_async(recorder, lambda mhr: mhr.compose("blend", MappingProxyType({"alpha": 1}), overwrite=True)) == info
+    assert recorder.body(1) == {"name": "blend", "mix": {"alpha": 1}, "overwrite": True}
+    assert TaskInfo.model_validate(TASKS["tasks"][0]).mix is None  # the other kinds have no recipe
+
+
+def test_compose_refusals_map_to_the_exception_tree():
+    recorder = Recorder(error(422, "validation_error", "mix.nope: unknown task 'nope'", field="mix.nope"),
+                        error(409, "conflict", "task 'blend' already exists", field="task"))
+    with sync_client(recorder) as mhr:
+        with pytest.raises(ValidationError) as caught:
+            mhr.compose("blend", {"nope": 1})
+        assert caught.value.field == "mix.nope"
+        with pytest.raises(Conflict):
+            mhr.compose("blend", {"alpha": 1})
+    assert len(recorder.requests) == 2  # a POST: never retried
+
+
+def test_adapt_by_retrieval_sends_init_and_k_and_parses_the_result():
+    done = job_body("succeeded", step=1, method="retrieve", version=1, result=RETRIEVED)
+    recorder = Recorder(httpx.Response(202, json=job_body("queued", step=0, method="retrieve")),
+                        httpx.Response(200, json=done))
+    with sync_client(recorder) as mhr:
+        queued = mhr.adapt("new", [("a", "b")], method="retrieve", k=2)
+        job = mhr.wait(queued)
+    assert queued.result is None and queued.mix is None
+    assert job.mix == {"alpha": 0.6, "beta": 0.4} and job.result["candidates"][2]["task"] == "__mu__"
+    assert recorder.body(0) == {"task": "new", "method": "retrieve", "k": 2,
+                                "examples": [{"input": "a", "target": "b"}]}
+    run_async(recorder, lambda mhr: mhr.adapt("new", [("a", "b")], init="retrieve", k=4, steps=50))
+    assert recorder.body(-1) == {"task": "new", "method": "mhr-z", "init": "retrieve", "k": 4, "steps": 50,
+                                 "examples": [{"input": "a", "target": "b"}]}
 
 
 def test_api_key_is_sent_as_bearer_token():

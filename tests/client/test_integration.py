@@ -71,6 +71,27 @@ def test_generate_stream_and_score(mhr):
     assert scored.results[0].best in ("yes", "no") and len(scored.results[0].scores) == 2
 
 
+def test_a_composed_task_serves_as_its_mix_does(mhr):
+    mix = {"alpha": 0.7, "beta": 0.3}
+    adhoc = mhr.generate(mix, ["hello", "world"], max_new_tokens=4)
+    assert (adhoc.task, adhoc.version) == ("mix(alpha=0.7,beta=0.3)", None)
+    info = mhr.compose("blend", {"alpha": 7, "beta": 3})
+    assert (info.kind, info.version, info.mix) == ("composed", 1, mix) and mhr.task("blend") == info
+    composed = mhr.generate("blend", ["hello", "world"], max_new_tokens=4)
+    assert (composed.task, composed.version) == ("blend", 1) and composed.texts == adhoc.texts
+    scores = [[s.logprob_sum for s in mhr.score(task, "is it?", ["yes", "no"]).results[0].scores]
+              for task in (mix, "blend", "alpha")]
+    assert scores[1] == pytest.approx(scores[0], abs=1e-5) and scores[2] != pytest.approx(scores[0], abs=1e-5)
+    events = list(mhr.stream(mix, "hello", max_new_tokens=4))
+    assert events[-1].response.version is None and events[-1].response.texts == [adhoc.texts[0]]
+    with pytest.raises(Conflict):
+        mhr.compose("blend", mix)  # exists already: overwrite=True replaces it
+    with pytest.raises(ValidationError) as caught:
+        mhr.generate({"alpha": 1, "nope": 1}, "hello")
+    assert caught.value.field == "task.mix.nope"
+    assert mhr.delete_task("blend").kind == "composed"
+
+
 def test_errors_name_what_is_wrong(mhr, app_client):
     with pytest.raises(UnknownTask) as caught:
         mhr.generate("nope", "hello")
@@ -121,3 +142,27 @@ def test_cli_against_the_app(app_client, tmp_path, capsys):
     assert main([*common, "generate", "nope", "hello"], transport=transport) == 2
     assert capsys.readouterr().err == "error: unknown task 'nope'; GET /tasks lists the tasks\n"
     assert main([*common, "delete", "epsilon"], transport=transport) == 0
+
+
+def test_cli_composes_mixes_and_retrieves_against_the_app(app_client, tmp_path, capsys):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("\n".join(json.dumps({"input": i, "target": t}) for i, t in EXAMPLES))
+    common = ["--url", "http://testserver", "--api-key", KEY]
+    transport = Bridge(app_client)
+    assert main([*common, "compose", "cli-blend", "alpha=1", "gamma=3"], transport=transport) == 0
+    assert capsys.readouterr().out == "composed cli-blend (version 1): alpha=0.25,gamma=0.75\n"
+    assert main([*common, "generate", "cli-blend", "hello", "--max-new-tokens", "3"], transport=transport) == 0
+    named = capsys.readouterr().out
+    assert main([*common, "generate", "--mix", "gamma=0.75,alpha=0.25", "hello", "--max-new-tokens", "3"],
+                transport=transport) == 0
+    assert capsys.readouterr().out == named
+    status = main([*common, "adapt", "found", "--examples", str(examples), "--method", "retrieve", "--k", "2"],
+                  transport=transport)
+    out, err = capsys.readouterr()
+    job = json.loads(out)
+    assert status == 0 and job["state"] == "succeeded" and len(job["result"]["mix"]) <= 2
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("found: retrieved mix ")
+    assert main([*common, "tasks", "found"], transport=transport) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1:4] == ["composed", "1", "retrieve"]
+    for name in ("cli-blend", "found"):
+        assert main([*common, "delete", name], transport=transport) == 0
