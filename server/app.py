@@ -29,7 +29,8 @@ def build_engine(settings: Settings) -> Engine:
     """Load the backbone and the inventory, check one against the other, wrap the target layers."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    store = AdapterStore.open(settings.inventory, settings.adapted_dir)
+    refresh_s = settings.store_refresh_s if settings.shared_store else None
+    store = AdapterStore.open(settings.inventory, settings.adapted_dir, refresh_s=refresh_s)
     loaded = load_model(settings.model, settings.device, settings.dtype)
     cache = AdapterCache(settings.cache_bytes, loaded.device, loaded.dtype)
     engine = Engine(loaded, store, cache, merge_single_task=settings.merge_single_task,
@@ -38,6 +39,7 @@ def build_engine(settings: Settings) -> Engine:
                     scheduler=settings.scheduler, max_batch_wait_ms=settings.max_batch_wait_ms,
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
                     memory=measure(loaded.device, settings.memory_limit_bytes))
+    store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s, %s batching%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
              settings.scheduler, ", prepacked weights" if engine.prepacked else "")
@@ -54,7 +56,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         await asyncio.to_thread(served.warm_up)
         served.loop.on_step = metrics.batch_rows.observe
         app.state.admission = Admission(served, max_queue=settings.max_queue)
-        app.state.jobs = JobManager(served, served.store.adapted_dir / ".jobs", max_queued=settings.adapt_max_queued)
+        app.state.jobs = JobManager(served, served.store.adapted_dir / ".jobs", max_queued=settings.adapt_max_queued,
+                                    shared=settings.shared_store)
         app.state.jobs.start()
         metrics.watch(lambda: app.state.admission.pending, served.stats, served.cache.stats,
                       lambda: [job.state for job in app.state.jobs.jobs.values()])

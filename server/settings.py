@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     model: Path = Field(DEMO_BUNDLE / "model", description="folder of a transformers seq2seq or causal LM")
     inventory: Path = Field(DEMO_BUNDLE / "inventory", description="folder of a PEFT Poly / MHR inventory")
     adapted_dir: Path | None = Field(None, description="where adapted tasks live (default <inventory>/adapted)")
+    shared_store: bool = Field(False, description="other servers share the adapted folder (a cluster's replicas): "
+                               "it is looked at again at a lookup once store_refresh_s has passed, so their new, "
+                               "overwritten and deleted tasks are served here too; job records carry an owner and "
+                               "a heartbeat")
+    store_refresh_s: float = Field(0.25, gt=0, le=60, description="shared_store: how old the last look at the "
+                                   "adapted folder may be at a lookup")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, …")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")

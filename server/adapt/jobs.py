@@ -1,13 +1,17 @@
 """Adaptation jobs: a bounded queue, one background worker thread, progress, cancellation, and job
-records on disk so a restart reports what it interrupted (queued/running -> failed)."""
+records on disk so a restart reports what it interrupted (queued/running -> failed).
+
+Shared records (`shared=True`: several servers, e.g. a cluster's replicas, share one store): each server runs its
+own jobs and sees the others' through their records; a record's owner renews its heartbeat while the job is queued
+or running, and a job whose owner died is reported failed by everyone (records.py)."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import queue
-import tempfile
+import socket
 import threading
 import time
 import uuid
@@ -19,6 +23,7 @@ from adapter_store import skill_space
 from ..engine import Engine, ShuttingDown
 from .data import Example
 from .methods import METHODS
+from .records import HEARTBEAT_S, JobRecords, as_seen
 from .retrieve import retrieve
 from .states import ACTIVE, ENDED, JobState
 from .trainer import Cancelled, Progress, TrainConfig, train
@@ -61,6 +66,8 @@ class AdaptJob:
     error: str | None = None
     cancel_requested: bool = False
     result: dict | None = None  # retrieve (and init "retrieve"): the mix and every candidate's loss
+    owner: str | None = None  # shared records: the server running the job
+    heartbeat: float | None = None  # shared records: when the owner last said it is alive
 
     def elapsed_s(self) -> float | None:
         return None if self.started is None else (self.finished or time.time()) - self.started
@@ -72,29 +79,53 @@ class AdaptJob:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, jobs_dir: Path, *, max_queued: int):
+    def __init__(self, engine: Engine, jobs_dir: Path, *, max_queued: int, shared: bool = False):
+        """shared: other servers share jobs_dir (see the module's docstring)."""
         self.engine = engine
         self.jobs_dir = jobs_dir
         self.max_queued = max_queued
-        self.jobs: dict[str, AdaptJob] = {}
+        self.shared = shared
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}" if shared else None
+        self._own: dict[str, AdaptJob] = {}
+        self._records = JobRecords(jobs_dir)
         self._pending: queue.Queue[tuple[AdaptJob, list[Example], TrainConfig] | None] = queue.Queue()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # a record's snapshot and its write go together
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="adapt", daemon=True)
+        self._stopped = threading.Event()
+        self._heart = threading.Thread(target=self._beat, name="adapt-heartbeat", daemon=True)
         self._load_records()
+
+    @property
+    def jobs(self) -> dict[str, AdaptJob]:
+        """The jobs this server knows, by id: its own and, with shared records, the other servers' as their
+        records say now (a job whose owner died: failed)."""
+        if not self.shared:
+            return self._own
+        others = {}
+        for job_id, record in self._records.read_all().items():
+            if job_id not in self._own and (job := _job_of(as_seen(record))) is not None:
+                others[job_id] = job
+        return {**others, **self._own}
 
     def start(self) -> None:
         self._thread.start()
+        if self.shared:
+            self._heart.start()
 
     def stop(self) -> None:
         """Refuse new jobs, cancel what is queued or running (nothing partial is written), wait for the worker."""
         with self._lock:
             self._accepting = False
-            self._cancel.update(job.id for job in self.jobs.values() if job.state in ACTIVE)
+            self._cancel.update(job.id for job in self._own.values() if job.state in ACTIVE)
         self._pending.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=60)
+        self._stopped.set()
+        if self._heart.is_alive():
+            self._heart.join(timeout=10)
 
     def submit(self, task: str, method: str, examples: list[Example], config: TrainConfig) -> AdaptJob:
         with self._lock:
@@ -102,18 +133,22 @@ class JobManager:
                 raise ShuttingDown("the server is shutting down: no new adaptation jobs")
             if any(j.task == task and j.state in ACTIVE for j in self.jobs.values()):
                 raise JobConflictError(f"a job adapting task {task!r} is already queued or running", "task")
-            if sum(j.state == "queued" for j in self.jobs.values()) >= self.max_queued:
+            if sum(j.state == "queued" for j in self._own.values()) >= self.max_queued:
                 raise QueueFull(f"{self.max_queued} adaptation jobs are already queued")
-            job = AdaptJob(uuid.uuid4().hex, task, method, config.steps, len(examples))
-            self.jobs[job.id] = job
+            steps = 1 if method == RETRIEVE else config.steps  # retrieval is one pass, no gradient steps
+            job = AdaptJob(uuid.uuid4().hex, task, method, steps, len(examples))
+            self._own[job.id] = job
         self._save(job)
         self._pending.put((job, examples, config))
         return job
 
     def cancel(self, job_id: str) -> AdaptJob:
         """Cancel a queued job at once, or ask a running one to stop at its next step (it then ends
-        "cancelled", nothing written). A finished job cannot be cancelled (JobConflictError)."""
-        job = self.jobs[job_id]
+        "cancelled", nothing written). A finished job cannot be cancelled (JobConflictError). Another server's job
+        (shared records): its owner is asked to, and cancels it within a heartbeat."""
+        job = self._own.get(job_id)
+        if job is None:
+            return self._cancel_elsewhere(job_id)
         with self._lock:
             if job.state not in ACTIVE:
                 raise JobConflictError(f"job {job_id} already ended ({job.state}); nothing to cancel", "job_id")
@@ -124,6 +159,24 @@ class JobManager:
                 job.cancel_requested = True
         self._save(job)
         return job
+
+    def _cancel_elsewhere(self, job_id: str) -> AdaptJob:
+        job = self.jobs[job_id]
+        if job.state not in ACTIVE:
+            raise JobConflictError(f"job {job_id} already ended ({job.state}); nothing to cancel", "job_id")
+        self._records.ask_to_cancel(job_id)
+        job.cancel_requested = True
+        return job
+
+    def _beat(self) -> None:
+        """Shared records: renew the heartbeat of this server's queued and running jobs; act on cancel requests."""
+        while not self._stopped.wait(HEARTBEAT_S):
+            for job in [j for j in self._own.values() if j.state in ACTIVE]:
+                if not self._records.take_cancel_request(job.id):
+                    self._save(job)
+                    continue
+                with contextlib.suppress(JobConflictError):  # it ended meanwhile
+                    self.cancel(job.id)
 
     def _work(self) -> None:
         while (item := self._pending.get()) is not None:
@@ -184,24 +237,31 @@ class JobManager:
 
     # ---- records on disk ----------------------------------------------------------------
     def _save(self, job: AdaptJob) -> None:
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.jobs_dir)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(job), handle)
-        os.replace(tmp, self.jobs_dir / f"{job.id}.json")
+        with self._write_lock:
+            if self.shared:
+                job.owner, job.heartbeat = self.owner, time.time()
+            self._records.save(asdict(job))
 
     def _load_records(self) -> None:
-        if not self.jobs_dir.is_dir():
+        """Not shared: the records of an earlier run; what it left queued or running it interrupted. Shared: the
+        other servers' records are read when asked for (`jobs`); temp files of a write in progress stay."""
+        if self.shared:
+            self._records.remove_partial_files(older_than_s=60)
             return
-        for stale in self.jobs_dir.glob(".tmp-*"):
-            stale.unlink(missing_ok=True)
-        for path in sorted(self.jobs_dir.glob("*.json")):
-            try:
-                job = AdaptJob(**json.loads(path.read_text()))
-            except (ValueError, TypeError) as exc:
-                log.warning("ignoring unreadable job record %s (%s)", path, exc)
+        self._records.remove_partial_files()
+        for record in sorted(self._records.read_all().values(), key=lambda r: str(r.get("id"))):
+            job = _job_of(record)
+            if job is None:
                 continue
             if job.state in ACTIVE:
                 job.state, job.error, job.finished = "failed", INTERRUPTED, job.finished or time.time()
                 self._save(job)
-            self.jobs[job.id] = job
+            self._own[job.id] = job
+
+
+def _job_of(record: dict) -> AdaptJob | None:
+    try:
+        return AdaptJob(**record)
+    except TypeError as exc:
+        log.warning("ignoring unreadable job record %s (%s)", record.get("id"), exc)
+        return None
