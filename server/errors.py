@@ -52,7 +52,7 @@ TRANSLATIONS: dict[type[BaseException], Callable[..., ApiError]] = {
     UnknownTaskError: lambda e: ApiError(404, "unknown_task", f"unknown task {e.name!r}; GET /tasks lists the tasks",
                                          "task"),
     TaskConflictError: lambda e: ApiError(409, "conflict", str(e), "task"),
-    BrokenCompositionError: lambda e: ApiError(409, "conflict", str(e), "task"),
+    BrokenCompositionError: lambda e: ApiError(409, "broken_composition", str(e), "task"),
     MixError: lambda e: ApiError(422, "validation_error", f"{e.field}: {e}", e.field),
     JobConflictError: lambda e: ApiError(409, "conflict", str(e), e.field),
     TaskNameError: lambda e: ApiError(422, "validation_error", f"task: {e}", "task"),

@@ -154,6 +154,17 @@ class AdaptRequest(StrictModel):
     overwrite: bool = Field(False, description="replace an adapted task of this name (its version goes up)")
 
 
+class RetrievedCandidate(BaseModel):
+    task: str
+    loss: float = Field(description="mean negative log-likelihood per target token of the examples")
+    weight: float = Field(description="its weight in the mix (0: not kept)")
+
+
+class AdaptResult(BaseModel):
+    mix: dict[str, float] = Field(description="the retrieved mix: the best k tasks, weights softmax(-loss)")
+    candidates: list[RetrievedCandidate] = Field(description="every task in skill space, best first")
+
+
 class AdaptJobOut(BaseModel):
     id: str
     task: str
@@ -175,8 +186,8 @@ class AdaptJobOut(BaseModel):
     stopped_early: str | None
     error: str | None
     cancel_requested: bool = False
-    result: dict | None = Field(None, description="retrieve (and init retrieve): the mix and each candidate task's "
-                                "loss on the examples, best first")
+    result: AdaptResult | None = Field(None, description="retrieve (and init retrieve): the mix and each candidate "
+                                       "task's loss on the examples, best first")
 
 
 class AdaptJobList(BaseModel):

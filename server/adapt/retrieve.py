@@ -30,7 +30,7 @@ class Retrieved:
     candidates: list[Candidate]  # every candidate, best first
 
     def as_dict(self) -> dict:
-        return {"mix": self.mix.as_dict(),
+        return {"mix": {task: round(weight, 6) for task, weight in self.mix.members},
                 "candidates": [{"task": c.task, "loss": round(c.loss, 6), "weight": round(c.weight, 6)}
                                for c in self.candidates]}
 

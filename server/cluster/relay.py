@@ -21,6 +21,10 @@ from ..schemas import error_body
 
 Headers = tuple[tuple[bytes, bytes], ...]
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection"}
+# what a replica adds to every response
+REPLICA_HEADER = b"x-mhr-replica"  # which replica answered (its Ray Serve id)
+PID_HEADER = b"x-mhr-replica-pid"  # its process, for operators (and the kill -9 test)
+RESIDENT_HEADER = b"x-mhr-resident"  # whether the task's adapter was resident there when the request arrived
 FINISH_AFTER_RESPONSE_S = 1.0  # the app's own bookkeeping after its last byte (metrics) gets this long
 
 

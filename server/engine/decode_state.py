@@ -15,6 +15,7 @@ A decoding step feeds each row's last token (N, 1) and appends one column. Rows 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 
 import torch
@@ -70,6 +71,22 @@ def _pad_mask(mask: torch.Tensor, left: int = 0, right: int = 0) -> torch.Tensor
     return torch.nn.functional.pad(mask, (left, right))
 
 
+def _unless_full(mask: torch.Tensor) -> torch.Tensor | None:
+    """No mask where no row has padding: attention then takes its unmasked (causal) path, as in generate()."""
+    return None if bool(mask.all()) else mask
+
+
+SEQ2SEQ_TYPES = ("t5", "mt5", "umt5")  # relative position bias: right-aligned padding keeps every distance
+
+
+def loop_supported(model, is_seq2seq: bool) -> bool:
+    """Whether the decoding loop can serve this model: T5-like seq2seq, or a causal LM with full attention that
+    takes position ids."""
+    if is_seq2seq:
+        return model.config.model_type in SEQ2SEQ_TYPES
+    return kv_cache.supports_row_surgery(model.config) and "position_ids" in inspect.signature(model.forward).parameters
+
+
 class CausalState(DecodeState):
     def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
         self.model = model
@@ -81,15 +98,15 @@ class CausalState(DecodeState):
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[CausalState, torch.Tensor]:
         """Left-padded prompts (M, Q) -> the new rows' state and their first next-token logits (M, V)."""
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (M, Q): padding gets position 0, masked
-        cache = DynamicCache(config=model.config)
+        cache = kv_cache.RowCache()
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
         return cls(model, cache, attention_mask, attention_mask.sum(dim=1)), out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = self._append_column()
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=self.positions[:, None],
-                         cache=self.cache, use_cache=True)
+        out = self.model(input_ids=tokens[:, None], attention_mask=_unless_full(mask),
+                         position_ids=self.positions[:, None], cache=self.cache, use_cache=True)
         self.positions = self.positions + 1
         return out.logits[:, -1]  # (N, V)
 
@@ -127,7 +144,7 @@ class Seq2SeqState(DecodeState):
         rows = input_ids.shape[0]
         start = torch.full((rows, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         decoder_mask = torch.ones_like(start)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache = EncoderDecoderCache(kv_cache.RowCache(), DynamicCache())  # the cross-attention part never grows
         out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start,
                     decoder_attention_mask=decoder_mask, cache=cache, use_cache=True)
         return cls(model, cache, decoder_mask, attention_mask), out.logits[:, -1]
@@ -138,9 +155,9 @@ class Seq2SeqState(DecodeState):
         # the cross-attention reads its cached keys and values: the encoder states only give their shape
         encoder_shape = torch.zeros(1, 1, self.d_model, dtype=self.model.dtype, device=mask.device).expand(
             rows, length, self.d_model)
-        out = self.model(encoder_outputs=(encoder_shape,), attention_mask=self.encoder_mask,
-                         decoder_input_ids=tokens[:, None], decoder_attention_mask=mask, cache=self.cache,
-                         use_cache=True)
+        out = self.model(encoder_outputs=(encoder_shape,), attention_mask=_unless_full(self.encoder_mask),
+                         decoder_input_ids=tokens[:, None], decoder_attention_mask=_unless_full(mask),
+                         cache=self.cache, use_cache=True)
         return out.logits[:, -1]  # (N, V)
 
     def select(self, keep: list[int]) -> None:

@@ -19,6 +19,7 @@ import torch
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
 
 from .adapter_slots import AdapterSlots
+from .decode_state import loop_supported
 from .generation import eos_token_ids
 from .loader import LoadedModel, ModelLoadError
 from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, measure, plan_memory
@@ -56,6 +57,11 @@ class Engine:
         cache.resize(self.memory.cache_bytes)
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
         self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
+        if scheduler == "continuous" and not loop_supported(loaded.model, loaded.is_seq2seq):
+            log.warning("%s: the decoding loop supports T5-like seq2seq models and full-attention causal LMs with "
+                        "position ids; serving this model with request-level (static) batching",
+                        type(loaded.model).__name__)
+            scheduler = "static"
         self.loop = Scheduler(self, max_rows=max_batch_size, max_tokens=self.memory.kv_positions, mode=scheduler,
                               max_wait_s=max_batch_wait_ms / 1000)
 

@@ -1,8 +1,11 @@
-"""Row surgery on transformers' KV caches: drop rows, pad along the sequence axis, join two batches.
+"""KV caches for the serving loop: layers with room to grow, and row surgery (drop rows, pad along the sequence
+axis, join two batches).
 
-transformers' `DynamicCache` can select rows (`batch_select_indices`) but not join two batches; continuous
-batching needs both. Every function here works on the per-layer tensors of a cache made of plain
-`DynamicLayer`s (full attention), each (N, heads, P, head_dim):
+transformers' `DynamicLayer` appends each step's keys and values with torch.cat, copying the whole cache at every
+step (as much memory traffic as the attention itself); a `GrowingLayer` keeps CHUNK spare positions and writes the
+new column in place, copying only when the room runs out. `DynamicCache` can select rows but not join two batches;
+continuous batching needs both. Every function below works on per-layer tensors (N, heads, P, head_dim) of caches
+made of `DynamicLayer`s or `GrowingLayer`s (full attention):
 
     select_rows(cache, keep)        cache[keep]                      (rows leave, or are reordered)
     pad_columns(cache, left, right) zeros before / after the P axis   (a masked position: never read)
@@ -16,11 +19,84 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
-def supports_row_surgery(cache: DynamicCache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values keep room for CHUNK more positions. `keys`/`values` are views of the
+    filled part; assigning them (row surgery) replaces the buffers, which grow again at the next step."""
+
+    CHUNK = 64
+
+    def __init__(self, **kwargs):
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._length = 0
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._length = 0 if value is None or value.dim() < 3 else value.shape[2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[2]
+        if self._k is None or self._k.dim() < 3 or end > self._k.shape[2] or self._k.shape[0] != key_states.shape[0]:
+            self._grow(key_states, value_states, end)
+        self._k[:, :, self._length: end] = key_states  # (N, heads, q, d) written in place
+        self._v[:, :, self._length: end] = value_states
+        self._length = end
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, end: int) -> None:
+        rows, heads, _, dim = key_states.shape
+        keys = key_states.new_empty(rows, heads, end + self.CHUNK, dim)
+        values = value_states.new_empty(rows, heads, end + self.CHUNK, value_states.shape[3])
+        if self._length:
+            keys[:, :, : self._length] = self.keys
+            values[:, :, : self._length] = self.values
+        self._k, self._v = keys, values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`, room to grow included."""
+        if self._length:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+
+
+class RowCache(DynamicCache):
+    """A DynamicCache of GrowingLayers (every layer full attention)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+def supports_row_surgery(config) -> bool:
+    """Only full attention: sliding-window or linear-attention layers keep state that padding would corrupt."""
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    return kinds == {"full_attention"} and not getattr(text, "sliding_window", None)
 
 
 def _filled(cache: DynamicCache) -> list[DynamicLayer]:
@@ -30,8 +106,14 @@ def _filled(cache: DynamicCache) -> list[DynamicLayer]:
 def select_rows(cache: DynamicCache, keep: torch.Tensor) -> None:
     """Keep rows `keep` (int64 indices, in their new order)."""
     for layer in _filled(cache):
-        layer.keys = layer.keys.index_select(0, keep)  # (n, heads, P, d)
-        layer.values = layer.values.index_select(0, keep)
+        layer.batch_select_indices(keep)  # (n, heads, P, d)
+
+
+def _replace(layer: DynamicLayer, change) -> None:
+    """keys, values = change(keys), change(values): both read before either is replaced."""
+    keys, values = change(layer.keys), change(layer.values)
+    layer.keys = keys
+    layer.values = values
 
 
 def pad_columns(cache: DynamicCache, left: int, right: int = 0) -> None:
@@ -39,8 +121,7 @@ def pad_columns(cache: DynamicCache, left: int, right: int = 0) -> None:
     if left == 0 and right == 0:
         return
     for layer in _filled(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, left, right))  # (N, heads, left + P + right, d)
-        layer.values = F.pad(layer.values, (0, 0, left, right))
+        _replace(layer, lambda t: F.pad(t, (0, 0, left, right)))  # (N, heads, left + P + right, d)
 
 
 def drop_columns(cache: DynamicCache, left: int = 0, right: int = 0) -> None:
@@ -49,8 +130,7 @@ def drop_columns(cache: DynamicCache, left: int = 0, right: int = 0) -> None:
         return
     for layer in _filled(cache):
         end = layer.keys.shape[2] - right
-        layer.keys = layer.keys[:, :, left:end]
-        layer.values = layer.values[:, :, left:end]
+        _replace(layer, lambda t, end=end: t[:, :, left:end])
 
 
 def join_rows(first: DynamicCache, second: DynamicCache) -> None:
@@ -59,11 +139,15 @@ def join_rows(first: DynamicCache, second: DynamicCache) -> None:
         if not theirs.is_initialized:
             continue
         if not mine.is_initialized or mine.keys is None or not mine.keys.numel():
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys, mine.values = theirs.keys, theirs.values
+            keys, values = theirs.keys, theirs.values
+            mine.lazy_initialization(keys, values)
+            mine.keys = keys
+            mine.values = values
             continue
-        mine.keys = torch.cat([mine.keys, theirs.keys])  # (N + M, heads, P, d)
-        mine.values = torch.cat([mine.values, theirs.values])
+        keys = torch.cat([mine.keys, theirs.keys])  # (N + M, heads, P, d)
+        values = torch.cat([mine.values, theirs.values])
+        mine.keys = keys
+        mine.values = values
 
 
 def cache_length(cache: DynamicCache) -> int:

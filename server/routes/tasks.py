@@ -12,9 +12,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from adapter_store import AdapterStore, MixError
+from adapter_store import AdapterStore, BrokenCompositionError, MixError, TaskConflictError, TaskNameError
 
 from ..deps import EngineDep, SettingsDep, StoreDep
+from ..errors import ApiError, as_api_error
 from ..schemas import ComposeRequest, ErrorResponse, TaskList, TaskOut
 from ..security import MutatingKey, ReadingKey
 from .validation import invalid
@@ -38,12 +39,15 @@ async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep
     """A named mix: persisted (atomic, versioned), listed with its recipe, servable, exportable, deletable. It is
     resolved from its members each time it is routed, so a member's new version reaches it; a member deleted
     makes it fail with 409 until it is composed again without that member."""
-    engine.store.check_writable(body.name, overwrite=body.overwrite)
     try:
+        engine.store.check_writable(body.name, overwrite=body.overwrite)
         mix = engine.store.check_mix(body.mix, settings.max_mix_tasks)
+        info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
     except MixError as exc:
         raise invalid(exc.field, str(exc)) from None
-    info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
+    except (TaskNameError, TaskConflictError, BrokenCompositionError) as exc:  # about `name`, not a request's task
+        error = as_api_error(exc)
+        raise ApiError(error.status, error.type, str(exc), "name") from None
     engine.forget_task(body.name)  # an older version's cached adapter
     return TaskOut.of(info)
 

@@ -231,3 +231,38 @@ def test_a_row_keeps_the_adapter_version_it_was_admitted_with(tmp_path):
     assert fresh.generate([GenerateRow("mine", "probe", params)])[0].text == new.text
     fresh.close()
     engine.close()
+
+
+def test_models_the_loop_cannot_pad_fall_back_to_request_level_batching():
+    from transformers import BartConfig, BartForConditionalGeneration, MistralConfig, MistralForCausalLM
+
+    from server.engine.decode_state import loop_supported
+    from tests.factories import tiny_llama, tiny_t5
+
+    assert loop_supported(tiny_t5(), True) and loop_supported(tiny_llama(), False)
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    assert not loop_supported(sliding, False)  # a sliding window keeps state that padding would corrupt
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    assert not loop_supported(bart, True)  # absolute positions: right-aligned padding would shift them
+
+
+def test_growing_caches_write_in_place_and_keep_their_room_through_row_surgery():
+    from server.engine import kv_cache
+
+    cache = kv_cache.RowCache()
+    first = torch.randn(3, 2, 4, 8)
+    cache.update(first, first + 1, 0)
+    layer = cache.layers[0]
+    buffer = layer._k
+    step = torch.randn(3, 2, 1, 8)
+    keys, values = cache.update(step, step + 1, 0)
+    assert layer._k is buffer and keys.shape == (3, 2, 5, 8)  # written into the room it had
+    assert torch.equal(keys[:, :, :4], first) and torch.equal(values[:, :, 4:], step + 1)
+    kv_cache.select_rows(cache, torch.tensor([2, 0]))
+    assert torch.equal(layer.keys[0, :, :4], first[2]) and layer._k.shape[2] > layer.get_seq_length()
+    kv_cache.pad_columns(cache, left=2)
+    assert layer.get_seq_length() == 7 and torch.equal(layer.values[1, :, 2:6], first[0] + 1)
+    assert (layer.keys[:, :, :2] == 0).all()
