@@ -196,7 +196,7 @@ def ratios(rates: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 11, fewer HTTP requests (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 11, shorter HTTP runs (~5 min)")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -204,12 +204,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.reps = 5 if args.quick else 11
+    args.reps = 3 if args.quick else 11
     args.new_tokens = 32  # the same work per round as the full run: --quick only runs fewer rounds
     args.cycle_tasks = 1000
     args.http_requests = 64 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
-    args.mixed_requests = 64 if args.quick else 160
+    args.mixed_requests = 128 if args.quick else 320
     result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:

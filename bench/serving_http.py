@@ -3,9 +3,11 @@
     throughput          1 client vs 32 concurrent clients, fixed-length requests        ratio_32_clients_vs_1
     head of line        8-token requests alone, then while 4 clients stream 256-token generations
                                                                                          hol_short_p50_ratio
-    mixed lengths       64 clients, max_new_tokens uniform in 8..256 (seeded), streamed, on the continuous and
-                        the static scheduler                      mixed_length_tokens_per_s_vs_static, ttft_*
-Every generation uses ignore_eos, so each request produces exactly the tokens it asks for.
+    mixed lengths       64 clients share a fixed list of requests, max_new_tokens uniform in 8..256 (seeded), on the
+                        continuous and the static scheduler; 8 of the clients stream (time to first token)
+                                                                 mixed_length_tokens_per_s_vs_static, ttft_*
+Every generation produces exactly the tokens it asks for: ignore_eos, or min_new_tokens = max_new_tokens (the end of
+sequence is never chosen, so every streamed token is text at once).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ async def _clients(base: str, tasks: list[str], n_requests: int, concurrency: in
         return tokens / (time.perf_counter() - start)
 
 
-async def _streamed(http: httpx.AsyncClient, base: str, payload: dict) -> tuple[float | None, int]:
-    """(seconds to the first text, completion tokens) of one streamed /generate."""
+async def _streamed(http: httpx.AsyncClient, base: str, payload: dict, on_text=lambda text: None,
+                    on_first=lambda seconds: None) -> tuple[float | None, int]:
+    """(seconds to the first text, completion tokens) of one streamed /generate; on_text sees each piece,
+    on_first the seconds to the first one."""
     start, first = time.perf_counter(), None
     async with http.stream("POST", f"{base}/generate", json={**payload, "stream": True}) as response:
         response.raise_for_status()
@@ -108,8 +112,11 @@ async def _streamed(http: httpx.AsyncClient, base: str, payload: dict) -> tuple[
                 data = json.loads(line[6:])
                 if event == "done":
                     return first, data["usage"]["completion_tokens"]
-                if event is None and data.get("text") and first is None:
-                    first = time.perf_counter() - start
+                if event is None and data.get("text"):
+                    if first is None:
+                        first = time.perf_counter() - start
+                        on_first(first)
+                    on_text(data["text"])
                 event = None
     raise RuntimeError("the stream ended without its done event")
 
@@ -146,24 +153,29 @@ async def _head_of_line(base: str, tasks: list[str], n: int) -> dict:
 
 
 async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int = 0) -> dict:
-    """64 clients, each request streamed with max_new_tokens uniform in 8..256 (the same draws every run)."""
+    """64 clients take requests from one list (max_new_tokens uniform in 8..256, the same draws every run) until it
+    is empty; tokens/s over the whole run. The first 8 clients stream, for the time to first token."""
     rng = random.Random(seed)
-    work = [(i, rng.randint(8, 256)) for i in range(n_requests)]
+    work = [(i, rng.randint(8, 256)) for i in range(n_requests)][::-1]
     firsts: list[float] = []
     tokens = 0
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, streams: bool) -> None:
         nonlocal tokens
         while work:
-            i, new_tokens = work.pop()
-            first, done = await _streamed(http, base, body(tasks[i % len(tasks)], i, new_tokens))
-            tokens += done
-            if first is not None:
-                firsts.append(first)
+            i, n = work.pop()
+            payload = body(tasks[i % len(tasks)], i, n, min_new_tokens=n, ignore_eos=False)
+            if streams:
+                _, done = await _streamed(http, base, payload, on_first=firsts.append)
+            else:
+                response = await http.post(f"{base}/generate", json=payload)
+                response.raise_for_status()
+                done = response.json()["usage"]["completion_tokens"]
+            tokens += done  # after the await: `tokens += await ...` would lose other clients' updates
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=72)) as http:
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=72)) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(64)))
+        await asyncio.gather(*(client(http, k < 8) for k in range(64)))
         elapsed = time.perf_counter() - start
     firsts.sort()
     return {"tokens_per_s": round(tokens / elapsed, 1), "ttft_p50_ms": round(1e3 * statistics.median(firsts), 1),

@@ -81,7 +81,7 @@ class Admission:
         for index, row in enumerate(rows):
             row.on_text = sink(index)
         self.pending += 1
-        job = None
+        job = getter = None
         try:
             job = self.engine.submit_generate(rows)
             result = asyncio.wrap_future(job.future)
@@ -102,6 +102,8 @@ class Admission:
                     yield index, rest, None
             yield -1, "", completions
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()  # the client went away while a piece was awaited
             if job is not None and not job.future.done():
                 job.cancel()
             self.pending -= 1

@@ -5,6 +5,7 @@ search, and the request-level "static" scheduler kept for comparison. Rows share
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 
 from .row_text import cut_at_stop
 from .rows import Completion, GenerateRow, SamplingParams
@@ -13,13 +14,13 @@ from .streaming import RowStreamer
 
 def call_key(params: SamplingParams) -> tuple:
     """Rows may share one generate() call only when this key is equal: greedy rows share regardless of length (a
-    greedy prefix does not depend on the limit); beam results depend on the limit; sampling shares one seed."""
-    shared = (params.min_new_tokens, params.ignore_eos)
+    greedy prefix does not depend on the limit, and each row's end-of-sequence rule is its own: _EosGuard); beam
+    results depend on the limit; sampling shares one seed."""
     if params.num_beams > 1:
-        return ("beam", params.num_beams, params.max_new_tokens, *shared)
+        return ("beam", params.num_beams, params.max_new_tokens)
     if params.do_sample:
-        return ("sample", params.temperature, params.top_p, params.top_k, params.seed, *shared)
-    return ("greedy", *shared)
+        return ("sample", params.temperature, params.top_p, params.top_k, params.seed)
+    return ("greedy",)
 
 
 def eos_token_ids(model) -> frozenset[int]:
@@ -37,10 +38,8 @@ def generate_rows(model, tokenizer, is_seq2seq: bool, device: torch.device, rows
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
     eos = eos_token_ids(model)
     limits = [row.params.max_new_tokens for row in rows]
-    # ignore_eos: end-of-sequence is never chosen (generate has no "keep going after it")
-    min_new = max(limits) if params.ignore_eos else params.min_new_tokens
-    kwargs = dict(max_new_tokens=max(limits), min_new_tokens=min_new, num_beams=params.num_beams,
-                  do_sample=params.do_sample, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(max_new_tokens=max(limits), num_beams=params.num_beams, do_sample=params.do_sample,
+                  pad_token_id=tokenizer.pad_token_id)
     if params.do_sample:
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         if params.seed is not None:
@@ -49,11 +48,31 @@ def generate_rows(model, tokenizer, is_seq2seq: bool, device: torch.device, rows
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if any(row.on_text for row in rows):
         kwargs["streamer"] = RowStreamer(tokenizer, rows, eos)
+    guard = _EosGuard(rows, eos, params.num_beams)
     with torch.inference_mode():
-        output = model.generate(**batch, **kwargs, logits_processor=logits_processor)
+        output = model.generate(**batch, **kwargs, logits_processor=[guard, *(logits_processor or [])])
     new_tokens = output[:, 1:] if is_seq2seq else output[:, batch["input_ids"].shape[1]:]  # drop decoder start
     return [_completion(tokenizer, tokens, eos, row, n_prompt)
             for tokens, row, n_prompt in zip(new_tokens.tolist(), rows, prompt_tokens, strict=True)]
+
+
+class _EosGuard(LogitsProcessor):
+    """Each row's own end-of-sequence rule in a shared call: forbidden before its min_new_tokens, and never chosen
+    with ignore_eos (generate has no "keep going after it")."""
+
+    def __init__(self, rows: list[GenerateRow], eos: frozenset[int], beams: int):
+        self.until = torch.tensor([r.params.max_new_tokens if r.params.ignore_eos else r.params.min_new_tokens
+                                   for r in rows]).repeat_interleave(beams)  # (N * beams,) new tokens
+        self.eos = sorted(eos)
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        early = (self.until > input_ids.shape[1] - self.start).nonzero().squeeze(1)  # rows still too short
+        if self.eos and len(early):
+            scores[early[:, None].to(scores.device), torch.tensor(self.eos, device=scores.device)[None, :]] = \
+                -float("inf")
+        return scores
 
 
 def _completion(tokenizer, tokens: list[int], eos: frozenset[int], row: GenerateRow, n_prompt: int) -> Completion:
