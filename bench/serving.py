@@ -207,9 +207,10 @@ def main() -> None:
     args.reps = 3 if args.quick else 11
     args.new_tokens = 32  # the same work per round as the full run: --quick only runs fewer rounds
     args.cycle_tasks = 1000
-    args.http_requests = 64 if args.quick else 160
+    args.http_requests = 48 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
-    args.mixed_requests = 128 if args.quick else 320
+    args.hol_static_requests = 0 if args.quick else 5  # the static scheduler's head-of-line ratio, for contrast
+    args.mixed_requests = 96 if args.quick else 320
     result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:

@@ -266,3 +266,30 @@ def test_growing_caches_write_in_place_and_keep_their_room_through_row_surgery()
     kv_cache.pad_columns(cache, left=2)
     assert layer.get_seq_length() == 7 and torch.equal(layer.values[1, :, 2:6], first[0] + 1)
     assert (layer.keys[:, :, :2] == 0).all()
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_memory_returns_after_many_joins_and_leaves(tmp_path):
+    save_bundle(tmp_path, "t5", sharp=False)
+    engine = engine_for(tmp_path, max_batch_size=8)
+    rng = torch.Generator().manual_seed(1)
+
+    def wave():
+        lengths = torch.randint(1, 40, (120,), generator=rng).tolist()
+        jobs = [engine.submit_generate([GenerateRow(f"task-{i % 3}", TEXTS[i % len(TEXTS)] * (1 + i % 3),
+                                                    SamplingParams(max_new_tokens=n, ignore_eos=True))])
+                for i, n in enumerate(lengths)]
+        for job in jobs:
+            job.future.result(timeout=120)
+
+    wave()  # caches, pools and allocator arenas reach their working size
+    after_first = resident_mb()
+    for _ in range(3):
+        wave()
+    assert engine.stats().running_rows == 0 and engine.loop.batch.state is None
+    assert resident_mb() - after_first < 30, "memory kept growing with more joins and leaves"
+    engine.close()
