@@ -9,14 +9,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench clean
+CLUSTER_CONFIG ?= server/cluster/serve_config.yaml
+
+.PHONY: install test lint serve serve-cluster stop-cluster bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,cluster]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -27,6 +29,18 @@ lint: $(STAMP)
 
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m server
+
+# A local Ray head (unless one runs already), the Serve config deployed on it (2 engine replicas behind the ingress,
+# port 8000), then wait until both replicas answer. Other machines join with `ray start --address=<head>:6379`.
+serve-cluster: $(STAMP)
+	$(VENV)/bin/ray status >/dev/null 2>&1 || HF_HUB_OFFLINE=1 $(VENV)/bin/ray start --head --disable-usage-stats \
+		--include-dashboard=false
+	HF_HUB_OFFLINE=1 $(VENV)/bin/serve run --non-blocking --address auto $(CLUSTER_CONFIG)
+	$(PY) -m server.cluster wait --url http://127.0.0.1:8000 --replicas 2
+
+# Stops the Ray node on this machine (its Serve applications with it).
+stop-cluster: $(STAMP)
+	$(VENV)/bin/ray stop
 
 bench: $(STAMP)
 	$(PY) bench/combine.py
