@@ -65,11 +65,19 @@ class BatchedLoraLinear(nn.Module):
 
     def set_rows(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """A (N, d_in, r) and B (N, r, d_out): one adapter per row of the coming batches."""
-        self.active = Active(lora_a, lora_b, scale, per_row=True)
+        self.active = Active(*self._in_weight_dtype(lora_a, lora_b), scale, per_row=True)
 
     def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """A (d_in, r) and B (r, d_out) for every row."""
-        self.active = Active(lora_a, lora_b, scale)
+        self.active = Active(*self._in_weight_dtype(lora_a, lora_b), scale)
+
+    def _in_weight_dtype(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapters in the wrapped layer's dtype: a model may keep a layer in float32 under half precision (T5's
+        wo: transformers' _keep_in_fp32_modules), and its inputs come in that dtype."""
+        dtype = self.base.weight.dtype
+        if lora_a.dtype == dtype:
+            return lora_a, lora_b
+        return lora_a.to(dtype), lora_b.to(dtype)
 
     def set_merged(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, key: Hashable | None = None
                    ) -> None:

@@ -233,17 +233,31 @@ class Scheduler:
         adapters = [job.pinned[job.pairs[i][0].task] for job, i in members]
         m = self.engine.loaded
         single = len({id(a) for a, _ in adapters}) == 1
-        with self.engine.slots.activate([a for a, _ in adapters], key=adapters[0][1],
-                                        merge=single and not len(self.batch) and self.engine.merge_single_task):
-            scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
-                                 [job.pairs[i][0].text for job, i in members], [job.pairs[i][1] for job, i in members])
+        try:
+            with self.engine.slots.activate([a for a, _ in adapters], key=adapters[0][1],
+                                            merge=single and not len(self.batch) and self.engine.merge_single_task):
+                scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
+                                     [job.pairs[i][0].text for job, i in members],
+                                     [job.pairs[i][1] for job, i in members])
+        except Exception as exc:  # its requests get the error; the loop goes on
+            log.exception("a /score chunk failed")
+            for job, _ in members:
+                job.fail(exc)
+            return True
         for (job, i), (logprob, tokens) in zip(members, scored, strict=True):
             job.record(i, logprob, tokens)
         return True
 
     def _run_guest_turn(self) -> bool:
         with self._cv:
-            batch = self.guests.next_batch(self._make_guest)
+            try:
+                batch = self.guests.next_batch(self._make_guest)
+            except Exception as exc:  # e.g. its adapters could not be routed: its requests get the error
+                log.exception("a generation could not start")
+                failed, self.guests.running = self.guests.running, None
+                for entry in failed.entries if failed else []:
+                    entry.job.fail(exc)
+                return True
         if batch is None:
             return False
         if batch.guest.take_turn():

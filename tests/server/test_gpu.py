@@ -1,5 +1,7 @@
 """CUDA paths: device placement, bf16/fp16, adapter cache memory. Skipped without a GPU."""
 
+import time
+
 import pytest
 import torch
 
@@ -21,10 +23,11 @@ def test_cuda_scores_match_cpu(t5_bundle, dtype):
     gpu = engine_on(t5_bundle, "cuda", dtype)
     assert next(gpu.model.parameters()).device.type == "cuda"
     rows = [ScoreRow("alpha", "some input", ["yes", "no"]), ScoreRow("gamma", "other", ["maybe"])]
-    tolerance = 1e-3 if dtype == "float32" else 0.5
+    # the sharpened test model's log-likelihoods are in the thousands: half precision keeps ~3 significant digits
+    tolerance = dict(abs=1e-3, rel=1e-5) if dtype == "float32" else dict(abs=0.5, rel=1e-2)
     for ours, ref in zip(gpu.score(rows), cpu.score(rows), strict=True):
         for a, b in zip(ours, ref, strict=True):
-            assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=tolerance)
+            assert a.logprob_sum == pytest.approx(b.logprob_sum, **tolerance)
     adapter = gpu.adapter("beta")
     assert adapter.groups[0].lora_a.device.type == "cuda" and adapter.groups[0].lora_a.dtype == getattr(torch, dtype)
 
@@ -58,8 +61,8 @@ def test_cuda_rows_joining_the_running_batch_equal_each_row_alone(t5_bundle):
     rows = [GenerateRow(t, text, SamplingParams(max_new_tokens=n, ignore_eos=True))
             for t, text, n in (("alpha", "first row", 24), ("beta", "joins later", 6), ("gamma", "x", 12))]
     first = gpu.submit_generate(rows[:1])
-    while gpu.stats().running_rows == 0:
-        pass
+    while gpu.stats().running_rows == 0 and not first.future.done():  # the others join while it decodes
+        time.sleep(0.0005)
     later = [gpu.submit_generate([row]) for row in rows[1:]]
     together = [first.future.result(60)[0], *[job.future.result(60)[0] for job in later]]
     alone = [gpu.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]

@@ -293,3 +293,41 @@ def test_memory_returns_after_many_joins_and_leaves(tmp_path):
     assert engine.stats().running_rows == 0 and engine.loop.batch.state is None
     assert resident_mb() - after_first < 30, "memory kept growing with more joins and leaves"
     engine.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_with_a_layer_kept_in_float32(tmp_path, dtype):
+    """Under half precision transformers keeps T5's wo in float32 (its inputs come in float32): its adapters follow."""
+    save_bundle(tmp_path, "t5")
+    loaded = load_model(tmp_path / "model", device="cpu", dtype=dtype)
+    wo = loaded.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight.dtype == (torch.float32 if dtype == "float16" else torch.bfloat16)
+    half = Engine(loaded, AdapterStore.open(tmp_path / "inventory"), AdapterCache(10**8, loaded.device, loaded.dtype))
+    full = engine_for(tmp_path)
+    rows = [ScoreRow("task-0", "some input", ["yes", "no"]), ScoreRow("task-2", "other", ["maybe"])]
+    for ours, ref in zip(half.score(rows), full.score(rows), strict=True):
+        assert [c.logprob_sum for c in ours] == pytest.approx([c.logprob_sum for c in ref], rel=1e-2)
+    mixed = [GenerateRow(f"task-{i}", x, SamplingParams(max_new_tokens=6)) for i, x in enumerate(TEXTS[:3])]
+    assert all(c.completion_tokens <= 6 for c in half.generate(mixed))
+    half.close()
+    full.close()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_loop_goes_on(tmp_path, monkeypatch):
+    from server.engine import scheduler as scheduler_module
+    from server.engine.decode_state import Seq2SeqState
+
+    save_bundle(tmp_path, "t5")
+    engine = engine_for(tmp_path)
+    real_score, real_step = scheduler_module.score_pairs, Seq2SeqState.step
+    monkeypatch.setattr(scheduler_module, "score_pairs", lambda *a: (_ for _ in ()).throw(RuntimeError("score broke")))
+    with pytest.raises(RuntimeError, match="score broke"):
+        engine.score([ScoreRow("task-0", "x", ["y"])])
+    monkeypatch.setattr(scheduler_module, "score_pairs", real_score)
+    monkeypatch.setattr(Seq2SeqState, "step", lambda self, tokens: (_ for _ in ()).throw(RuntimeError("step broke")))
+    with pytest.raises(RuntimeError, match="step broke"):
+        engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])
+    monkeypatch.setattr(Seq2SeqState, "step", real_step)
+    assert engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])[0].completion_tokens <= 4
+    assert len(engine.score([ScoreRow("task-0", "x", ["y"])])[0]) == 1
+    engine.close()
