@@ -288,8 +288,13 @@ class Scheduler:
                     entry.job.abandon()
                     continue
                 if entry.active is None:  # tokenised once, even if it waits for room several times
-                    ids = entry.row.prompt_ids or self.engine.token_ids(entry.row.text)
-                    entry.active = ActiveRow(entry.job, entry.index, m.tokenizer, ids, m.is_seq2seq)
+                    try:
+                        ids = entry.row.prompt_ids or self.engine.token_ids(entry.row.text)
+                        entry.active = ActiveRow(entry.job, entry.index, m.tokenizer, ids, m.is_seq2seq)
+                    except Exception as exc:  # the request gets the error; the rows behind it go on
+                        self._waiting.popleft()
+                        entry.job.fail(exc)
+                        continue
                 row = entry.active
                 crowded = len(self.batch) or joining
                 if crowded and cost(self.batch.rows + joining + [row]) > self.max_tokens:
