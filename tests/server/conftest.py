@@ -1,5 +1,7 @@
 import asyncio
+import json
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 
 import httpx
@@ -107,3 +109,14 @@ async def send_together(http: httpx.AsyncClient, bodies: list[dict], path: str =
     largest = max(map(request_rows, bodies))
     bound = next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= largest)  # a bucket of the histogram
     return responses, delta("mhr_batch_rows_count") > delta("mhr_batch_rows_bucket", le=str(float(bound)))
+
+
+def sse_events(lines) -> Iterator[tuple[str | None, dict | str]]:
+    """(event name or None, data: parsed JSON, or "[DONE]") for each event of a text/event-stream's lines."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, (line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+            event = None

@@ -2,7 +2,6 @@
 
 import asyncio
 import io
-import json
 import threading
 import zipfile
 
@@ -11,7 +10,7 @@ import pytest
 
 from adapter_store import AdapterStore
 from server.app import create_app
-from tests.server.conftest import bundle_settings, serving
+from tests.server.conftest import bundle_settings, serving, sse_events
 
 
 def test_health_and_readiness(client):
@@ -108,17 +107,11 @@ def test_stream_pieces_add_up_to_the_final_text(client):
     pieces, done = ["", ""], None
     with client.stream("POST", "/generate", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "done":
-                    done = data
-                else:
-                    pieces[data["index"]] += data["text"]
-                event = None
+        for event, data in sse_events(response.iter_lines()):
+            if event == "done":
+                done = data
+            else:
+                pieces[data["index"]] += data["text"]
     plain = client.post("/generate", json={**body, "stream": False}).json()
     assert done is not None and [o["text"] for o in done["outputs"]] == pieces
     assert pieces == [o["text"] for o in plain["outputs"]]

@@ -1,7 +1,6 @@
 """kill -9 during /adapt, then restart: no partial file, earlier tasks intact, the job shown failed.
 SIGTERM: requests in flight finish, new ones are refused, a running adaptation job ends cancelled."""
 
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from bench.serving_http import free_port, start_server
 from server.app import create_app
-from tests.server.conftest import bundle_settings
+from tests.server.conftest import bundle_settings, sse_events
 
 
 def start(folder: Path, port: int) -> subprocess.Popen:
@@ -72,20 +71,14 @@ def read_events(base: str, body: dict, first_piece: threading.Event, out: dict) 
     try:
         with httpx.stream("POST", f"{base}/generate", json=body, timeout=120) as response:
             out["status"] = response.status_code
-            event = None
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    data = json.loads(line[6:])
-                    if event == "done":
-                        out["done"], out["done_at"] = data, time.monotonic()
-                    elif event is None:
-                        out["pieces"][data["index"]] += data["text"]
-                        first_piece.set()
-                    else:
-                        out["error"] = data
-                    event = None
+            for event, data in sse_events(response.iter_lines()):
+                if event == "done":
+                    out["done"], out["done_at"] = data, time.monotonic()
+                elif event is None:
+                    out["pieces"][data["index"]] += data["text"]
+                    first_piece.set()
+                else:
+                    out["error"] = data
     except httpx.HTTPError as exc:
         out["error"] = repr(exc)
     finally:

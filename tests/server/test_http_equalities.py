@@ -11,7 +11,7 @@ from transformers import ByT5Tokenizer
 
 from server.app import create_app
 from tests.factories import save_bundle
-from tests.server.conftest import bundle_settings, send_together, serving, texts
+from tests.server.conftest import bundle_settings, send_together, serving, sse_events, texts
 
 TEXTS = ["hello there", "abc", "a longer input text", "xyz!"]
 
@@ -61,23 +61,19 @@ def read_stream(client, path: str, body: dict) -> tuple[list[str], dict | None, 
     pieces, done, rows = [], None, [""] * 4
     with client.stream("POST", path, json=body) as response:
         assert response.status_code == 200
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = json.loads(line[6:])
-                assert event != "error" and "error" not in data, data
-                if event == "done":
-                    done = data
-                elif "choices" in data:  # OpenAI chunks
-                    for choice in data["choices"]:
-                        rows[choice["index"]] += choice["text"]
-                        pieces.append(choice["text"])
-                else:
-                    rows[data["index"]] += data["text"]
-                    pieces.append(data["text"])
-                event = None
+        for event, data in sse_events(response.iter_lines()):
+            if data == "[DONE]":
+                continue
+            assert event != "error" and "error" not in data, data
+            if event == "done":
+                done = data
+            elif "choices" in data:  # OpenAI chunks
+                for choice in data["choices"]:
+                    rows[choice["index"]] += choice["text"]
+                    pieces.append(choice["text"])
+            else:
+                rows[data["index"]] += data["text"]
+                pieces.append(data["text"])
     return rows, done, pieces
 
 
