@@ -8,16 +8,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
+from typing import TYPE_CHECKING
 
-from .generation import call_key
+from adapter_store import StoreError
+
+from .generation import call_key, generate_rows
 from .guest import Guest
+from .pinning import pin, pinned
 from .rows import Completion
 from .sequence import WaitingRow
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,3 +94,55 @@ class GuestQueue:
             if entry.job.cancelled.is_set():
                 entry.job.abandon()
         self.waiting = deque(e for e in self.waiting if not e.job.ended)
+
+
+def make_guest(engine: Engine, batch: GuestBatch, *, static: bool) -> Guest:
+    """The batch's generation as a guest of the loop: its rows' adapters pinned, its groups run one after the
+    other, the layers pointed at a group's adapters again at every turn (the loop re-points them in between)."""
+    pin(engine, list({id(e.job): e.job for e in batch.entries}.values()))
+    return Guest(lambda guest: _run(engine, batch, guest, static), name="guest-generate")
+
+
+def finish_guest(engine: Engine, batch: GuestBatch) -> None:
+    """Answer the batch's requests (or fail them with the guest's error)."""
+    guest = batch.guest
+    engine.slots.clear()
+    if guest.error is not None:
+        if not isinstance(guest.error, StoreError):
+            log.error("generation failed", exc_info=guest.error)
+        for entry in batch.entries:
+            entry.job.fail(guest.error)
+        return
+    for entry, completion, key in guest.result:
+        completion.version = getattr(key, "version", None)
+        entry.job.finish_row(entry.index, completion)
+
+
+def _run(engine: Engine, batch: GuestBatch, guest: Guest, static: bool) -> list:
+    m = engine.loaded
+    results = []
+    for group in batch.groups():
+        live = [e for e in group if not e.job.ended]
+        if not live:
+            continue
+        adapters = [pinned(e.job, e.row) for e in live]
+        merged = static and len({id(a) for a, _ in adapters}) == 1 and engine.merge_single_task
+        _point_layers(engine, adapters, merged)
+        states = engine.slots.layer_states()
+        guest.on_resume = (lambda p=adapters[0]: engine.slots.use_merged(*p)) if merged else (
+            lambda s=states: engine.slots.restore(s))
+        done = generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, [e.row for e in live],
+                             logits_processor=[guest.yield_point])
+        results += [(e, c, key) for e, c, (_, key) in zip(live, done, adapters, strict=True)]
+    return results
+
+
+def _point_layers(engine: Engine, adapters: list, merged: bool) -> None:
+    """Several adapters: stacks of the batch's own (never the loop's row pool); one: merged weights (static
+    scheduler, which owns the model while it runs) or the shared mode (beam search beside the loop's batch)."""
+    if len({id(a) for a, _ in adapters}) > 1:
+        engine.slots.use_stacked([a for a, _ in adapters])
+    elif merged:
+        engine.slots.use_merged(*adapters[0])
+    else:
+        engine.slots.use_shared(adapters[0][0])

@@ -17,20 +17,17 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from adapter_store import StoreError
-
-from .generation import generate_rows
-from .guest import Guest
-from .guest_batches import GuestBatch, GuestQueue
+from .guest_batches import GuestQueue, finish_guest, make_guest
+from .pinning import pin, pinned
 from .running_batch import RunningBatch, cost
 from .score_queue import ScoreJob, ScoreQueue
 from .scoring import score_pairs
-from .sequence import ActiveRow, ExplicitKey, GenerateJob, WaitingRow
+from .sequence import ActiveRow, GenerateJob, WaitingRow
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -226,7 +223,7 @@ class Scheduler:
             if not self.scores:
                 return False
             chunk = self.scores.next_chunk()
-        self._pin(list({id(job): job for job, _ in chunk.members}.values()))
+        pin(self.engine, list({id(job): job for job, _ in chunk.members}.values()))
         members = [(job, i) for job, i in chunk.members if not job.future.done()]
         if not members:
             return True
@@ -251,7 +248,7 @@ class Scheduler:
     def _run_guest_turn(self) -> bool:
         with self._cv:
             try:
-                batch = self.guests.next_batch(self._make_guest)
+                batch = self.guests.next_batch(lambda b: make_guest(self.engine, b, static=self.mode == "static"))
             except Exception as exc:  # e.g. its adapters could not be routed: its requests get the error
                 log.exception("a generation could not start")
                 failed, self.guests.running = self.guests.running, None
@@ -261,7 +258,9 @@ class Scheduler:
         if batch is None:
             return False
         if batch.guest.take_turn():
-            self._finish_guest(batch)
+            with self._cv:
+                self.guests.finished()
+            finish_guest(self.engine, batch)
         return True
 
     # ---- generation rows --------------------------------------------------------------------------
@@ -269,10 +268,10 @@ class Scheduler:
         joining = self._take_waiting()
         if not joining:
             return
-        if not self._pin(list({id(r.job): r.job for r in joining}.values())):
+        if not pin(self.engine, list({id(r.job): r.job for r in joining}.values())):
             joining = [r for r in joining if not r.job.ended]
         for row in joining:
-            row.adapter, row.key = _pinned(row.job, row.row)
+            row.adapter, row.key = pinned(row.job, row.row)
         if joining:
             self._finish(self.batch.admit(joining))
 
@@ -317,82 +316,6 @@ class Scheduler:
         for row, completion in answers:
             row.job.finish_row(row.index, completion)
 
-    # ---- adapters -----------------------------------------------------------------------------
-    def _pin(self, jobs: Sequence[GenerateJob | ScoreJob]) -> bool:
-        """Give each job one adapter per task, resolved once for all its rows (misses routed together); jobs
-        asking for a task that is gone fail. False if any job failed."""
-        missing = list(dict.fromkeys(t for job in jobs for t in _tasks_of(job) if t not in job.pinned))
-        found, failed = self._resolve(missing)
-        for job in jobs:
-            for task in _tasks_of(job):
-                if task in failed:
-                    job.fail(failed[task])
-                elif task in found and task not in job.pinned:
-                    job.pinned[task] = found[task]
-        return not failed
-
-    def _resolve(self, tasks: list[str]) -> tuple[dict, dict[str, BaseException]]:
-        failed: dict[str, BaseException] = {}
-        while tasks:
-            try:
-                adapters, keys = self.engine.adapters_and_keys(tasks)
-                return dict(zip(tasks, zip(adapters, keys, strict=True), strict=True)), failed
-            except StoreError as exc:  # e.g. a task deleted while its request waited
-                bad = getattr(exc, "name", None)
-                if bad not in tasks:
-                    return {}, {**failed, **dict.fromkeys(tasks, exc)}
-                failed[bad] = exc
-                tasks = [t for t in tasks if t != bad]
-        return {}, failed
-
-    # ---- guests --------------------------------------------------------------------------------
-    def _make_guest(self, batch: GuestBatch) -> Guest:
-        self._pin(list({id(e.job): e.job for e in batch.entries}.values()))
-        return Guest(lambda guest: self._run_guest(batch, guest), name="guest-generate")
-
-    def _run_guest(self, batch: GuestBatch, guest: Guest) -> list:
-        m = self.engine.loaded
-        results = []
-        for group in batch.groups():
-            live = [e for e in group if not e.job.ended]
-            if not live:
-                continue
-            pinned = [_pinned(e.job, e.row) for e in live]
-            self._point_guest_layers(pinned)
-            states = self.engine.slots.layer_states()
-            merged = self.mode == "static" and len({id(a) for a, _ in pinned}) == 1 and self.engine.merge_single_task
-            resume = (lambda p=pinned[0]: self.engine.slots.use_merged(*p)) if merged else (
-                lambda s=states: self.engine.slots.restore(s))
-            guest.on_resume = resume
-            done = generate_rows(m.model, m.tokenizer, m.is_seq2seq, m.device, [e.row for e in live],
-                                 logits_processor=[guest.yield_point])
-            results += [(e, c, key) for e, c, (_, key) in zip(live, done, pinned, strict=True)]
-        return results
-
-    def _point_guest_layers(self, pinned: list) -> None:
-        slots = self.engine.slots
-        if len({id(a) for a, _ in pinned}) > 1:
-            slots.use_stacked([a for a, _ in pinned])
-        elif self.mode == "static" and self.engine.merge_single_task:
-            slots.use_merged(*pinned[0])
-        else:
-            slots.use_shared(pinned[0][0])
-
-    def _finish_guest(self, batch: GuestBatch) -> None:
-        guest = batch.guest
-        with self._cv:
-            self.guests.finished()
-        self.engine.slots.clear()
-        if guest.error is not None:
-            if not isinstance(guest.error, StoreError):
-                log.error("generation failed", exc_info=guest.error)
-            for entry in batch.entries:
-                entry.job.fail(guest.error)
-            return
-        for entry, completion, key in guest.result:
-            completion.version = getattr(key, "version", None)
-            entry.job.finish_row(entry.index, completion)
-
     # ---- failures ------------------------------------------------------------------------------
     def _fail_running(self, exc: BaseException) -> None:
         for row in self.batch.rows:
@@ -412,17 +335,6 @@ class Scheduler:
             self._calls.clear()
             self._background.clear()
             self.scores.drain(lambda job: job.fail(exc))
-
-
-def _tasks_of(job: GenerateJob | ScoreJob) -> list[str]:
-    return [row.task for row in job.rows if getattr(row, "adapter", None) is None]
-
-
-def _pinned(job: GenerateJob, row) -> tuple:
-    """The (adapter, key) a row runs with: its job's pinned task adapter, or its explicit one."""
-    if row.adapter is not None:
-        return job.pinned.setdefault(("explicit", id(row.adapter)), (row.adapter, ExplicitKey()))
-    return job.pinned[row.task]
 
 
 def _settle(item: _Call) -> None:
