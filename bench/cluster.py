@@ -110,47 +110,55 @@ def affinity(url: str, tasks: list[str], warm_up: int, requests: int, seed: int 
             "affinity_requests_per_replica": sorted(per_replica.values())}
 
 
-async def _observe(url: str, path: str, seconds: float, since: float) -> dict[str, list[tuple[float, int, dict]]]:
-    seen: dict[str, list] = {}
-    deadline = time.time() + seconds
-
-    async def poll(http: httpx.AsyncClient) -> None:
-        while (sent := time.time()) < deadline:
+async def _observe(http: httpx.AsyncClient, path: str, until: list[float], seen: dict) -> None:
+    """GET path from 4 clients (no task: a replica at random each time) until the wall time until[0] (which the
+    caller sets once it knows); per replica, (wall time the request was sent, status, body)."""
+    async def poll() -> None:
+        while time.time() < until[0]:
+            sent = time.time()
             response = await http.get(path)
             seen.setdefault(response.headers["x-mhr-replica"], []).append(
-                (sent - since, response.status_code, response.json()))
+                (sent, response.status_code, response.json()))
 
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        await asyncio.gather(*(poll(http) for _ in range(4)))
-    return seen
+    await asyncio.gather(*(poll() for _ in range(4)))
 
 
-def _stale_until(seen: dict, fresh, replicas: int) -> float:
+def _stale_until(seen: dict, since: float, fresh, replicas: int) -> float:
+    """The latest time after `since` at which a replica still answered the old state (every replica must have
+    answered the new one)."""
     if len(seen) < replicas or not all(any(fresh(s, b) for _, s, b in answers) for answers in seen.values()):
-        return float("inf")  # a replica never answered the new state
-    return max((t for answers in seen.values() for t, s, b in answers if not fresh(s, b)), default=0.0)
+        return float("inf")
+    return max((t - since for answers in seen.values() for t, s, b in answers if t > since and not fresh(s, b)),
+               default=0.0)
 
 
-def _job(http: httpx.Client, job_id: str) -> dict:
-    while (job := http.get(f"/adapt/{job_id}").json())["state"] in ("queued", "running"):
-        time.sleep(0.05)
-    return job
+async def _change(url: str, method: str, path: str, body: dict | None) -> tuple[float, dict]:
+    """Make the change (an adapt job, polled to its end, or a delete) while 4 clients keep reading the task;
+    (seconds after the change until the last stale answer, the job or response)."""
+    seen: dict = {}
+    until = [float("inf")]
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        watcher = asyncio.create_task(_observe(http, "/tasks/bench-new", until, seen))
+        response = (await http.request(method, path, json=body)).json()
+        if method == "POST":
+            while (response := (await http.get(f"/adapt/{response['id']}")).json())["state"] in ("queued", "running"):
+                await asyncio.sleep(0.05)
+            since, fresh = response["finished"], lambda s, b, v=response["version"]: s == 200 and b["version"] == v
+        else:
+            since, fresh = time.time(), lambda s, b: s == 404
+        until[0] = since + 1.5
+        await watcher
+    return _stale_until(seen, since, fresh, 2), response
 
 
-def visibility(url: str, replicas: int) -> dict:
+def visibility(url: str) -> dict:
+    """Adapt a task, overwrite it, delete it: for each, how long a replica still answered the old state."""
     times = {}
-    with httpx.Client(base_url=url, timeout=120) as http:
-        for event, overwrite in (("adapted", False), ("overwritten", True)):
-            job = http.post("/adapt", json={"task": "bench-new", "examples": EXAMPLES, "steps": 5,
-                                            "overwrite": overwrite}).json()
-            done = _job(http, job["id"])
-            seen = asyncio.run(_observe(url, "/tasks/bench-new", 1.5, done["finished"]))
-            times[event] = _stale_until(seen, lambda s, b, v=done["version"]: s == 200 and b["version"] == v,
-                                        replicas)
-        deleted_at = time.time()
-        http.delete("/tasks/bench-new").raise_for_status()
-        seen = asyncio.run(_observe(url, "/tasks/bench-new", 1.5, deleted_at))
-        times["deleted"] = _stale_until(seen, lambda s, b: s == 404, replicas)
+    for event, overwrite in (("adapted", False), ("overwritten", True)):
+        body = {"task": "bench-new", "examples": EXAMPLES, "steps": 5, "overwrite": overwrite}
+        times[event], job = asyncio.run(_change(url, "POST", "/adapt", body))
+        assert job["state"] == "succeeded", job
+    times["deleted"], _ = asyncio.run(_change(url, "DELETE", "/tasks/bench-new", None))
     return {"adapted_visible_all_replicas_s": round(max(times.values()), 3),
             "visible_s_by_event": {k: round(v, 3) for k, v in times.items()}}
 
@@ -181,10 +189,12 @@ def replica_kill(url: str, tasks: list[str]) -> dict:
         os.kill(pid, signal.SIGKILL)
         killed = time.perf_counter()
         replaced = None
-        while replaced is None and time.perf_counter() - killed < 180:
-            await asyncio.sleep(0.2)
-            new = [t for t, r in out if t > killed and r.headers.get("x-mhr-replica") not in before | {name}]
-            replaced = min(new) - killed if new else None
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:  # no task: any replica, the new one too
+            while replaced is None and time.perf_counter() - killed < 180:
+                await asyncio.sleep(0.2)
+                answer = await http.get("/readyz")
+                if answer.status_code == 200 and answer.headers["x-mhr-replica"] not in before | {name}:
+                    replaced = time.perf_counter() - killed
         await asyncio.sleep(2.0)
         stop.set()
         await asyncio.gather(*clients)
@@ -222,7 +232,7 @@ def main() -> None:
             with httpx.Client(base_url=url, timeout=60) as http:
                 tasks = compose_tasks(http, 64 - 24)
             result.update(affinity(url, tasks, warm_up=200 * scale, requests=400 * scale))
-            result.update(visibility(url, 2))
+            result.update(visibility(url))
             two = throughput(url, tasks, 96 * scale)
             result.update(replica_kill(url, tasks))
             deploy(url, 1, args.tasks_per_replica, settings)

@@ -28,9 +28,10 @@ class ClusterArgs(BaseModel):
                                    "max_num_models_per_replica); the least recently used one leaves beyond it")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica (fractions allowed)")
     ingress_cpus: float = Field(0.25, gt=0)
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once; beyond it the "
-                                      "router sends a task's request to another replica (continuous batching "
-                                      "wants this well above max_batch_size)")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests one replica takes at once (decoding or "
+                                      "queued); beyond it the router sends a task's request to another replica, "
+                                      "which loads the task: the knob between affinity and balance. Above "
+                                      "max_batch_size, so that batches fill")
     settings: dict[str, Any] = Field(default_factory=dict, description="Settings fields for every replica "
                                      "(MHR_* variables where Ray starts its workers fill the rest)")
 

@@ -44,7 +44,7 @@ class Resident:
                 log.exception("releasing task %r", self.task)
 
 
-@serve.deployment(name="EngineReplica", max_ongoing_requests=64, health_check_period_s=5,
+@serve.deployment(name="EngineReplica", max_ongoing_requests=32, health_check_period_s=5,
                   graceful_shutdown_timeout_s=30)
 class EngineReplica:
     async def __init__(self, settings: dict, tasks_per_replica: int):

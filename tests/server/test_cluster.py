@@ -428,12 +428,12 @@ def test_kill_9_of_a_replica_under_a_steady_stream_fails_no_request_and_loses_no
             time.sleep(1.0)
             os.kill(victim_pid, signal.SIGKILL)
             killed_at = len(answered)
-            deadline = time.monotonic() + 120
-            replacement = set()
-            while time.monotonic() < deadline and not replacement:
-                time.sleep(0.5)
-                replacement = {_replica(r) for _, r in answered[killed_at:]} - {victim} - {
-                    _replica(r) for _, r in answered[:killed_at]}
+            known = {_replica(r) for _, r in answered[:killed_at]} | {victim}
+            deadline, replacement = time.monotonic() + 120, None
+            while time.monotonic() < deadline and replacement is None:  # no task: any replica, the new one too
+                answer = http.get("/readyz")
+                replacement = _replica(answer) if answer.status_code == 200 and _replica(answer) not in known else None
+                time.sleep(0.2)
             time.sleep(1.0)
         finally:
             stop.set()
