@@ -154,10 +154,11 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
     n_tasks = peft_model.peft_config["default"].n_tasks
     texts, n, reps = inputs(BATCH), args.new_tokens, args.reps
     adapter_bytes = store.adapter(sixteen[0]).nbytes
-    engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes))  # as served: prepacked where supported
+    # as served: prepacked where supported
+    engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype))
     # the same engine without prepacked weights: the adapter path's own cost against the bare backbone
     plain = Engine(LoadedModel(copy.deepcopy(base), tok, loaded.is_seq2seq, loaded.device, loaded.dtype), store,
-                   AdapterCache(64 * adapter_bytes), prepack_weights=False)
+                   AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype), prepack_weights=False)
     random_tasks = add_random_tasks(store, args.cycle_tasks)
     task_ids = torch.tensor([i % n_tasks for i in range(BATCH)], device=loaded.device)
     results, best = interleaved_tokens_per_s({

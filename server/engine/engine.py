@@ -21,6 +21,7 @@ from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, T
 from .adapter_slots import AdapterSlots
 from .decode_state import loop_supported
 from .generation import eos_token_ids
+from .kv_cache import avoid_per_length_attention_plans
 from .loader import LoadedModel, ModelLoadError
 from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, measure, plan_memory
 from .prepack import prepack_supported
@@ -45,6 +46,9 @@ class Engine:
         fails where it cannot), False. longest_row: the positions of one row of the longest input and output
         (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured)."""
         check_model(store.inventory, loaded.model)
+        if (cache.device, cache.dtype) != (torch.device(loaded.device), loaded.dtype):
+            raise ValueError(f"the adapter cache holds {cache.dtype} on {cache.device}, the model runs {loaded.dtype} "
+                             f"on {loaded.device}: make it AdapterCache(capacity, loaded.device, loaded.dtype)")
         self.loaded = loaded
         self.store = store
         self.cache = cache
@@ -62,6 +66,8 @@ class Engine:
                         "position ids; serving this model with request-level (static) batching",
                         type(loaded.model).__name__)
             scheduler = "static"
+        if scheduler == "continuous":
+            avoid_per_length_attention_plans(loaded.device)
         self.loop = Scheduler(self, max_rows=max_batch_size, max_tokens=self.memory.kv_positions, mode=scheduler,
                               max_wait_s=max_batch_wait_ms / 1000)
 

@@ -171,3 +171,10 @@ def test_beam_search_in_a_mixed_batch_equals_each_row_alone(bundle):
     engine.generate([GenerateRow(t, "x", GREEDY) for t in ("task-2", "task-0", "task-1", "__mu__")])  # fill the pool
     together = [c.text for c in engine.generate(rows)]
     assert together == [engine.generate([row])[0].text for row in rows]
+
+
+def test_an_adapter_cache_of_another_dtype_is_refused_at_construction(bundle):
+    folder = bundle[1]
+    store = AdapterStore.open(folder / "inventory")
+    with pytest.raises(ValueError, match="adapter cache holds torch.bfloat16"):
+        Engine(load_model(folder / "model", device="cpu"), store, AdapterCache(10**8, dtype=torch.bfloat16))
