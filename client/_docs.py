@@ -254,8 +254,8 @@ Raises:
 CANCEL = f"""\
 Cancel an adaptation job (DELETE /adapt/{{job_id}}); a cancelled job writes nothing.
 
-A queued job is cancelled at once; a running one is asked to stop at its next step and reads "running" until
-then (``wait()`` returns it "cancelled").
+A queued job is cancelled at once; a running one is asked to stop at its next step and reads "running" (with
+``cancel_requested`` true) until then (``wait()`` returns it "cancelled").
 
 Args:
 {_JOB_ID}

@@ -105,6 +105,7 @@ class AdaptJob(Model):
     version: int | None = None
     stopped_early: str | None = None
     error: str | None = None
+    cancel_requested: bool = False  # a running job asked to stop: it reads "running" until its next step
     result: dict | None = None  # retrieval's: {"mix": {task: weight}, "candidates": [{task, loss, weight}, ...]}
 
     @property

@@ -269,6 +269,14 @@ def test_wait_polls_until_final_state_and_reports_progress():
     assert caught.value.job.state == "running"
 
 
+def test_cancel_of_a_running_job_reads_running_with_cancel_requested():
+    recorder = Recorder(httpx.Response(200, json=job_body(cancel_requested=True)))
+    with sync_client(recorder) as mhr:
+        job = mhr.cancel("j1")
+    assert job.state == "running" and job.cancel_requested and not job.done
+    assert recorder.requests[0].method == "DELETE" and recorder.requests[0].url.path == "/adapt/j1"
+
+
 def test_export_extracts_into_the_destination(tmp_path):
     data = make_zip({"alpha/adapter_config.json": '{"peft_type": "LORA"}', "alpha/adapter_model.safetensors": "x"})
     recorder = Recorder(httpx.Response(200, content=data, headers={"content-type": "application/zip"}))
