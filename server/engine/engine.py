@@ -23,7 +23,7 @@ from .decode_state import loop_supported
 from .generation import eos_token_ids
 from .kv_cache import avoid_per_length_attention_plans
 from .loader import LoadedModel, ModelLoadError
-from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, measure, plan_memory
+from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, make_resident, measure, plan_memory
 from .prepack import prepack_supported
 from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
 from .scheduler import LoopStats, Scheduler, SchedulerMode
@@ -56,6 +56,8 @@ class Engine:
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
         demands = self._demands(max_batch_size, max_batch_tokens, longest_row, prepack_weights, merge_single_task)
+        if memory is None:
+            make_resident(loaded.model)
         self.memory = plan_memory(memory or measure(loaded.device), memory_fraction, demands, _weights_bytes(loaded))
         log.info("%s", self.memory.table())
         cache.resize(self.memory.cache_bytes)

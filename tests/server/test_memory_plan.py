@@ -2,11 +2,12 @@
 stop start-up naming the setting; limits clamped with a warning; a model under a fake limit still serves."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import LlamaConfig, T5Config
+from transformers import LlamaConfig, T5Config, T5ForConditionalGeneration
 
 from adapter_store import AdapterCache, AdapterStore
 from server.app import build_engine, create_app
@@ -157,3 +158,30 @@ def test_the_settings_reach_the_plan(t5_bundle, tmp_path):
     assert engine.merge_single_task and "asked for" in next(i.why for i in engine.memory.items
                                                             if i.name == "merge buffers")
     engine.close()
+
+
+def _mapped_rss_bytes(path_part: str) -> int | None:
+    """Resident bytes of this process's mappings of files whose path contains path_part (None: no such mapping)."""
+    total, found, inside = 0, False, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and path_part in fields[-1]
+            found |= inside
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total if found else None
+
+
+def test_memory_mapped_weights_are_made_resident_before_the_plan(tmp_path):
+    """A loader that maps safetensors lazily would leave the weights out of the resident memory the plan reads."""
+    model = T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=512, d_ff=2048, num_layers=4, num_heads=8,
+                                                decoder_start_token_id=0, pad_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "model")
+    size = (tmp_path / "model" / "model.safetensors").stat().st_size
+    loaded = load_model(tmp_path / "model", device="cpu")
+    before = _mapped_rss_bytes(str(tmp_path))
+    if before is None or before > 0.5 * size:
+        pytest.skip("the loader copied or read the weights already: nothing is left mapped lazily")
+    plan_module.make_resident(loaded.model)
+    assert _mapped_rss_bytes(str(tmp_path)) >= 0.95 * size
