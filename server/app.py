@@ -14,7 +14,6 @@ from adapter_store import AdapterCache, AdapterStore
 from .adapt import JobManager
 from .admission import Admission
 from .engine import Engine, load_model
-from .engine.memory_plan import measure
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
@@ -38,7 +37,7 @@ def build_engine(settings: Settings) -> Engine:
                     longest_row=settings.max_input_tokens + settings.max_new_tokens + 1,
                     scheduler=settings.scheduler, max_batch_wait_ms=settings.max_batch_wait_ms,
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
-                    memory=measure(loaded.device, settings.memory_limit_bytes))
+                    memory_limit_bytes=settings.memory_limit_bytes)
     store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s, %s batching%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,

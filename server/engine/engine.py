@@ -41,10 +41,11 @@ class Engine:
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, longest_row: int = DEFAULT_LONGEST_ROW,
                  scheduler: SchedulerMode = "continuous", max_batch_wait_ms: float = 5.0,
                  prepack_weights: bool | None = None, memory_fraction: float = 0.9,
-                 memory: MemoryFigures | None = None):
+                 memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None):
         """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
         fails where it cannot), False. longest_row: the positions of one row of the longest input and output
-        (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured)."""
+        (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured,
+        with memory_limit_bytes in place of the device's limit where given)."""
         check_model(store.inventory, loaded.model)
         if (cache.device, cache.dtype) != (torch.device(loaded.device), loaded.dtype):
             raise ValueError(f"the adapter cache holds {cache.dtype} on {cache.device}, the model runs {loaded.dtype} "
@@ -56,9 +57,10 @@ class Engine:
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
         demands = self._demands(max_batch_size, max_batch_tokens, longest_row, prepack_weights, merge_single_task)
-        if memory is None:
+        if memory is None:  # measured: weights the loader memory-mapped must count as held
             make_resident(loaded.model)
-        self.memory = plan_memory(memory or measure(loaded.device), memory_fraction, demands, _weights_bytes(loaded))
+            memory = measure(loaded.device, memory_limit_bytes)
+        self.memory = plan_memory(memory, memory_fraction, demands, _weights_bytes(loaded))
         log.info("%s", self.memory.table())
         cache.resize(self.memory.cache_bytes)
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
