@@ -101,7 +101,7 @@ def main() -> None:
                MHR_PORT=str(port), HF_HUB_OFFLINE="1")
     base = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=sys.stderr)  # stdout: the JSON
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     result: dict = {"build_s": round(build_s, 1), "memory_total_gb": round(total / 1e9, 2)}
     try:
