@@ -7,9 +7,9 @@ import shutil
 import time
 
 import pytest
-import torch
 
 from adapter_store import AdapterStore, TaskConflictError, UnknownTaskError, persistence
+from tests.adapter_store.helpers import random_logits, same_adapter
 from tests.factories import T5_TARGETS, make_inventory, tiny_t5
 
 
@@ -26,26 +26,15 @@ def folder(inventory, tmp_path):
     return tmp_path / "inv"
 
 
-def _logits(store, seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = store.inventory.config.n_splits * store.inventory.config.n_skills
-    return [torch.randn(len(g.names), width, generator=gen) for g in store.inventory.groups]
-
-
-def _same(first, second):
-    return all(torch.equal(a1, a2) and torch.equal(b1, b2)
-               for (_, a1, b1), (_, a2, b2) in zip(first.layers(), second.layers(), strict=True))
-
-
 def test_new_overwritten_and_deleted_tasks_are_seen_by_the_other_store(folder):
     writer, reader = (AdapterStore.open(folder, refresh_s=0) for _ in range(2))
-    writer.save_routing("t", "mhr-z", _logits(writer, 0))
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
     assert reader.task("t").version == 1 and reader.cache_key("t") == writer.cache_key("t")
-    assert _same(reader.adapter("t"), writer.adapter("t"))
+    assert same_adapter(reader.adapter("t"), writer.adapter("t"))
     old_key, old_adapter = reader.cache_key("t"), reader.adapter("t")
-    writer.save_routing("t", "mhr-z", _logits(writer, 1))
+    writer.save_routing("t", "mhr-z", random_logits(writer, 1))
     assert reader.task("t").version == 2 and reader.cache_key("t") != old_key
-    assert _same(reader.adapter("t"), writer.adapter("t")) and not _same(reader.adapter("t"), old_adapter)
+    assert same_adapter(reader.adapter("t"), writer.adapter("t")) and not same_adapter(reader.adapter("t"), old_adapter)
     writer.delete("t")
     with pytest.raises(UnknownTaskError):
         reader.task("t")
@@ -56,23 +45,23 @@ def test_plain_lora_and_composed_tasks_reach_the_other_store(folder):
     writer, reader = (AdapterStore.open(folder, refresh_s=0) for _ in range(2))
     writer.save_lora("mu-task", "mhr-mu", writer.adapter("task-1"))
     writer.save_composition("ab", reader.check_mix({"task-0": 0.5, "task-2": 0.5}))
-    assert _same(reader.adapter("mu-task"), writer.adapter("mu-task"))
+    assert same_adapter(reader.adapter("mu-task"), writer.adapter("mu-task"))
     assert reader.task("ab").recipe == writer.task("ab").recipe
-    assert _same(reader.adapter("ab"), writer.adapter("ab"))
+    assert same_adapter(reader.adapter("ab"), writer.adapter("ab"))
 
 
 def test_versions_count_up_across_writers_and_conflicts_see_the_others_tasks(folder):
     first, second = (AdapterStore.open(folder, refresh_s=60) for _ in range(2))  # no look before a write needed
-    first.save_routing("t", "mhr-z", _logits(first, 0))
+    first.save_routing("t", "mhr-z", random_logits(first, 0))
     with pytest.raises(TaskConflictError, match="already exists"):
-        second.save_routing("t", "mhr-z", _logits(second, 1), overwrite=False)
-    assert second.save_routing("t", "mhr-z", _logits(second, 1)).version == 2
-    assert first.save_routing("t", "mhr-z", _logits(first, 2)).version == 3
+        second.save_routing("t", "mhr-z", random_logits(second, 1), overwrite=False)
+    assert second.save_routing("t", "mhr-z", random_logits(second, 1)).version == 2
+    assert first.save_routing("t", "mhr-z", random_logits(first, 2)).version == 3
 
 
 def test_a_change_is_seen_once_refresh_s_has_passed(folder):
     writer, reader = AdapterStore.open(folder, refresh_s=0), AdapterStore.open(folder, refresh_s=0.2)
-    writer.save_routing("t", "mhr-z", _logits(writer, 0))
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
@@ -87,19 +76,19 @@ def test_on_change_names_each_task_another_store_changed(folder):
     writer, reader = (AdapterStore.open(folder, refresh_s=0) for _ in range(2))
     changed = []
     reader.on_change(changed.append)
-    writer.save_routing("a", "mhr-z", _logits(writer, 0))
+    writer.save_routing("a", "mhr-z", random_logits(writer, 0))
     reader.tasks()
     writer.delete("a")
     reader.tasks()
     assert changed == ["a", "a"]
-    reader.save_routing("b", "mhr-z", _logits(reader, 0))  # its own write is no news
+    reader.save_routing("b", "mhr-z", random_logits(reader, 0))  # its own write is no news
     reader.tasks()
     assert changed == ["a", "a"]
 
 
 def test_without_refresh_the_folder_is_read_once(folder):
     writer, reader = AdapterStore.open(folder), AdapterStore.open(folder)
-    writer.save_routing("t", "mhr-z", _logits(writer, 0))
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
     with pytest.raises(UnknownTaskError):
         reader.task("t")
     assert not (folder / "adapted" / persistence.LOCK_FILE).exists()

@@ -18,6 +18,7 @@ from adapter_store import (
     persistence,
     validate_task_name,
 )
+from tests.adapter_store.helpers import random_logits, same_adapter
 from tests.factories import LLAMA_TARGETS, T5_TARGETS, make_inventory, tiny_llama, tiny_t5
 
 
@@ -34,17 +35,6 @@ def store(built, tmp_path):
     folder = tmp_path / "inv"
     shutil.copytree(built[2], folder)
     return AdapterStore.open(folder)
-
-
-def _random_logits(store, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = store.inventory.config.n_splits * store.inventory.config.n_skills
-    return [torch.randn(len(g.names), width, generator=gen) for g in store.inventory.groups]
-
-
-def _same(first, second):
-    return all(torch.equal(a1, a2) and torch.equal(b1, b2)
-               for (_, a1, b1), (_, a2, b2) in zip(first.layers(), second.layers(), strict=True))
 
 
 def _close(first, second):
@@ -69,19 +59,19 @@ def test_tasks_json_as_a_list_names_rows_in_order(built, tmp_path):
 
 
 def test_saved_routing_task_survives_a_restart(store):
-    logits = _random_logits(store)
+    logits = random_logits(store)
     info = store.save_routing("new-task", "mhr-z", logits)
     assert (info.kind, info.version, info.method) == ("adapted", 1, "mhr-z")
     expected = store.adapter_for_logits(logits)
-    assert _same(store.adapter("new-task"), expected)
+    assert same_adapter(store.adapter("new-task"), expected)
     reopened = AdapterStore.open(store.inventory.folder)
     assert reopened.task("new-task").version == 1 and reopened.task("new-task").method == "mhr-z"
-    assert _same(reopened.adapter("new-task"), expected)
-    assert not _same(reopened.adapter("new-task"), reopened.adapter("task-0"))
+    assert same_adapter(reopened.adapter("new-task"), expected)
+    assert not same_adapter(reopened.adapter("new-task"), reopened.adapter("task-0"))
 
 
 def test_adapters_of_many_tasks_at_once_equal_one_at_a_time(store):
-    store.save_routing("z-task", "mhr-z", _random_logits(store, 3))
+    store.save_routing("z-task", "mhr-z", random_logits(store, 3))
     store.save_lora("lora-task", "mhr-mu", store.adapter("task-1"))
     names = ["task-2", "z-task", "__mu__", "lora-task", "task-0", "z-task"]
     together = store.adapters(names)
@@ -91,26 +81,26 @@ def test_adapters_of_many_tasks_at_once_equal_one_at_a_time(store):
 
 
 def test_task_deleted_and_adapted_again_gets_a_new_cache_key(store):
-    store.save_routing("again", "mhr-z", _random_logits(store, 0))
+    store.save_routing("again", "mhr-z", random_logits(store, 0))
     first = store.cache_key("again")
     store.delete("again")
-    store.save_routing("again", "mhr-z", _random_logits(store, 1))
+    store.save_routing("again", "mhr-z", random_logits(store, 1))
     assert store.task("again").version == 1 and store.cache_key("again") != first
 
 
 def test_overwriting_an_adapted_task_bumps_its_version(store):
-    store.save_routing("t", "mhr-z", _random_logits(store, 0))
+    store.save_routing("t", "mhr-z", random_logits(store, 0))
     key_v1 = store.cache_key("t")
-    info = store.save_routing("t", "poly-z", _random_logits(store, 1))
+    info = store.save_routing("t", "poly-z", random_logits(store, 1))
     assert info.version == 2 and store.cache_key("t") != key_v1
     assert AdapterStore.open(store.inventory.folder).task("t").version == 2
 
 
 def test_pretrained_and_reserved_names_cannot_be_overwritten(store):
     with pytest.raises(TaskConflictError, match="pretrained"):
-        store.save_routing("task-0", "mhr-z", _random_logits(store))
+        store.save_routing("task-0", "mhr-z", random_logits(store))
     with pytest.raises(TaskNameError, match="reserved"):
-        store.save_routing(MU_TASK, "mhr-z", _random_logits(store))
+        store.save_routing(MU_TASK, "mhr-z", random_logits(store))
     with pytest.raises(TaskConflictError):
         store.delete("task-0")
 
@@ -118,7 +108,7 @@ def test_pretrained_and_reserved_names_cannot_be_overwritten(store):
 def test_lora_task_round_trip_and_delete(store):
     adapter = store.adapter("task-2")
     store.save_lora("mu-task", "mhr-mu", adapter)
-    assert _same(AdapterStore.open(store.inventory.folder).adapter("mu-task"), adapter)
+    assert same_adapter(AdapterStore.open(store.inventory.folder).adapter("mu-task"), adapter)
     store.delete("mu-task")
     assert not (store.adapted_dir / "mu-task.safetensors").exists()
     with pytest.raises(UnknownTaskError):
@@ -126,7 +116,7 @@ def test_lora_task_round_trip_and_delete(store):
 
 
 def test_partial_file_from_a_killed_write_is_removed_at_start_up(store):
-    store.save_routing("kept", "mhr-z", _random_logits(store))
+    store.save_routing("kept", "mhr-z", random_logits(store))
     partial = store.adapted_dir / ".tmp-abc.safetensors"
     partial.write_bytes(b"half a file")
     reopened = AdapterStore.open(store.inventory.folder)
@@ -134,7 +124,7 @@ def test_partial_file_from_a_killed_write_is_removed_at_start_up(store):
 
 
 def test_routing_learnt_for_another_inventory_is_skipped(store):
-    store.save_routing("stale", "mhr-z", _random_logits(store))
+    store.save_routing("stale", "mhr-z", random_logits(store))
     config = store.inventory.folder / "adapter_config.json"
     config.write_text(config.read_text().replace('"r": 2', '"r": 2 '))  # same meaning, new fingerprint
     reopened = AdapterStore.open(store.inventory.folder)
@@ -162,7 +152,7 @@ def test_good_task_names_pass(name):
 
 def test_bad_name_writes_nothing(store):
     with pytest.raises(TaskNameError):
-        store.save_routing("../escape", "mhr-z", _random_logits(store))
+        store.save_routing("../escape", "mhr-z", random_logits(store))
     assert not store.adapted_dir.exists() or not any(store.adapted_dir.iterdir())
 
 
@@ -198,8 +188,8 @@ def test_logits_of_an_adapted_task_are_read_once_and_a_new_version_is_read_again
     reads = []
     original = persistence.read_tensors
     monkeypatch.setattr(persistence, "read_tensors", lambda path: reads.append(path) or original(path))
-    store.save_routing("t", "mhr-z", _random_logits(store, 0))
+    store.save_routing("t", "mhr-z", random_logits(store, 0))
     first = store.adapter("t")
-    assert _same(store.adapter("t"), first) and len(reads) == 1
-    store.save_routing("t", "mhr-z", _random_logits(store, 1))
-    assert not _same(store.adapter("t"), first) and len(reads) == 2
+    assert same_adapter(store.adapter("t"), first) and len(reads) == 1
+    store.save_routing("t", "mhr-z", random_logits(store, 1))
+    assert not same_adapter(store.adapter("t"), first) and len(reads) == 2
