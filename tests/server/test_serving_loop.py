@@ -268,6 +268,30 @@ def test_growing_caches_write_in_place_and_keep_their_room_through_row_surgery()
     assert (layer.keys[:, :, :2] == 0).all()
 
 
+def test_row_surgery_copies_only_the_rows_that_move_and_keeps_the_room():
+    from server.engine import kv_cache
+
+    cache, other = kv_cache.RowCache(), kv_cache.RowCache()
+    rows = torch.randn(4, 2, 5, 8)  # (N, heads, P, d)
+    cache.update(rows, -rows, 0)
+    layer = cache.layers[0]
+    buffer = layer._k
+    kv_cache.select_rows(cache, torch.tensor([3, 1]))  # row 0 leaves, row 3 fills its hole, row 2 leaves
+    assert layer._k.data_ptr() == buffer.data_ptr()  # the same buffer, narrowed: no full copy
+    assert torch.equal(layer.keys, rows[[3, 1]]) and torch.equal(layer.values, -rows[[3, 1]])
+    kv_cache.drop_columns(cache, left=2)
+    assert torch.equal(layer.keys, rows[[3, 1], :, 2:]) and layer._k.shape[2] > layer.get_seq_length()
+    joining = torch.randn(1, 2, 3, 8)
+    other.update(joining, -joining, 0)
+    kv_cache.join_rows(cache, other)
+    assert torch.equal(layer.keys, torch.cat([rows[[3, 1], :, 2:], joining]))
+    assert torch.equal(layer.values[2], -joining[0]) and layer._k.shape[2] > layer.get_seq_length()
+    step = torch.randn(3, 2, 1, 8)
+    buffer = layer._k
+    keys, _ = cache.update(step, step, 0)
+    assert layer._k is buffer and torch.equal(keys[:, :, -1:], step)  # the join left room: written in place
+
+
 def resident_mb() -> float:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
