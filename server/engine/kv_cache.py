@@ -70,10 +70,13 @@ class GrowingLayer(DynamicLayer):
         self._length = end
         return self.keys, self.values
 
+    def _with_room(self, like: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+        """An uninitialised buffer (rows, heads, positions + CHUNK, d) of `like`'s dtype and device."""
+        return like.new_empty(rows, like.shape[1], positions + self.CHUNK, like.shape[3])
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, end: int) -> None:
-        rows, heads, _, dim = key_states.shape
-        keys = key_states.new_empty(rows, heads, end + self.CHUNK, dim)
-        values = value_states.new_empty(rows, heads, end + self.CHUNK, value_states.shape[3])
+        rows = key_states.shape[0]
+        keys, values = self._with_room(key_states, rows, end), self._with_room(value_states, rows, end)
         if self._length:
             keys[:, :, : self._length] = self.keys
             values[:, :, : self._length] = self.values
@@ -99,15 +102,14 @@ class GrowingLayer(DynamicLayer):
         else:
             self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
 
-    def replace_with_room(self, keys: torch.Tensor, values: torch.Tensor, left: int = 0) -> None:
-        """Take keys and values (N, heads, P, d) into new buffers with `left` zero columns before them and CHUNK
-        positions of room after (so the next step does not copy them again)."""
-        rows, heads, length, _ = keys.shape
-        self._k = keys.new_empty(rows, heads, left + length + self.CHUNK, keys.shape[3])
-        self._v = values.new_empty(rows, heads, left + length + self.CHUNK, values.shape[3])
+    def pad_leading(self, left: int) -> None:
+        """`left` zero columns before every row's positions, in new buffers that keep CHUNK positions of room after
+        them (so the next step does not copy them again)."""
+        keys, values, rows, length = self.keys, self.values, self._k.shape[0], self._length
+        self._k, self._v = self._with_room(keys, rows, left + length), self._with_room(values, rows, left + length)
         for buffer, filled in ((self._k, keys), (self._v, values)):
             buffer[:, :, :left] = 0
-            buffer[:, :, left: left + length] = filled
+            buffer[:, :, left: left + length] = filled  # (N, heads, left + P [+ room], d)
         self._length = left + length
 
     def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -115,7 +117,7 @@ class GrowingLayer(DynamicLayer):
         row copied once."""
         rows, length = self._k.shape[0], self._length
         for name, mine, theirs in (("_k", self.keys, keys), ("_v", self.values, values)):
-            buffer = theirs.new_empty(rows + theirs.shape[0], theirs.shape[1], length + self.CHUNK, theirs.shape[3])
+            buffer = self._with_room(theirs, rows + theirs.shape[0], length)
             buffer[:rows, :, :length] = mine
             buffer[rows:, :, :length] = theirs
             setattr(self, name, buffer)  # (N + M, heads, P + room, d)
@@ -163,7 +165,7 @@ def pad_columns(cache: DynamicCache, left: int, right: int = 0) -> None:
         return
     for layer in _filled(cache):
         if isinstance(layer, GrowingLayer) and right == 0:
-            layer.replace_with_room(layer.keys, layer.values, left=left)  # (N, heads, left + P [+ room], d)
+            layer.pad_leading(left)
         else:
             _replace(layer, lambda t: F.pad(t, (0, 0, left, right)))  # (N, heads, left + P + right, d)
 
