@@ -2,6 +2,7 @@
 deleted tasks within 1 s and each other's jobs (a job whose server died: failed for everyone)."""
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -30,13 +31,20 @@ async def _has_version(http: httpx.AsyncClient, task: str, version: int) -> bool
     return response.status_code == 200 and response.json()["version"] == version
 
 
+@contextlib.asynccontextmanager
+async def _two_servers(t5_bundle, tmp_path):
+    """Two servers (two apps, each with its own store and engine) on one shared adapted folder."""
+    settings = bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted", shared_store=True)
+    async with serving(create_app(settings)) as a, serving(create_app(settings)) as b:
+        yield a, b
+
+
 def test_servers_sharing_a_store_serve_each_others_tasks_within_a_second(t5_bundle, tmp_path):
     asyncio.run(_servers_sharing_a_store_serve_each_others_tasks_within_a_second(t5_bundle, tmp_path))
 
 
 async def _servers_sharing_a_store_serve_each_others_tasks_within_a_second(t5_bundle, tmp_path):
-    settings = bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted", shared_store=True)
-    async with serving(create_app(settings)) as a, serving(create_app(settings)) as b:
+    async with _two_servers(t5_bundle, tmp_path) as (a, b):
         job = (await a.post("/adapt", json={"task": "shared", "examples": EXAMPLES, "steps": 3})).json()
         assert (await b.get(f"/adapt/{job['id']}")).json()["task"] == "shared"  # b reads a's record
         done = await await_job(b, job["id"])
@@ -72,8 +80,7 @@ def test_a_job_is_cancelled_through_another_server(t5_bundle, tmp_path):
 
 
 async def _a_job_is_cancelled_through_another_server(t5_bundle, tmp_path):
-    settings = bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted", shared_store=True)
-    async with serving(create_app(settings)) as a, serving(create_app(settings)) as b:
+    async with _two_servers(t5_bundle, tmp_path) as (a, b):
         job = (await a.post("/adapt", json={"task": "long", "examples": EXAMPLES, "steps": 2000})).json()
         asked = await b.delete(f"/adapt/{job['id']}")
         assert asked.status_code == 200 and asked.json()["cancel_requested"] is True
