@@ -35,13 +35,12 @@ def build_engine(settings: Settings) -> Engine:
     engine = Engine(loaded, store, cache, merge_single_task=settings.merge_single_task,
                     max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
                     longest_row=settings.max_input_tokens + settings.max_new_tokens + 1,
-                    scheduler=settings.scheduler, max_batch_wait_ms=settings.max_batch_wait_ms,
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
                     memory_limit_bytes=settings.memory_limit_bytes)
     store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
-    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s, %s batching%s", settings.model,
+    log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
-             settings.scheduler, ", prepacked weights" if engine.prepacked else "")
+             ", prepacked weights" if engine.prepacked else "")
     return engine
 
 

@@ -48,18 +48,14 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=16, description="cache positions the running rows may hold together, "
                                   "padding included: rows × (longest input + longest output) for seq2seq, "
                                   "rows × (longest prompt + output) for causal LMs; bounds the KV cache memory")
-    scheduler: Literal["continuous", "static"] = Field(
-        "continuous", description="continuous: rows join and leave the running batch at every decoding step; "
-        "static: request-level batching (a batch runs until its longest row ends), kept for comparison")
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="static scheduler: how long a batch "
-                                     "collects requests after the first")
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(64, ge=1)
     max_input_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="upper bound a request may ask for")
     default_max_new_tokens: int = Field(32, ge=1)
-    max_num_beams: int = Field(8, ge=1)
+    max_num_beams: int = Field(8, ge=1, description="beams a request may ask for (at most max_batch_size: beams "
+                               "decode as rows of the running batch)")
     max_choices: int = Field(32, ge=1)
     max_mix_tasks: int = Field(16, ge=1, le=1024, description="tasks one skill-space mix may hold")
     adapt_max_examples: int = Field(256, ge=1, description="examples one /adapt request may carry")

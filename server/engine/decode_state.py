@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import kv_cache
+from .loader import ModelLoadError
 
 
 class DecodeState(ABC):
@@ -79,12 +80,22 @@ def _unless_full(mask: torch.Tensor) -> torch.Tensor | None:
 SEQ2SEQ_TYPES = ("t5", "mt5", "umt5")  # relative position bias: right-aligned padding keeps every distance
 
 
-def loop_supported(model, is_seq2seq: bool) -> bool:
-    """Whether the decoding loop can serve this model: T5-like seq2seq, or a causal LM with full attention that
-    takes position ids."""
+SUPPORTED = (f"seq2seq models of type {', '.join(SEQ2SEQ_TYPES)}; causal LMs whose layers all use full attention "
+             "(no sliding window) and whose forward takes position_ids (Llama, Mistral without sliding window, Qwen2, "
+             "GPT-NeoX, …)")
+
+
+def check_loop_supported(model, is_seq2seq: bool) -> None:
+    """The decoding loop serves T5-like seq2seq models and causal LMs with full attention that take position ids;
+    any other model stops start-up, naming its type and what is supported."""
     if is_seq2seq:
-        return model.config.model_type in SEQ2SEQ_TYPES
-    return kv_cache.supports_row_surgery(model.config) and "position_ids" in inspect.signature(model.forward).parameters
+        supported = model.config.model_type in SEQ2SEQ_TYPES
+    else:
+        supported = kv_cache.supports_row_surgery(model.config) and \
+            "position_ids" in inspect.signature(model.forward).parameters
+    if not supported:
+        raise ModelLoadError(f"{type(model).__name__} (model_type {model.config.model_type!r}) cannot be served by the "
+                             f"decoding loop; supported: {SUPPORTED}")
 
 
 class CausalState(DecodeState):

@@ -2,7 +2,8 @@
 (scheduler.py) that owns the model. Everything that runs the model goes through the loop's thread; the methods
 here are the engine's operations, safe to call from any other thread:
 
-    generate(rows) / submit_generate(rows)     continuous batching (rows join and leave at every step)
+    generate(rows) / submit_generate(rows)     continuous batching (rows join and leave at every step; beam
+                                               searches are rows of the same batch)
     score(rows) / submit_score(rows)           teacher-forced log-likelihoods, in chunks between steps
     train_step(make_adapter, batch)            forward + backward of one /adapt step, yielding to generation
     loss(adapter, batch)                       a loss without gradients (validation)
@@ -19,16 +20,18 @@ import torch
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
 
 from .adapter_slots import AdapterSlots
-from .decode_state import loop_supported
-from .generation import eos_token_ids
+from .decode_state import check_loop_supported
 from .kv_cache import avoid_per_length_attention_plans
-from .loader import LoadedModel, ModelLoadError
+from .loader import LoadedModel, ModelLoadError, eos_token_ids
 from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, make_resident, measure, plan_memory
+from .plan import Policy
 from .prepack import prepack_supported
 from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
-from .scheduler import LoopStats, Scheduler, SchedulerMode
+from .running_batch import RunningBatch
+from .scheduler import LoopStats, Scheduler
 from .score_queue import ScoreJob
-from .sequence import GenerateJob
+from .scoring import score_pairs
+from .sequence import GenerateJob, RowMaker
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 16384
@@ -39,14 +42,15 @@ class Engine:
     def __init__(self, loaded: LoadedModel, store: AdapterStore, cache: AdapterCache, *,
                  merge_single_task: bool | None = None, max_batch_size: int = 16,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, longest_row: int = DEFAULT_LONGEST_ROW,
-                 scheduler: SchedulerMode = "continuous", max_batch_wait_ms: float = 5.0,
                  prepack_weights: bool | None = None, memory_fraction: float = 0.9,
                  memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None):
         """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
         fails where it cannot), False. longest_row: the positions of one row of the longest input and output
         (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured,
-        with memory_limit_bytes in place of the device's limit where given)."""
+        with memory_limit_bytes in place of the device's limit where given). A model the serving loop cannot
+        decode stops start-up (ModelLoadError naming its type and the supported ones)."""
         check_model(store.inventory, loaded.model)
+        check_loop_supported(loaded.model, loaded.is_seq2seq)
         if (cache.device, cache.dtype) != (torch.device(loaded.device), loaded.dtype):
             raise ValueError(f"the adapter cache holds {cache.dtype} on {cache.device}, the model runs {loaded.dtype} "
                              f"on {loaded.device}: make it AdapterCache(capacity, loaded.device, loaded.dtype)")
@@ -65,15 +69,12 @@ class Engine:
         cache.resize(self.memory.cache_bytes)
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
         self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
-        if scheduler == "continuous" and not loop_supported(loaded.model, loaded.is_seq2seq):
-            log.warning("%s: the decoding loop supports T5-like seq2seq models and full-attention causal LMs with "
-                        "position ids; serving this model with request-level (static) batching",
-                        type(loaded.model).__name__)
-            scheduler = "static"
-        if scheduler == "continuous":
-            avoid_per_length_attention_plans(loaded.device)
-        self.loop = Scheduler(self, max_rows=max_batch_size, max_tokens=self.memory.kv_positions, mode=scheduler,
-                              max_wait_s=max_batch_wait_ms / 1000)
+        avoid_per_length_attention_plans(loaded.device)
+        batch = RunningBatch(loaded.model, loaded.tokenizer, loaded.is_seq2seq, loaded.device, self.slots,
+                             eos_ids=self.eos_ids, merge_single_task=self.merge_single_task)
+        self.loop = Scheduler(batch, Policy(max_rows=max_batch_size, max_tokens=self.memory.kv_positions),
+                              resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
+                              make_rows=RowMaker(loaded.tokenizer, loaded.is_seq2seq, self.eos_ids, max_batch_size))
 
     def _demands(self, rows: int, positions: int, longest_row: int, prepack: bool | None, merge: bool | None
                  ) -> Demands:
@@ -145,6 +146,17 @@ class Engine:
         for row, adapter in zip(rows, adapters, strict=True):
             row.adapter = adapter.to(self.loaded.device, self.loaded.dtype)
         return self.generate(rows)
+
+    def _score_chunk(self, pairs: list[tuple]) -> list[tuple[float, int]]:
+        """One /score forward on the loop thread: [(text, choice, adapter, key)] -> [(log-likelihood, tokens)];
+        one adapter runs merged where the running batch is empty (it would re-point the layers anyway)."""
+        adapters = [adapter for _, _, adapter, _ in pairs]
+        single = len({id(a) for a in adapters}) == 1
+        merge = single and not len(self.loop.batch) and self.merge_single_task
+        m = self.loaded
+        with self.slots.activate(adapters, key=pairs[0][3], merge=merge):
+            return score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device, [p[0] for p in pairs],
+                               [p[1] for p in pairs])
 
     def submit_score(self, rows: Sequence[ScoreRow]) -> ScoreJob:
         return self.loop.submit_score(ScoreJob(rows))

@@ -39,6 +39,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def eos_token_ids(model) -> frozenset[int]:
+    """The ids that end a sequence, from the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset(eos) if isinstance(eos, list) else frozenset([eos])
+
+
 def load_model(folder: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     folder = Path(folder)
     if not (folder / "config.json").is_file():

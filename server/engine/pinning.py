@@ -3,22 +3,21 @@ its rows run the same version and the response can name it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Sequence
 
-from adapter_store import StoreError, TaskRef
+from adapter_store import StoreError, TaskAdapter, TaskRef
 
 from .score_queue import ScoreJob
 from .sequence import ExplicitKey, GenerateJob
 
-if TYPE_CHECKING:
-    from .engine import Engine
+# tasks -> (their adapters, their cache keys), misses routed together: Engine.adapters_and_keys
+Resolve = Callable[[Sequence[TaskRef]], tuple[list[TaskAdapter], list[Hashable]]]
 
 
-def pin(engine: Engine, jobs: Sequence[GenerateJob | ScoreJob]) -> bool:
+def pin(resolve: Resolve, jobs: Sequence[GenerateJob | ScoreJob]) -> bool:
     """Give each job one adapter per task; jobs asking for a task that is gone fail. False if any job failed."""
     missing = list(dict.fromkeys(t for job in jobs for t in _tasks_of(job) if t not in job.pinned))
-    found, failed = _resolve(engine, missing)
+    found, failed = _resolve(resolve, missing)
     for job in jobs:
         for task in _tasks_of(job):
             if task in failed:
@@ -36,11 +35,11 @@ def pinned(job: GenerateJob, row) -> tuple:
     return job.pinned[row.task]
 
 
-def _resolve(engine: Engine, tasks: list[TaskRef]) -> tuple[dict, dict[TaskRef, BaseException]]:
+def _resolve(resolve: Resolve, tasks: list[TaskRef]) -> tuple[dict, dict[TaskRef, BaseException]]:
     failed: dict[TaskRef, BaseException] = {}
     while tasks:
         try:
-            adapters, keys = engine.adapters_and_keys(tasks)
+            adapters, keys = resolve(tasks)
             return dict(zip(tasks, zip(adapters, keys, strict=True), strict=True)), failed
         except StoreError as exc:  # e.g. a task deleted while its request waited
             bad = getattr(exc, "name", None)

@@ -17,14 +17,16 @@ from collections.abc import Sequence
 
 import torch
 
+from . import output_step
 from .adapter_slots import AdapterSlots
 from .decode_state import DecodeState, prefill
 from .row_pool import assign_positions
-from .sampling import next_tokens
 from .sequence import ActiveRow
 
+Row = ActiveRow  # or a BeamRow (beam_rows.py): what the batch needs of both is the same
 
-def cost(rows: Sequence[ActiveRow]) -> int:
+
+def cost(rows: Sequence[Row]) -> int:
     """Cache positions the rows may hold at most, padding included."""
     if not rows:
         return 0
@@ -47,9 +49,9 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, joining: list[ActiveRow]) -> list[ActiveRow]:
-        """Prefill the joining rows (adapters already set on them) and append them; return those that ended at
-        their first token."""
+    def admit(self, joining: list[Row]) -> list[Row]:
+        """Prefill the joining rows (adapters already set on them; a beam group's rows all together) and append
+        them; return those that ended at their first token."""
         start = len(self.rows)
         tail = self.slots.pool.resident[start: start + len(joining)]
         joining = [joining[i] for i in assign_positions(tail, [row.key for row in joining])]
@@ -62,9 +64,9 @@ class RunningBatch:
             self.state = state
         else:
             self.state.extend(state)
-        return self._take(joining, logits)
+        return self._take(joining, logits, offset=start)
 
-    def step(self) -> list[ActiveRow]:
+    def step(self) -> list[Row]:
         """One decoding step for every row; return the rows that ended."""
         self._point_layers(0, len(self.rows))
         last = torch.tensor([row.last_token for row in self.rows], dtype=torch.long, device=self.device)
@@ -72,7 +74,7 @@ class RunningBatch:
             logits = self.state.step(last)  # (N, V)
         return self._take(self.rows, logits)
 
-    def retire(self, leaving: set[ActiveRow]) -> None:
+    def retire(self, leaving: set[Row]) -> None:
         """Drop rows from the batch (and their caches); rows from the end fill the holes."""
         if not leaving:
             return
@@ -84,18 +86,22 @@ class RunningBatch:
             return
         self.state.select(order)
 
-    def _take(self, rows: list[ActiveRow], logits: torch.Tensor) -> list[ActiveRow]:
-        with torch.inference_mode():
-            tokens = next_tokens(logits, rows, self.eos_ids).tolist()
-        ended = []
-        for row, token in zip(rows, tokens, strict=True):
-            if row.accept(token, self.eos_ids):
-                ended.append(row)
-            else:
-                row.stream()
-        return ended
+    def clear(self) -> None:
+        """Forget every row (after a failed forward): the layers go back to the bare backbone."""
+        self.rows, self.state = [], None
+        self.slots.clear()
 
-    def _compacted_order(self, leaving: set[ActiveRow]) -> list[int]:
+    def _take(self, rows: list[Row], logits: torch.Tensor, offset: int = 0) -> list[Row]:
+        """The output step for rows [offset, offset + len(rows)) of the batch; beams move their caches."""
+        out = output_step.apply(rows, logits, self.eos_ids)
+        if out.order is not None:
+            order = list(range(offset)) + [offset + p for p in out.order]
+            order += list(range(len(order), len(self.rows)))
+            with torch.inference_mode():
+                self.state.select(order)
+        return out.ended
+
+    def _compacted_order(self, leaving: set[Row]) -> list[int]:
         """order[p] = the old position of the row that will sit at position p."""
         staying = [i for i, row in enumerate(self.rows) if row not in leaving]
         size = len(staying)

@@ -1,14 +1,14 @@
 """The serving loop: one thread owns the model and runs iterations (iteration-level scheduling, as Orca and vLLM).
 
     each iteration:
-        at most one other piece of work: a /score chunk, a beam-search (or static) guest's decoding step, or a
-            call from the engine's API; an /adapt training step only while it does not crowd out generation
-        admit waiting rows while rows (max_rows) and cache positions (max_tokens) allow: route their adapters
-            (misses together), prefill them, join them to the running batch
-        one decoding step for every running row; rows that end (end of sequence, their own max_new_tokens, a
-            stop string) are answered at once and leave; rows whose client went away leave too
+        plan = policy.plan(view of the queues and the running batch)      (plan.py: no model involved)
+        carry out plan.other: an engine call, a /score chunk, or an /adapt training step
+        drop the rows of clients that went away
+        admit plan.admit waiting rows: route their adapters (misses together), prefill, join the batch
+        one decoding step for every running row (running_batch.py), the tokens applied by the output step
+        (output_step.py); rows that ended are answered at once and leave
 Any thread may submit; results come back through futures, streamed text through each row's callback (called
-on this thread). "static" mode keeps the request-level batching this server had before, for comparison.
+on this thread). Beam searches are rows of the same batch (beam_rows.py): there is one decoding path.
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TypeVar
 
-from .guest_batches import GuestQueue, finish_guest, make_guest
-from .pinning import pin, pinned
-from .running_batch import RunningBatch, cost
+from .pinning import Resolve, pin, pinned
+from .plan import LoopView, Plan, Policy, RowCost
+from .running_batch import RunningBatch
 from .score_queue import ScoreJob, ScoreQueue
-from .scoring import score_pairs
-from .sequence import ActiveRow, GenerateJob, WaitingRow
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .sequence import GenerateJob, RowMaker, WaitingRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SchedulerMode = Literal["continuous", "static"]
+ScoreChunk = Callable[[list[tuple]], list[tuple[float, int]]]  # [(text, choice, adapter, key)] -> [(sum, tokens)]
 
 
 class ShuttingDown(RuntimeError):
@@ -55,27 +51,21 @@ class LoopStats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_rows: int, max_tokens: int, mode: SchedulerMode = "continuous",
-                 max_wait_s: float = 0.005, background_share: float = 0.2, background_grace_s: float = 0.02):
-        self.engine = engine
-        self.mode = mode
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.background_share = background_share  # of loop time, for /adapt steps while generation is busy
-        self.background_grace_s = background_grace_s  # idle this long before a background step starts
-        m = engine.loaded
-        self.batch = RunningBatch(m.model, m.tokenizer, m.is_seq2seq, m.device, engine.slots,
-                                  eos_ids=engine.eos_ids, merge_single_task=engine.merge_single_task)
-        self.scores = ScoreQueue(chunk_pairs=max_rows)
-        self.guests = GuestQueue(max_rows, static=mode == "static", max_wait_s=max_wait_s)
+    def __init__(self, batch: RunningBatch, policy: Policy, *, resolve: Resolve, make_rows: RowMaker,
+                 score_chunk: ScoreChunk):
+        """batch: the running batch (it runs the model); resolve: tasks -> adapters and keys; make_rows: a waiting
+        row -> its batch rows; score_chunk: one /score forward."""
+        self.batch = batch
+        self.policy = policy
+        self.resolve = resolve
+        self.make_rows = make_rows
+        self.score_chunk = score_chunk
+        self.scores = ScoreQueue(chunk_pairs=policy.max_rows)
         self.iterations = 0
         self.on_step: Callable[[int], None] | None = None  # told the batch size after each decoding step (metrics)
         self._waiting: deque[WaitingRow] = deque()  # rows for the decoding loop, in arrival order
         self._calls: deque[_Call] = deque()
         self._background: deque[_Call] = deque()
-        self._background_after = 0.0  # monotonic time before which a busy loop runs no background step
-        self._last_served = 0.0  # monotonic time the loop last had generation or scoring to do
-        self._turn = 0
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="serving-loop", daemon=True)
@@ -85,9 +75,7 @@ class Scheduler:
     def submit_generate(self, job: GenerateJob) -> GenerateJob:
         with self._cv:
             self._check_open()
-            for index, row in enumerate(job.rows):
-                beams = row.params.num_beams > 1
-                (self.guests.add if beams or self.mode == "static" else self._waiting.append)(WaitingRow(job, index))
+            self._waiting.extend(WaitingRow(job, index) for index in range(len(job.rows)))
             self._cv.notify()
         return job
 
@@ -100,7 +88,7 @@ class Scheduler:
 
     def call(self, fn: Callable[[], T], *, background: bool = False) -> T:
         """Run fn on the loop thread between iterations and return its result (blocks the caller). Background
-        calls (training steps) yield to generation: see `_run_background`."""
+        calls (training steps) yield to generation (plan.py)."""
         if self.on_loop_thread():
             return fn()
         item = _Call(fn, Future())
@@ -115,7 +103,7 @@ class Scheduler:
 
     def stats(self) -> LoopStats:
         with self._cv:
-            waiting = len(self._waiting) + len(self.guests.waiting)
+            waiting = len(self._waiting)
         return LoopStats(len(self.batch), waiting, self.iterations)
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -134,8 +122,7 @@ class Scheduler:
 
     def _busy(self) -> bool:
         with self._cv:
-            return bool(self._waiting or self._calls or self._background or self.scores or self.guests
-                        or len(self.batch))
+            return bool(self._waiting or self._calls or self._background or self.scores or len(self.batch))
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -152,155 +139,100 @@ class Scheduler:
                 self._fail_running(exc)
         self._fail_everything(ShuttingDown("the server is shutting down"))
 
+    def _view(self) -> LoopView:
+        """The policy's view of the queues (caller holds the lock); waiting rows are tokenised here, once."""
+        waiting = []
+        for entry in list(self._waiting)[: self.policy.max_rows]:  # no more than this many can join at once
+            rows = self._started(entry)
+            if rows is None:
+                break
+            waiting.append(RowCost(rows[0].encoder_positions, rows[0].decoder_positions, len(rows)))
+        running = [RowCost(r.encoder_positions, r.decoder_positions) for r in self.batch.rows]
+        return LoopView(running, waiting, len(self._calls), int(bool(self.scores)), len(self._background),
+                        time.monotonic())
+
     def _has_work(self) -> bool:
-        due_guest = bool(self.guests) and not self.guests.wake_in()
-        due_background = bool(self._background) and not self._background_wait()
-        return bool(self._waiting or self._calls or self.scores or len(self.batch) or due_guest or due_background)
+        if self._waiting or self._calls or self.scores or len(self.batch):
+            return True
+        return bool(self._background) and self.policy.background_wait(self._view()) <= 0
 
     def _wake_in(self) -> float | None:
-        """How long the idle loop may sleep before something becomes due (None: until notified)."""
-        waits = [w for w in (self.guests.wake_in(), self._background_wait() if self._background else None)
-                 if w is not None]
-        return min(waits) if waits else None
-
-    def _serving(self) -> bool:
-        """Generation or scoring to do (what background steps yield to)."""
-        busy = bool(len(self.batch) or self._waiting or self.scores or self.guests)
-        if busy:
-            self._last_served = time.monotonic()
-        return busy
-
-    def _background_wait(self) -> float:
-        """Seconds before a background step may start: at once when nothing was served for a grace period (the
-        next request of a client usually follows within it); while serving, after generation has had
-        (1 - share) / share times as long as the last step took, so steps still get `share` of the loop."""
-        now = time.monotonic()
-        if self._serving():
-            return max(0.0, self._background_after - now)
-        return max(0.0, self._last_served + self.background_grace_s - now)
+        """How long the idle loop may sleep before a training step becomes due (None: until notified)."""
+        return self.policy.background_wait(self._view()) if self._background else None
 
     def _iteration(self) -> None:
         self.iterations += 1
-        if not self._run_one_other():
-            self._run_background()
+        with self._cv:
+            self._drop_ended_waiting()
+            plan = self.policy.plan(self._view())
+        self._run_other(plan)
         self._drop_cancelled()
-        self._admit()
-        if len(self.batch):
+        if plan.admit:
+            self._admit(plan)
+        if plan.decode and len(self.batch):
             self._finish(self.batch.step())
             if self.on_step is not None:
                 self.on_step(len(self.batch))
 
-    def _run_one_other(self) -> bool:
-        """One piece of work that is not the running batch, taking turns between the kinds."""
-        kinds = (self._run_call, self._run_score_chunk, self._run_guest_turn)
-        for _ in range(len(kinds)):
-            self._turn = (self._turn + 1) % len(kinds)
-            if kinds[self._turn]():
-                return True
-        return False
-
-    def _run_call(self) -> bool:
+    def _run_other(self, plan: Plan) -> None:
+        if plan.other == "score":
+            self._run_score_chunk()
+            return
+        queue = self._calls if plan.other == "call" else self._background if plan.other == "background" else None
+        if not queue:
+            return
         with self._cv:
-            if not self._calls:
-                return False
-            item = self._calls.popleft()
+            item = queue.popleft()
+        started = time.monotonic()
         _settle(item)
-        return True
+        if plan.other == "background":
+            self.policy.background_ran(started, time.monotonic())
 
-    def _run_background(self) -> None:
-        """A training step, when it is due (see _background_wait)."""
+    def _run_score_chunk(self) -> None:
         with self._cv:
-            if not self._background or self._background_wait() > 0:
-                return
-            item = self._background.popleft()
-        start = time.monotonic()
-        _settle(item)
-        took = time.monotonic() - start
-        self._background_after = time.monotonic() + took * (1 - self.background_share) / self.background_share
-
-    def _run_score_chunk(self) -> bool:
-        with self._cv:
-            if not self.scores:
-                return False
             chunk = self.scores.next_chunk()
-        pin(self.engine, list({id(job): job for job, _ in chunk.members}.values()))
+        pin(self.resolve, list({id(job): job for job, _ in chunk.members}.values()))
         members = [(job, i) for job, i in chunk.members if not job.future.done()]
         if not members:
-            return True
-        adapters = [job.pinned[job.pairs[i][0].task] for job, i in members]
-        m = self.engine.loaded
-        single = len({id(a) for a, _ in adapters}) == 1
+            return
+        pairs = [(job.pairs[i][0].text, job.pairs[i][1], *job.pinned[job.pairs[i][0].task]) for job, i in members]
         try:
-            with self.engine.slots.activate([a for a, _ in adapters], key=adapters[0][1],
-                                            merge=single and not len(self.batch) and self.engine.merge_single_task):
-                scored = score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device,
-                                     [job.pairs[i][0].text for job, i in members],
-                                     [job.pairs[i][1] for job, i in members])
+            scored = self.score_chunk(pairs)
         except Exception as exc:  # its requests get the error; the loop goes on
             log.exception("a /score chunk failed")
             for job, _ in members:
                 job.fail(exc)
-            return True
+            return
         for (job, i), (logprob, tokens) in zip(members, scored, strict=True):
             job.record(i, logprob, tokens)
-        return True
-
-    def _run_guest_turn(self) -> bool:
-        with self._cv:
-            try:
-                batch = self.guests.next_batch(lambda b: make_guest(self.engine, b, static=self.mode == "static"))
-            except Exception as exc:  # e.g. its adapters could not be routed: its requests get the error
-                log.exception("a generation could not start")
-                failed, self.guests.running = self.guests.running, None
-                for entry in failed.entries if failed else []:
-                    entry.job.fail(exc)
-                return True
-        if batch is None:
-            return False
-        if batch.guest.take_turn():
-            with self._cv:
-                self.guests.finished()
-            finish_guest(self.engine, batch)
-        return True
 
     # ---- generation rows --------------------------------------------------------------------------
-    def _admit(self) -> None:
-        joining = self._take_waiting()
-        if not joining:
-            return
-        if not pin(self.engine, list({id(r.job): r.job for r in joining}.values())):
-            joining = [r for r in joining if not r.job.ended]
+    def _started(self, entry: WaitingRow) -> list | None:
+        """The entry's batch rows, made once (tokenised); None if it failed (its request gets the error)."""
+        if entry.started is None:
+            try:
+                entry.started = self.make_rows(entry)
+            except Exception as exc:  # e.g. it cannot be tokenised: the request fails, the rows behind go on
+                entry.job.fail(exc)
+                return None
+        return entry.started
+
+    def _drop_ended_waiting(self) -> None:
+        """Waiting rows of requests that were cancelled or failed leave the queue (caller holds the lock)."""
+        for entry in [e for e in self._waiting if e.job.ended or e.job.cancelled.is_set()]:
+            self._waiting.remove(entry)
+            entry.job.abandon()
+
+    def _admit(self, plan: Plan) -> None:
+        with self._cv:
+            entries = [self._waiting.popleft() for _ in range(plan.admit)]
+        if not pin(self.resolve, list({id(e.job): e.job for e in entries}.values())):
+            entries = [e for e in entries if not e.job.ended]
+        joining = [row for entry in entries for row in entry.started]
         for row in joining:
-            row.adapter, row.key = pinned(row.job, row.row)
+            row.adapter, row.key = pinned(row.job, row.job.rows[row.index])
         if joining:
             self._finish(self.batch.admit(joining))
-
-    def _take_waiting(self) -> list[ActiveRow]:
-        """Waiting rows that fit, in arrival order (a row that does not fit waits, and so do those after it)."""
-        m = self.engine.loaded
-        joining: list[ActiveRow] = []
-        with self._cv:
-            while self._waiting and len(self.batch) + len(joining) < self.max_rows:
-                entry = self._waiting[0]
-                if entry.job.cancelled.is_set() or entry.job.ended:
-                    self._waiting.popleft()
-                    entry.job.abandon()
-                    continue
-                if entry.active is None:  # tokenised once, even if it waits for room several times
-                    try:
-                        ids = entry.row.prompt_ids or self.engine.token_ids(entry.row.text)
-                        entry.active = ActiveRow(entry.job, entry.index, m.tokenizer, ids, m.is_seq2seq)
-                    except Exception as exc:  # the request gets the error; the rows behind it go on
-                        self._waiting.popleft()
-                        entry.job.fail(exc)
-                        continue
-                row = entry.active
-                crowded = len(self.batch) or joining
-                if crowded and cost(self.batch.rows + joining + [row]) > self.max_tokens:
-                    break
-                self._waiting.popleft()
-                joining.append(row)
-        return joining
 
     def _drop_cancelled(self) -> None:
         gone = {row for row in self.batch.rows if row.job.cancelled.is_set()}
@@ -308,28 +240,25 @@ class Scheduler:
             row.job.abandon()
         self.batch.retire(gone)
 
-    def _finish(self, ended: list[ActiveRow]) -> None:
+    def _finish(self, ended: list) -> None:
         """Answer the rows that ended, after they left the batch (so a caller woken by its answer finds the
         loop's layers cleared when the batch emptied)."""
-        answers = [(row, row.completion()) for row in ended]
         self.batch.retire(set(ended))
-        for row, completion in answers:
-            row.job.finish_row(row.index, completion)
+        for row in ended:
+            row.finish()
 
     # ---- failures ------------------------------------------------------------------------------
     def _fail_running(self, exc: BaseException) -> None:
         for row in self.batch.rows:
             row.job.fail(exc)
-        self.batch.rows, self.batch.state = [], None
-        self.engine.slots.clear()
+        self.batch.clear()
 
     def _fail_everything(self, exc: BaseException) -> None:
         self._fail_running(exc)
         with self._cv:
-            for entry in [*self._waiting, *self.guests.waiting]:
+            for entry in self._waiting:
                 entry.job.fail(exc)
             self._waiting.clear()
-            self.guests.waiting.clear()
             for item in [*self._calls, *self._background]:
                 item.future.set_exception(exc)
             self._calls.clear()
@@ -342,5 +271,3 @@ def _settle(item: _Call) -> None:
         item.future.set_result(item.fn())
     except BaseException as exc:  # handed to the caller, who re-raises it
         item.future.set_exception(exc)
-
-

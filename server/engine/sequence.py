@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from adapter_store import AdapterKey, TaskAdapter
 
+from .beam_rows import BeamGroup
 from .row_text import RowText
 from .rows import Completion, GenerateRow, SamplingParams
 from .sampling import row_generator
@@ -102,6 +103,10 @@ class ActiveRow:
             if piece:
                 self.row.on_text(piece)
 
+    def finish(self) -> None:
+        """Answer this row of its request (after it left the batch)."""
+        self.job.finish_row(self.index, self.completion())
+
     def completion(self) -> Completion:
         version = self.key.version if isinstance(self.key, AdapterKey) else None
         return Completion(self.text.final_text(self.tokens), len(self.prompt_ids), len(self.tokens),
@@ -115,8 +120,28 @@ class WaitingRow:
     job: GenerateJob
     index: int
     arrived: float = field(default_factory=time.monotonic)
-    active: ActiveRow | None = None  # once tokenised for the decoding loop
+    started: list | None = None  # once tokenised: its batch rows (one ActiveRow, or a beam group's k BeamRows)
 
     @property
     def row(self) -> GenerateRow:
         return self.job.rows[self.index]
+
+
+class RowMaker:
+    """A waiting row -> its rows in the running batch: one ActiveRow, or a beam search's k BeamRows."""
+
+    def __init__(self, tokenizer, is_seq2seq: bool, eos_ids: frozenset[int], max_rows: int):
+        self.tokenizer = tokenizer
+        self.is_seq2seq = is_seq2seq
+        self.eos_ids = eos_ids
+        self.max_rows = max_rows
+
+    def __call__(self, entry: WaitingRow) -> list:
+        row = entry.row
+        ids = row.prompt_ids or self.tokenizer(row.text)["input_ids"]
+        beams = row.params.num_beams
+        if beams == 1:
+            return [ActiveRow(entry.job, entry.index, self.tokenizer, ids, self.is_seq2seq)]
+        if beams > self.max_rows:
+            raise ValueError(f"num_beams: {beams} beams do not fit a batch of max_batch_size={self.max_rows} rows")
+        return BeamGroup(entry.job, entry.index, self.tokenizer, ids, self.eos_ids, self.is_seq2seq).rows

@@ -84,8 +84,9 @@ def check_lengths(settings: Settings, max_new: int, min_new: int, *, max_field: 
 def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
     max_new = body.max_new_tokens or settings.default_max_new_tokens
     check_lengths(settings, max_new, body.min_new_tokens)
-    if body.num_beams > settings.max_num_beams:
-        raise invalid("num_beams", f"{body.num_beams} is more than the server's limit {settings.max_num_beams}")
+    beam_limit = min(settings.max_num_beams, settings.max_batch_size)  # beams decode as rows of one batch
+    if body.num_beams > beam_limit:
+        raise invalid("num_beams", f"{body.num_beams} is more than the server's limit {beam_limit}")
     if body.stream and body.num_beams > 1:
         raise invalid("stream", "streaming is not available with beam search (num_beams > 1)")
     return SamplingParams(max_new_tokens=max_new, min_new_tokens=body.min_new_tokens, ignore_eos=body.ignore_eos,

@@ -192,15 +192,15 @@ def test_beam_search_runs_step_by_step_beside_the_loop(tmp_path):
     engine.close()
 
 
-def test_static_scheduler_and_merge_off_give_the_same_text(tmp_path):
+def test_merge_off_gives_the_same_text(tmp_path):
     save_bundle(tmp_path, "t5")
     rows = [GenerateRow(f"task-{i % 3}", x, SamplingParams(max_new_tokens=8)) for i, x in enumerate(TEXTS)]
     texts = []
-    for options in ({}, {"scheduler": "static"}, {"merge_single_task": False}):
+    for options in ({}, {"merge_single_task": False}):
         engine = engine_for(tmp_path, **options)
         texts.append([c.text for c in engine.generate(rows)] + [engine.generate(rows[:1])[0].text])
         engine.close()
-    assert texts[0] == texts[1] == texts[2]
+    assert texts[0] == texts[1]
 
 
 def test_a_row_keeps_the_adapter_version_it_was_admitted_with(tmp_path):
@@ -233,20 +233,24 @@ def test_a_row_keeps_the_adapter_version_it_was_admitted_with(tmp_path):
     engine.close()
 
 
-def test_models_the_loop_cannot_pad_fall_back_to_request_level_batching():
+def test_a_model_the_loop_cannot_serve_stops_start_up_naming_its_type(tmp_path):
     from transformers import BartConfig, BartForConditionalGeneration, MistralConfig, MistralForCausalLM
 
-    from server.engine.decode_state import loop_supported
+    from server.engine.decode_state import check_loop_supported
+    from server.engine.loader import ModelLoadError
     from tests.factories import tiny_llama, tiny_t5
 
-    assert loop_supported(tiny_t5(), True) and loop_supported(tiny_llama(), False)
+    check_loop_supported(tiny_t5(), True)
+    check_loop_supported(tiny_llama(), False)
     sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
-    assert not loop_supported(sliding, False)  # a sliding window keeps state that padding would corrupt
+    with pytest.raises(ModelLoadError, match="MistralForCausalLM.*'mistral'.*supported: seq2seq models of type t5"):
+        check_loop_supported(sliding, False)  # a sliding window keeps state that padding would corrupt
     bart = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
                                                    encoder_attention_heads=2, decoder_attention_heads=2,
                                                    encoder_ffn_dim=32, decoder_ffn_dim=32))
-    assert not loop_supported(bart, True)  # absolute positions: right-aligned padding would shift them
+    with pytest.raises(ModelLoadError, match="BartForConditionalGeneration"):
+        check_loop_supported(bart, True)  # absolute positions: right-aligned padding would shift them
 
 
 def test_growing_caches_write_in_place_and_keep_their_room_through_row_surgery():
@@ -338,16 +342,16 @@ def test_half_precision_with_a_layer_kept_in_float32(tmp_path, dtype):
 
 
 def test_a_failing_forward_fails_its_requests_and_the_loop_goes_on(tmp_path, monkeypatch):
-    from server.engine import scheduler as scheduler_module
+    from server.engine import engine as engine_module
     from server.engine.decode_state import Seq2SeqState
 
     save_bundle(tmp_path, "t5")
     engine = engine_for(tmp_path)
-    real_score, real_step = scheduler_module.score_pairs, Seq2SeqState.step
-    monkeypatch.setattr(scheduler_module, "score_pairs", lambda *a: (_ for _ in ()).throw(RuntimeError("score broke")))
+    real_score, real_step = engine_module.score_pairs, Seq2SeqState.step
+    monkeypatch.setattr(engine_module, "score_pairs", lambda *a: (_ for _ in ()).throw(RuntimeError("score broke")))
     with pytest.raises(RuntimeError, match="score broke"):
         engine.score([ScoreRow("task-0", "x", ["y"])])
-    monkeypatch.setattr(scheduler_module, "score_pairs", real_score)
+    monkeypatch.setattr(engine_module, "score_pairs", real_score)
     monkeypatch.setattr(Seq2SeqState, "step", lambda self, tokens: (_ for _ in ()).throw(RuntimeError("step broke")))
     with pytest.raises(RuntimeError, match="step broke"):
         engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])
