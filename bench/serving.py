@@ -4,7 +4,7 @@
 distinct tasks in a batch of 16, (d) ours with 1000 distinct tasks cycling through a cache that holds 64 —
 "ours" is the engine's serving loop, the one that serves HTTP; (e) HTTP through uvicorn on loopback
 (serving_http.py): 1 client vs 32 concurrent clients, 8-token requests behind 4 long streams (head of line),
-64 clients with mixed lengths on the continuous and the static scheduler, time to first token.
+64 clients with mixed lengths, time to first token.
 Measured on a random T5 (d_model 512, r=8, K=8, H=8) and, with keys prefixed `demo_`, on the demo bundle.
 Generation runs a fixed number of new tokens (end-of-sequence is never chosen), so tokens/s compare.
 The modes run in interleaved rounds; ratios use each mode's median round, `best_round_ratios` its best round.
@@ -210,7 +210,6 @@ def main() -> None:
     args.cycle_tasks = 1000
     args.http_requests = 48 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
-    args.hol_static_requests = 0 if args.quick else 5  # the static scheduler's head-of-line ratio, for contrast
     args.mixed_requests = 96 if args.quick else 320
     result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}

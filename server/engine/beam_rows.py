@@ -33,6 +33,8 @@ class BeamRow:
         self.last_token: int | None = None
         self.adapter: TaskAdapter | None = None
         self.key: Hashable | None = None
+        self.kv = None  # its blocks in the KV pool while it runs (paged_kv.RowKV)
+        self.admitted = 0  # when it joined the batch (newest rows are preempted first)
 
     def finish(self) -> None:
         self.group.finish()
@@ -62,6 +64,12 @@ class BeamGroup:
         for row, token in zip(self.rows, step.tokens, strict=True):
             row.last_token = token
         return step
+
+    def restart(self) -> None:
+        """Start the search over (its rows were preempted: their caches are gone)."""
+        self.search = BeamSearch(self.params.num_beams, self.params.max_new_tokens, self.eos_ids)
+        for row in self.rows:
+            row.last_token = None
 
     @property
     def done(self) -> bool:

@@ -20,10 +20,13 @@ import torch
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
 
 from .adapter_slots import AdapterSlots
-from .decode_state import check_loop_supported
-from .kv_cache import avoid_per_length_attention_plans
+from .block_manager import BlockManager
+from .kv_pool import KVPool
 from .loader import LoadedModel, ModelLoadError, eos_token_ids
 from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, make_resident, measure, plan_memory
+from .model_support import check_loop_supported
+from .paged_attention import avoid_per_length_attention_plans, install
+from .paged_kv import PagedKV
 from .plan import Policy
 from .prepack import prepack_supported
 from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
@@ -36,6 +39,7 @@ from .sequence import GenerateJob, RowMaker
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 16384
 DEFAULT_LONGEST_ROW = 512 + 256 + 1  # the default max_input_tokens + max_new_tokens + a decoder start
+DEFAULT_BLOCK_SIZE = 16
 
 
 class Engine:
@@ -43,12 +47,15 @@ class Engine:
                  merge_single_task: bool | None = None, max_batch_size: int = 16,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, longest_row: int = DEFAULT_LONGEST_ROW,
                  prepack_weights: bool | None = None, memory_fraction: float = 0.9,
-                 memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None):
+                 memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None,
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_bytes: int | None = None,
+                 prefix_cache: bool = True):
         """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
-        fails where it cannot), False. longest_row: the positions of one row of the longest input and output
-        (max_batch_tokens is never clamped below it). memory: the device's figures (default: measured,
-        with memory_limit_bytes in place of the device's limit where given). A model the serving loop cannot
-        decode stops start-up (ModelLoadError naming its type and the supported ones)."""
+        fails where it cannot), False. max_batch_tokens: the KV pool's positions (kv_cache_bytes, where given,
+        sets them instead); longest_row: the positions of one row of the longest input and output (the pool is
+        never clamped below it). memory: the device's figures (default: measured, with memory_limit_bytes in place
+        of the device's limit where given). A model the serving loop cannot decode stops start-up
+        (ModelLoadError naming its type and the supported ones)."""
         check_model(store.inventory, loaded.model)
         check_loop_supported(loaded.model, loaded.is_seq2seq)
         if (cache.device, cache.dtype) != (torch.device(loaded.device), loaded.dtype):
@@ -60,6 +67,8 @@ class Engine:
         self.eos_ids = eos_token_ids(loaded.model)
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
+        if kv_cache_bytes is not None:
+            max_batch_tokens = max(kv_cache_bytes // kv_bytes_per_position(loaded.model.config, loaded.dtype), 1)
         demands = self._demands(max_batch_size, max_batch_tokens, longest_row, prepack_weights, merge_single_task)
         if memory is None:  # measured: weights the loader memory-mapped must count as held
             make_resident(loaded.model)
@@ -70,11 +79,21 @@ class Engine:
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
         self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
         avoid_per_length_attention_plans(loaded.device)
-        batch = RunningBatch(loaded.model, loaded.tokenizer, loaded.is_seq2seq, loaded.device, self.slots,
-                             eos_ids=self.eos_ids, merge_single_task=self.merge_single_task)
-        self.loop = Scheduler(batch, Policy(max_rows=max_batch_size, max_tokens=self.memory.kv_positions),
+        batch = RunningBatch(self._paged_kv(kv_block_size, prefix_cache), self.slots, eos_ids=self.eos_ids,
+                             merge_single_task=self.merge_single_task,
+                             decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None)
+        self.loop = Scheduler(batch, Policy(max_rows=max_batch_size),
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
                               make_rows=RowMaker(loaded.tokenizer, loaded.is_seq2seq, self.eos_ids, max_batch_size))
+
+    def _paged_kv(self, block_size: int, prefix_cache: bool) -> PagedKV:
+        """The KV pool the memory plan reserved, its block manager, and the model's attention pointed at it."""
+        m = self.loaded
+        pool = KVPool.for_model(m.model.config, self.memory.kv_positions, block_size, m.dtype, m.device)
+        install(m.model, m.is_seq2seq)
+        return PagedKV(m.model, m.is_seq2seq, m.device, pool, BlockManager(pool.blocks, block_size,
+                                                                              prefix_cache=prefix_cache),
+                       m.tokenizer.pad_token_id)
 
     def _demands(self, rows: int, positions: int, longest_row: int, prepack: bool | None, merge: bool | None
                  ) -> Demands:

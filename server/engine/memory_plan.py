@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .kv_pool import kv_layout
 from .loader import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -203,11 +204,7 @@ def _resident_bytes() -> int:
 def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
     """Keys and values of one position in every decoder layer (a seq2seq model's encoder positions cost the same
     in the cross-attention caches)."""
-    text = config.get_text_config(decoder=True)
-    layers = getattr(text, "num_decoder_layers", None) or text.num_hidden_layers
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or text.hidden_size // \
-        text.num_attention_heads
+    layers, heads, head_dim = kv_layout(config)
     return layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 

@@ -5,10 +5,11 @@ applies the tokens (output_step.py).
     Plan.other    at most one piece of work that is not the running batch: "call" (an engine call, e.g. a
                   validation loss), "score" (a /score chunk) or "background" (an /adapt training step) — calls
                   and score chunks take turns; a training step runs when neither is waiting and it is due
-    Plan.admit    how many of the waiting requests' rows join, in arrival order: while rows (max_rows) and
-                  cache positions (max_tokens, padding included: rows × (widest input + widest output)) allow;
-                  the first that does not fit waits and so do those behind it (no overtaking); a beam search
-                  joins with all its beams or not at all; an empty batch always takes the first
+    Plan.admit    how many of the waiting requests' rows join, in arrival order: while rows (max_rows) and free
+                  KV blocks allow (each row's prefill blocks, keeping one block per running row in reserve for the
+                  next step); the first that does not fit waits and so do those behind it (no overtaking); a beam
+                  search joins with all its beams or not at all; an empty batch always takes the first (a pool too
+                  small for it preempts, never fails: running_batch.py)
     Plan.decode   whether the running rows (with those admitted) take a decoding step
 
 A training step is due at once when nothing was served for `grace_s` (the next request of a client usually
@@ -28,11 +29,10 @@ TURNS: tuple[Other, ...] = ("call", "score")
 
 @dataclass(frozen=True)
 class RowCost:
-    """What one waiting request's row will hold in the batch: `rows` rows (k for a beam search) of at most
-    `encoder` input and `decoder` output (or prompt + output) positions."""
+    """What one waiting request's row takes when it joins: `rows` batch rows (k for a beam search) and the KV
+    blocks of their prefill."""
 
-    encoder: int
-    decoder: int
+    blocks: int
     rows: int = 1
 
 
@@ -40,8 +40,9 @@ class RowCost:
 class LoopView:
     """What the policy sees of the loop at the start of an iteration."""
 
-    running: Sequence[RowCost]  # the running batch, one entry per row
+    running: int  # rows in the running batch
     waiting: Sequence[RowCost]  # waiting rows in arrival order (their costs once tokenised)
+    free_blocks: int = 1 << 30  # KV blocks an allocation may take now (free, or cached and evictable)
     calls: int = 0  # engine calls queued
     score_chunks: int = 0  # /score work queued (any amount counts as one chunk to run)
     background: int = 0  # training steps queued
@@ -55,19 +56,9 @@ class Plan:
     decode: bool
 
 
-def batch_cost(rows: Sequence[RowCost]) -> int:
-    """Cache positions rows hold together, padding included: rows × (widest input + widest output)."""
-    count = sum(r.rows for r in rows)
-    if not count:
-        return 0
-    return count * (max(r.encoder for r in rows) + max(r.decoder for r in rows))
-
-
 class Policy:
-    def __init__(self, *, max_rows: int, max_tokens: int, background_share: float = 0.2,
-                 background_grace_s: float = 0.02):
+    def __init__(self, *, max_rows: int, background_share: float = 0.2, background_grace_s: float = 0.02):
         self.max_rows = max_rows
-        self.max_tokens = max_tokens
         self.background_share = background_share
         self.background_grace_s = background_grace_s
         self._turn = 0
@@ -75,24 +66,25 @@ class Policy:
         self._background_after = 0.0  # before this, a busy loop runs no training step
 
     def plan(self, view: LoopView) -> Plan:
-        admit = self.admissible(view.running, view.waiting)
+        admit = self.admissible(view.running, view.waiting, view.free_blocks)
         serving = bool(view.running or view.waiting or view.score_chunks)
         if serving:
             self._last_served = view.now
         return Plan(self._other(view), admit, bool(view.running) or admit > 0)
 
-    def admissible(self, running: Sequence[RowCost], waiting: Sequence[RowCost]) -> int:
-        """How many waiting rows, in order, fit beside the running ones."""
-        taken: list[RowCost] = []
-        rows = sum(r.rows for r in running)
+    def admissible(self, running: int, waiting: Sequence[RowCost], free_blocks: int) -> int:
+        """How many waiting rows, in order, fit beside `running` rows with `free_blocks` KV blocks."""
+        taken, rows, blocks = 0, running, 0
         for cost in waiting:
-            if rows + cost.rows > self.max_rows and (rows or taken):
+            crowded = rows > 0
+            if crowded and rows + cost.rows > self.max_rows:
                 break
-            if (running or taken) and batch_cost([*running, *taken, cost]) > self.max_tokens:
+            if crowded and blocks + cost.blocks + rows + cost.rows > free_blocks:  # one spare block per row
                 break
-            taken.append(cost)
+            taken += 1
             rows += cost.rows
-        return len(taken)
+            blocks += cost.blocks
+        return taken
 
     def _other(self, view: LoopView) -> Other | None:
         waiting = {"call": view.calls > 0, "score": view.score_chunks > 0}

@@ -1,53 +1,54 @@
-"""The rows decoding together and their model state: admit (prefill and join), step, retire.
+"""The rows decoding together: admit (prefill and join), step, retire — their keys and values in the KV pool
+(paged_kv.py), their adapters in the row pool.
 
-Position p of the batch is row p of the decode state and position p of the adapter row pool, so the pool copies
-only adapters that are new at their position: joining rows are ordered to land where their adapter already is,
-and when rows leave, rows from the end fill the holes (preferring a hole that holds their adapter) instead of
-everything shifting down. A batch whose rows all share one adapter runs on merged weights (or, with merging
-off, the shared mode) and does not touch the pool.
+Position p of the batch is position p of the adapter row pool, so the pool copies only adapters that are new at
+their position: joining rows are ordered to land where their adapter already is, and when rows leave, rows from the
+end fill the holes (preferring a hole that holds their adapter) instead of everything shifting down. A batch whose
+rows all share one adapter runs on merged weights (or, with merging off, the shared mode) and does not touch the
+pool. A row's place in the batch says nothing about its KV: that lives in its own blocks.
 
-Memory: a row's caches may grow to its prompt plus max_new_tokens positions (plus its input for seq2seq), and
-padding makes every row as wide as the widest, so `cost` = rows × (widest encoder + widest decoder) positions is
-what `max_tokens` bounds.
+When the KV pool cannot give every row its next block, the newest rows are preempted (`preempted`, for the
+scheduler to queue again at the front): their blocks are freed, and when they join again their prompt and the
+tokens they had are computed again (a beam search starts over) — they are answered later, never failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
 
 import torch
 
 from . import output_step
 from .adapter_slots import AdapterSlots
-from .decode_state import DecodeState, prefill
+from .beam_rows import BeamRow
+from .paged_kv import PagedKV
 from .row_pool import assign_positions
 from .sequence import ActiveRow
 
-Row = ActiveRow  # or a BeamRow (beam_rows.py): what the batch needs of both is the same
-
-
-def cost(rows: Sequence[Row]) -> int:
-    """Cache positions the rows may hold at most, padding included."""
-    if not rows:
-        return 0
-    return len(rows) * (max(r.encoder_positions for r in rows) + max(r.decoder_positions for r in rows))
+Row = ActiveRow | BeamRow  # what the batch needs of both is the same: job, index, key, adapter, last_token, kv
 
 
 class RunningBatch:
-    def __init__(self, model, tokenizer, is_seq2seq: bool, device: torch.device, slots: AdapterSlots, *,
-                 eos_ids: frozenset[int], merge_single_task: bool):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.is_seq2seq = is_seq2seq
-        self.device = device
+    def __init__(self, kv: PagedKV, slots: AdapterSlots, *, eos_ids: frozenset[int], merge_single_task: bool,
+                 decoder_start: int | None):
+        """decoder_start: a seq2seq model's decoder start token (None for a causal LM)."""
+        self.kv = kv
         self.slots = slots
         self.eos_ids = eos_ids
         self.merge_single_task = merge_single_task
-        self.rows: list[ActiveRow] = []
-        self.state: DecodeState | None = None
+        self.decoder_start = decoder_start
+        self.rows: list[Row] = []
+        self.preempted: list[Row] = []  # rows the last step had to preempt (the scheduler queues them again)
+        self.preemptions = 0
+        self._admitted = itertools.count()
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def blocks_to_join(self, row: Row) -> int:
+        """KV blocks a waiting row takes when it joins (before prefix-cache hits)."""
+        sequence, inputs = self._prefill_tokens(row)
+        return self.kv.blocks_needed(len(sequence), len(inputs or ()))
 
     def admit(self, joining: list[Row]) -> list[Row]:
         """Prefill the joining rows (adapters already set on them; a beam group's rows all together) and append
@@ -55,50 +56,73 @@ class RunningBatch:
         start = len(self.rows)
         tail = self.slots.pool.resident[start: start + len(joining)]
         joining = [joining[i] for i in assign_positions(tail, [row.key for row in joining])]
+        for row in joining:
+            row.admitted = next(self._admitted)
         self.rows.extend(joining)
         self._point_layers(start, len(self.rows))
-        input_ids, attention_mask = self._pad([row.prompt_ids for row in joining])
-        with torch.inference_mode():
-            state, logits = prefill(self.model, self.is_seq2seq, input_ids, attention_mask)
-        if self.state is None:
-            self.state = state
-        else:
-            self.state.extend(state)
+        tokens = [self._prefill_tokens(row) for row in joining]
+        inputs = [x for _, x in tokens] if self.decoder_start is not None else None
+        try:
+            logits = self.kv.prefill(joining, [seq for seq, _ in tokens], inputs)
+        except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
+            self.retire(set(joining))
+            raise
         return self._take(joining, logits, offset=start)
 
     def step(self) -> list[Row]:
-        """One decoding step for every row; return the rows that ended."""
+        """One decoding step for every row; return the rows that ended (`preempted` says who had to leave)."""
+        self.preempted = self._preempt(self.kv.make_room(sorted(self.rows, key=lambda r: r.admitted)))
+        if not self.rows:
+            return []
         self._point_layers(0, len(self.rows))
-        last = torch.tensor([row.last_token for row in self.rows], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            logits = self.state.step(last)  # (N, V)
+        logits = self.kv.decode(self.rows, [row.last_token for row in self.rows])  # (N, V)
         return self._take(self.rows, logits)
 
     def retire(self, leaving: set[Row]) -> None:
-        """Drop rows from the batch (and their caches); rows from the end fill the holes."""
+        """Drop rows from the batch and free their blocks; rows from the end fill the holes."""
         if not leaving:
             return
+        for row in leaving:
+            self.kv.release(row)
         order = self._compacted_order(leaving)
         self.rows = [self.rows[i] for i in order]
         if not self.rows:  # nothing running: the layers go back to the bare backbone
-            self.state = None
             self.slots.clear()
-            return
-        self.state.select(order)
 
     def clear(self) -> None:
-        """Forget every row (after a failed forward): the layers go back to the bare backbone."""
-        self.rows, self.state = [], None
+        """Forget every row (after a failed forward): blocks freed, the layers back to the bare backbone."""
+        for row in self.rows:
+            self.kv.release(row)
+        self.rows = []
         self.slots.clear()
 
+    def _prefill_tokens(self, row: Row) -> tuple[list[int], list[int] | None]:
+        """What a joining row computes: (decoder or causal tokens, encoder tokens for seq2seq). A row preempted
+        earlier computes the tokens it had generated again."""
+        generated = row.tokens if isinstance(row, ActiveRow) else []
+        if self.decoder_start is None:
+            return row.prompt_ids + generated, None
+        return [self.decoder_start, *generated], row.prompt_ids
+
+    def _preempt(self, victims: list[Row]) -> list[Row]:
+        """Take preempted rows out of the batch (a beam search leaves with all its beams, and starts over)."""
+        if not victims:
+            return []
+        leaving = set(victims)
+        for row in victims:
+            if isinstance(row, BeamRow):
+                leaving.update(row.group.rows)
+                row.group.restart()
+        self.retire(leaving)
+        self.preemptions += len(leaving)
+        return sorted(leaving, key=lambda r: r.admitted)
+
     def _take(self, rows: list[Row], logits: torch.Tensor, offset: int = 0) -> list[Row]:
-        """The output step for rows [offset, offset + len(rows)) of the batch; beams move their caches."""
+        """The output step for rows [offset, offset + len(rows)) of the batch; beams follow their parents."""
         out = output_step.apply(rows, logits, self.eos_ids)
         if out.order is not None:
-            order = list(range(offset)) + [offset + p for p in out.order]
-            order += list(range(len(order), len(self.rows)))
-            with torch.inference_mode():
-                self.state.select(order)
+            moved = [(rows[p], rows[parent]) for p, parent in enumerate(out.order) if parent != p]
+            self.kv.follow([row for row, _ in moved], [parent for _, parent in moved])
         return out.ended
 
     def _compacted_order(self, leaving: set[Row]) -> list[int]:
@@ -130,15 +154,3 @@ class RunningBatch:
             return
         if self.slots.applied != ("rows", tuple(keys), start, end):
             self.slots.use_rows([row.adapter for row in self.rows], keys, start, end)
-
-    def _pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token lists -> ids and mask (M, Q): right-padded for an encoder, left-padded for a causal LM."""
-        width = max(len(p) for p in prompts)
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            span = slice(0, len(prompt)) if self.is_seq2seq else slice(width - len(prompt), width)
-            ids[i, span] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, span] = 1
-        return ids.to(self.device), mask.to(self.device)

@@ -146,10 +146,9 @@ class Scheduler:
             rows = self._started(entry)
             if rows is None:
                 break
-            waiting.append(RowCost(rows[0].encoder_positions, rows[0].decoder_positions, len(rows)))
-        running = [RowCost(r.encoder_positions, r.decoder_positions) for r in self.batch.rows]
-        return LoopView(running, waiting, len(self._calls), int(bool(self.scores)), len(self._background),
-                        time.monotonic())
+            waiting.append(RowCost(sum(self.batch.blocks_to_join(row) for row in rows), len(rows)))
+        return LoopView(len(self.batch), waiting, self.batch.kv.blocks.available(), len(self._calls),
+                        int(bool(self.scores)), len(self._background), time.monotonic())
 
     def _has_work(self) -> bool:
         if self._waiting or self._calls or self.scores or len(self.batch):
@@ -170,7 +169,9 @@ class Scheduler:
         if plan.admit:
             self._admit(plan)
         if plan.decode and len(self.batch):
-            self._finish(self.batch.step())
+            ended = self.batch.step()
+            self._requeue(self.batch.preempted)
+            self._finish(ended)
             if self.on_step is not None:
                 self.on_step(len(self.batch))
 
@@ -231,8 +232,23 @@ class Scheduler:
         joining = [row for entry in entries for row in entry.started]
         for row in joining:
             row.adapter, row.key = pinned(row.job, row.job.rows[row.index])
-        if joining:
+        if not joining:
+            return
+        try:
             self._finish(self.batch.admit(joining))
+        except MemoryError as exc:  # more than the whole KV pool: these requests fail, the running rows go on
+            for row in joining:
+                row.job.fail(ValueError(f"the KV cache cannot hold this request ({exc}); raise MHR_KV_CACHE_BYTES "
+                                        "or send a shorter input"))
+
+    def _requeue(self, preempted: list) -> None:
+        """Preempted rows wait again at the front of the queue, in their order (they are computed again)."""
+        entries: dict[tuple[int, int], WaitingRow] = {}
+        for row in preempted:
+            entry = entries.setdefault((id(row.job), row.index), WaitingRow(row.job, row.index, started=[]))
+            entry.started.append(row)
+        with self._cv:
+            self._waiting.extendleft(reversed(list(entries.values())))
 
     def _drop_cancelled(self) -> None:
         gone = {row for row in self.batch.rows if row.job.cancelled.is_set()}

@@ -74,6 +74,8 @@ class ActiveRow:
         self.finish_reason: str | None = None
         self.adapter: TaskAdapter | None = None
         self.key: Hashable | None = None
+        self.kv = None  # its blocks in the KV pool while it runs (paged_kv.RowKV)
+        self.admitted = 0  # when it joined the batch (newest rows are preempted first)
         # what its caches may grow to: encoder positions (seq2seq) and decoder or causal positions
         self.encoder_positions = len(prompt_ids) if is_seq2seq else 0
         self.decoder_positions = (1 if is_seq2seq else len(prompt_ids)) + self.params.max_new_tokens

@@ -144,20 +144,23 @@ def test_many_joins_and_leaves_leave_nothing_running(bundle):
         time.sleep(0.01)
     stats = engine.stats()
     assert stats.running_rows == 0 and stats.waiting_rows == 0
-    assert engine.loop.batch.state is None
+    assert engine.loop.batch.kv.blocks.used == 0  # every block back: free, or cached for a prefix
 
 
-def test_the_token_budget_bounds_the_running_rows(tmp_path):
-    save_bundle(tmp_path, "t5")
-    # each row may hold at most its input (~12) + 1 + 10 positions: a budget of 60 fits two such rows, not three
-    engine = engine_for(tmp_path, max_batch_tokens=60)
-    sizes = []
-    engine.loop.on_step = sizes.append
-    rows = [GenerateRow(f"task-{i % 3}", "twelve bytes", SamplingParams(max_new_tokens=10, ignore_eos=True))
-            for i in range(5)]
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_pool_of_a_few_blocks_preempts_rows_and_answers_every_request(tmp_path, kind):
+    save_bundle(tmp_path, kind)
+    # 128 positions: 10 blocks of 16 (scratch and rounding included); three rows start, and cannot all grow to 40
+    engine = engine_for(tmp_path, max_batch_tokens=128)
+    rows = [GenerateRow(f"task-{i % 3}", TEXTS[i % len(TEXTS)], SamplingParams(max_new_tokens=40, ignore_eos=True))
+            for i in range(8)]
     done = engine.generate(rows)
-    assert max(sizes) == 2 and all(c.completion_tokens == 10 for c in done)
-    assert [c.text for c in done] == [engine.generate([GenerateRow(r.task, r.text, r.params)])[0].text for r in rows]
+    assert engine.loop.batch.preemptions > 0
+    assert all(c.completion_tokens == 40 for c in done)
+    roomy = engine_for(tmp_path)
+    assert [c.text for c in done] == [c.text for c in roomy.generate(rows)]  # recomputed rows decode the same
+    assert engine.loop.batch.kv.blocks.used == 0
+    roomy.close()
     engine.close()
 
 
@@ -236,8 +239,8 @@ def test_a_row_keeps_the_adapter_version_it_was_admitted_with(tmp_path):
 def test_a_model_the_loop_cannot_serve_stops_start_up_naming_its_type(tmp_path):
     from transformers import BartConfig, BartForConditionalGeneration, MistralConfig, MistralForCausalLM
 
-    from server.engine.decode_state import check_loop_supported
     from server.engine.loader import ModelLoadError
+    from server.engine.model_support import check_loop_supported
     from tests.factories import tiny_llama, tiny_t5
 
     check_loop_supported(tiny_t5(), True)
@@ -251,49 +254,6 @@ def test_a_model_the_loop_cannot_serve_stops_start_up_naming_its_type(tmp_path):
                                                    encoder_ffn_dim=32, decoder_ffn_dim=32))
     with pytest.raises(ModelLoadError, match="BartForConditionalGeneration"):
         check_loop_supported(bart, True)  # absolute positions: right-aligned padding would shift them
-
-
-def test_growing_caches_write_in_place_and_keep_their_room_through_row_surgery():
-    from server.engine import kv_cache
-
-    cache = kv_cache.RowCache()
-    first = torch.randn(3, 2, 4, 8)
-    cache.update(first, first + 1, 0)
-    layer = cache.layers[0]
-    buffer = layer._k
-    step = torch.randn(3, 2, 1, 8)
-    keys, values = cache.update(step, step + 1, 0)
-    assert layer._k is buffer and keys.shape == (3, 2, 5, 8)  # written into the room it had
-    assert torch.equal(keys[:, :, :4], first) and torch.equal(values[:, :, 4:], step + 1)
-    kv_cache.select_rows(cache, torch.tensor([2, 0]))
-    assert torch.equal(layer.keys[0, :, :4], first[2]) and layer._k.shape[2] > layer.get_seq_length()
-    kv_cache.pad_columns(cache, left=2)
-    assert layer.get_seq_length() == 7 and torch.equal(layer.values[1, :, 2:6], first[0] + 1)
-    assert (layer.keys[:, :, :2] == 0).all()
-
-
-def test_row_surgery_copies_only_the_rows_that_move_and_keeps_the_room():
-    from server.engine import kv_cache
-
-    cache, other = kv_cache.RowCache(), kv_cache.RowCache()
-    rows = torch.randn(4, 2, 5, 8)  # (N, heads, P, d)
-    cache.update(rows, -rows, 0)
-    layer = cache.layers[0]
-    buffer = layer._k
-    kv_cache.select_rows(cache, torch.tensor([3, 1]))  # row 0 leaves, row 3 fills its hole, row 2 leaves
-    assert layer._k.data_ptr() == buffer.data_ptr()  # the same buffer, narrowed: no full copy
-    assert torch.equal(layer.keys, rows[[3, 1]]) and torch.equal(layer.values, -rows[[3, 1]])
-    kv_cache.drop_columns(cache, left=2)
-    assert torch.equal(layer.keys, rows[[3, 1], :, 2:]) and layer._k.shape[2] > layer.get_seq_length()
-    joining = torch.randn(1, 2, 3, 8)
-    other.update(joining, -joining, 0)
-    kv_cache.join_rows(cache, other)
-    assert torch.equal(layer.keys, torch.cat([rows[[3, 1], :, 2:], joining]))
-    assert torch.equal(layer.values[2], -joining[0]) and layer._k.shape[2] > layer.get_seq_length()
-    step = torch.randn(3, 2, 1, 8)
-    buffer = layer._k
-    keys, _ = cache.update(step, step, 0)
-    assert layer._k is buffer and torch.equal(keys[:, :, -1:], step)  # the join left room: written in place
 
 
 def resident_mb() -> float:
@@ -318,7 +278,7 @@ def test_memory_returns_after_many_joins_and_leaves(tmp_path):
     after_first = resident_mb()
     for _ in range(3):
         wave()
-    assert engine.stats().running_rows == 0 and engine.loop.batch.state is None
+    assert engine.stats().running_rows == 0 and engine.loop.batch.kv.blocks.used == 0
     assert resident_mb() - after_first < 30, "memory kept growing with more joins and leaves"
     engine.close()
 
@@ -343,19 +303,19 @@ def test_half_precision_with_a_layer_kept_in_float32(tmp_path, dtype):
 
 def test_a_failing_forward_fails_its_requests_and_the_loop_goes_on(tmp_path, monkeypatch):
     from server.engine import engine as engine_module
-    from server.engine.decode_state import Seq2SeqState
+    from server.engine.paged_kv import PagedKV
 
     save_bundle(tmp_path, "t5")
     engine = engine_for(tmp_path)
-    real_score, real_step = engine_module.score_pairs, Seq2SeqState.step
+    real_score, real_step = engine_module.score_pairs, PagedKV.decode
     monkeypatch.setattr(engine_module, "score_pairs", lambda *a: (_ for _ in ()).throw(RuntimeError("score broke")))
     with pytest.raises(RuntimeError, match="score broke"):
         engine.score([ScoreRow("task-0", "x", ["y"])])
     monkeypatch.setattr(engine_module, "score_pairs", real_score)
-    monkeypatch.setattr(Seq2SeqState, "step", lambda self, tokens: (_ for _ in ()).throw(RuntimeError("step broke")))
+    monkeypatch.setattr(PagedKV, "decode", lambda self, rows, tokens: (_ for _ in ()).throw(RuntimeError("step broke")))
     with pytest.raises(RuntimeError, match="step broke"):
         engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])
-    monkeypatch.setattr(Seq2SeqState, "step", real_step)
+    monkeypatch.setattr(PagedKV, "decode", real_step)
     assert engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])[0].completion_tokens <= 4
     assert len(engine.score([ScoreRow("task-0", "x", ["y"])])[0]) == 1
     engine.close()

@@ -1,0 +1,196 @@
+"""Attention over the KV pool (kv_pool.py), plugged into transformers' own model code: the model runs unchanged,
+its cache writes go to the pool and its attention reads each row's own positions only.
+
+    install(model)        registers the attention implementation "mhr_paged" (and its mask function, sdpa's) and
+                          sets it on the decoder's config; outside a paged forward it is the model's usual attention
+                          (scoring, training and T5's encoder are untouched)
+    with paged(step):     a forward of the serving loop: `step` (a Step) says, per row, where its new keys and
+                          values go (slots) and which slot runs hold its keys (self-attention, and for T5 the
+                          cross-attention over the row's own encoder output)
+Per row, attention is one SDPA call over its runs (a view when they are one run): no row reads another row's
+padding. Rows' queries are left-padded (the last `queries[b]` positions of the batch's query axis are real); a
+row's query i sits at position L - q + i of its L keys and sees keys up to it. T5's decoder adds its relative
+position bias per row (from the first layer's bias table, by distance) and does not scale the scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kv_pool import KVPool
+
+NAME = "mhr_paged"
+_current = threading.local()  # the Step of the forward running on this thread, if any
+
+
+@dataclass
+class Step:
+    """One paged forward's placement: per row b (in batch order)."""
+
+    pool: KVPool
+    slots: torch.Tensor  # (N, Q) where each query position's keys and values go (scratch for padding)
+    queries: list[int]  # real query positions of each row (the last ones of the Q axis)
+    runs: list[list[tuple[int, int]]]  # self-attention: each row's slot runs, the new positions included
+    cross_slots: torch.Tensor | None = None  # T5 prefill: (N, S) where the encoder positions' keys go
+    cross_runs: list[list[tuple[int, int]]] = field(default_factory=list)  # T5: each row's encoder slot runs
+
+
+@contextlib.contextmanager
+def paged(step: Step) -> Iterator[None]:
+    _current.step = step
+    try:
+        yield
+    finally:
+        _current.step = None
+
+
+def current() -> Step | None:
+    return getattr(_current, "step", None)
+
+
+class PoolCache(Cache):
+    """What transformers' attention modules see as their cache during a paged forward: `update` writes the new keys
+    and values into the pool (self-attention, or T5's cross-attention at prefill) and hands them back unchanged."""
+
+    def __init__(self, cross: bool = False, layers: int = 0):
+        self.cross = cross
+        self.layers = [_Placeholder() for _ in range(layers)]  # T5 reads cross keys from here after prefill
+        self.layer_class_to_replicate = None
+        self.offloading = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        step = current()
+        slots = step.cross_slots if self.cross else step.slots
+        step.pool.write(layer_idx, slots, key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class _Placeholder:
+    """A cross-attention cache layer after prefill: T5 takes its keys' shape only (the pool holds the real ones)."""
+
+    keys = torch.zeros(1, 1, 1, 1)
+    values = torch.zeros(1, 1, 1, 1)
+    is_initialized = True
+
+
+def install(model, is_seq2seq: bool) -> None:
+    """Make the decoder's attention paged-capable (idempotent)."""
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    config = model.get_decoder().config if is_seq2seq else model.config
+    if config._attn_implementation == NAME:
+        return
+    fallback = config._attn_implementation or "sdpa"
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "config") and module.config is config:
+            module._mhr_fallback = _implementation(module, fallback)
+            module._mhr_cross = is_seq2seq and _is_cross(model, module)
+    config._attn_implementation = NAME
+    if is_seq2seq:
+        _T5Bias.attach(model)
+
+
+def _implementation(module, name: str):
+    """The attention function the module would use without us (its own eager one for "eager")."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    return AttentionInterface().get_interface(name, eager)
+
+
+def _is_cross(model, module) -> bool:
+    return any(layer.EncDecAttention is module for block in model.get_decoder().block
+               for layer in block.layer if hasattr(layer, "EncDecAttention"))
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    step = current()
+    if step is None:
+        return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
+    cross = getattr(module, "_mhr_cross", False)
+    bias = None if cross or not hasattr(module, "_mhr_bias") else module._mhr_bias
+    out = torch.zeros_like(query)  # (N, Hq, Q, d); padded query positions stay 0
+    layer = module.layer_idx
+    width = query.shape[2]
+    for row, runs in enumerate(step.cross_runs if cross else step.runs):
+        keys, values = step.pool.read(layer, runs)  # (Hkv, L, d)
+        count = width if cross else step.queries[row]
+        q = query[row: row + 1, :, width - count:]  # (1, Hq, q, d)
+        mask = _mask(bias, count, keys.shape[1], q.dtype, causal=not cross)
+        out[row: row + 1, :, width - count:] = F.scaled_dot_product_attention(
+            q, keys[None].to(q.dtype), values[None].to(q.dtype), attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None  # (N, Q, Hq, d)
+
+
+def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:
+    """(1, H|1, q, L): T5's relative bias by distance, and -inf above the causal diagonal (query i at L - q + i)."""
+    if bias is not None:
+        return bias.for_rows(queries, keys, dtype)[None]
+    if not causal or queries == 1:
+        return None
+    positions = torch.arange(keys)[None, :]  # (1, L)
+    last_seen = torch.arange(keys - queries, keys)[:, None]  # (q, 1)
+    return (positions <= last_seen)[None, None]  # (1, 1, q, L) bool
+
+
+class _T5Bias:
+    """T5's decoder self-attention bias, looked up by query-key distance for any row's length (the model computes
+    it for one shared length per batch, which paged rows do not have)."""
+
+    def __init__(self, attention):
+        self.attention = attention  # the first decoder layer's self-attention: it holds the bias table
+        self._by_distance: torch.Tensor | None = None  # (H, D): bias of distance d at [:, d]
+
+    @classmethod
+    def attach(cls, model) -> None:
+        first = model.get_decoder().block[0].layer[0].SelfAttention
+        bias = cls(first)
+        for block in model.get_decoder().block:
+            block.layer[0].SelfAttention._mhr_bias = bias
+
+    def by_distance(self, length: int) -> torch.Tensor:
+        if self._by_distance is None or self._by_distance.shape[1] < length:
+            size = max(length, 1024)
+            with torch.no_grad():  # query at position size - 1 over keys 0..size-1: distances size-1 … 0
+                full = self.attention.compute_bias(1, size, past_seen_tokens=size - 1)[0, :, 0]  # (H, size)
+            self._by_distance = full.flip(-1).float()
+        return self._by_distance
+
+    def for_rows(self, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H, q, L): query i (at position L - q + i) over keys 0..L-1, -inf for keys after it."""
+        table = self.by_distance(keys)
+        distance = (torch.arange(keys - queries, keys)[:, None] - torch.arange(keys)[None, :])  # (q, L)
+        bias = table[:, distance.clamp(min=0)]  # (H, q, L)
+        return bias.masked_fill(distance[None] < 0, float("-inf")).to(dtype)
+
+
+def avoid_per_length_attention_plans(device: torch.device | str) -> None:
+    """Each row's attention has its own key length, which grows every step. cuDNN's fused attention builds (and
+    caches) a plan per shape: on an H200 with torch 2.11 a decoding step spent ~70 ms building plans (82 ms per step,
+    10 ms without cuDNN). Flash, memory-efficient and math attention have no per-shape plan; this turns cuDNN
+    attention off for the process (a global switch)."""
+    if torch.device(device).type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -1,0 +1,205 @@
+"""The running rows' keys and values in the KV pool, and the two forwards the serving loop runs on them.
+
+    prefill(rows, sequences, inputs)   new rows: the tokens not yet in the pool (a prefix-cache hit skips the
+                                       leading full blocks) -> their next-token logits (M, V)
+                                       causal LM: sequence = prompt (+ tokens generated before a preemption)
+                                       T5: inputs = the encoder's tokens, sequence = start token (+ generated)
+    decode(rows, tokens)               one token per row -> logits (N, V)
+    make_room(rows)                    the blocks the next decode step writes (new blocks, copy-on-write of a
+                                       shared last block); the rows that must be preempted when the pool is short
+    follow(row, parent)                a beam takes its parent's blocks (shared; copied on its next write)
+    release(row)                       its blocks go back (cached where they are full prompt blocks)
+Each row carries a RowKV: its block table and length (and for T5 its encoder blocks and length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+
+from .block_manager import BlockManager, prefix_hash
+from .kv_pool import SCRATCH_BLOCK, KVPool, runs, slots_of
+from .paged_attention import PoolCache, Step, paged
+
+PAD_SLOT = SCRATCH_BLOCK  # slot 0 of the scratch block
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a prepared 4D mask: transformers builds none (we mask per row)
+
+
+@dataclass
+class RowKV:
+    table: list[int] = field(default_factory=list)  # decoder self-attention (causal LM: all) positions' blocks
+    length: int = 0  # positions written
+    cross: list[int] = field(default_factory=list)  # T5: the encoder output's blocks (cross-attention keys)
+    cross_length: int = 0
+
+
+class PagedKV:
+    def __init__(self, model, is_seq2seq: bool, device: torch.device, pool: KVPool, blocks: BlockManager,
+                 pad_id: int):
+        self.model = model
+        self.is_seq2seq = is_seq2seq
+        self.device = device
+        self.pool = pool
+        self.blocks = blocks
+        self.pad_id = pad_id
+        self.size = pool.block_size
+        self.layers = len(pool.keys)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def blocks_needed(self, sequence: int, inputs: int = 0) -> int:
+        """Blocks a new row takes at its prefill (before any prefix hit)."""
+        return self.blocks.blocks_for(sequence) + self.blocks.blocks_for(inputs)
+
+    def prefill(self, rows: list, sequences: list[list[int]], inputs: list[list[int]] | None = None
+                ) -> torch.Tensor:
+        """Place and run the rows' new tokens (their KV lands in the pool) -> next-token logits (M, V)."""
+        news = [self._place(row, seq) for row, seq in zip(rows, sequences, strict=True)]
+        width = max(len(seq) - start for seq, start in zip(sequences, news, strict=True))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        slots = torch.full((len(rows), width), PAD_SLOT, dtype=torch.long)
+        for i, (row, seq, start) in enumerate(zip(rows, sequences, news, strict=True)):
+            count = len(seq) - start
+            ids[i, width - count:] = torch.tensor(seq[start:])
+            positions[i, width - count:] = torch.arange(start, len(seq))
+            slots[i, width - count:] = torch.tensor(slots_of(row.kv.table, range(start, len(seq)), self.size))
+            row.kv.length = len(seq)
+        step = Step(self.pool, slots.to(self.device), [len(s) - n for s, n in zip(sequences, news, strict=True)],
+                    [runs(r.kv.table, r.kv.length, self.size) for r in rows])
+        if self.is_seq2seq:
+            logits = self._seq2seq_prefill(rows, inputs, ids, step)
+        else:
+            with torch.inference_mode(), paged(step):
+                out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                                 attention_mask=_NO_MASK, cache=PoolCache(), use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+        for row, seq in zip(rows, sequences, strict=True):
+            self._register(row, seq)
+        return logits
+
+    def _place(self, row, sequence: list[int]) -> int:
+        """Give a new row its blocks (leading ones from the prefix cache when they hold the same tokens under the
+        same adapter); return the first position still to compute (at least the last one is computed)."""
+        kv = row.kv = getattr(row, "kv", None) or RowKV()
+        hits = self.blocks.cached_prefix(self._hashes(row, sequence)[: (len(sequence) - 1) // self.size])
+        kv.table = list(hits)
+        more = self.blocks.blocks_for(len(sequence)) - len(hits)
+        fresh = self.blocks.allocate(more, after=hits[-1] if hits else None)
+        if fresh is None:
+            self.blocks.release(hits)
+            raise MemoryError("the KV pool has too few free blocks for this row")  # the policy admits within them
+        kv.table += fresh
+        return len(hits) * self.size
+
+    def _hashes(self, row, sequence: list[int]) -> list[int]:
+        """The prefix hashes of the sequence's full blocks (chained: each names all tokens before it)."""
+        hashes, parent = [], None
+        for start in range(0, len(sequence) - self.size + 1, self.size):
+            parent = prefix_hash(parent, row.key, sequence[start: start + self.size])
+            hashes.append(parent)
+        return hashes
+
+    def _register(self, row, sequence: list[int]) -> None:
+        if not self.is_seq2seq:  # T5's decoder positions start from one token: no prefix worth sharing
+            for block, digest in zip(row.kv.table, self._hashes(row, sequence), strict=False):
+                self.blocks.register(block, digest)
+
+    def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """Encoder over each row's input (right-padded), its cross-attention keys into the row's encoder blocks,
+        then the decoder over the rows' new decoder tokens."""
+        length = max(len(x) for x in inputs)
+        enc = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        cross_slots = torch.full((len(rows), length), PAD_SLOT, dtype=torch.long)
+        for i, (row, x) in enumerate(zip(rows, inputs, strict=True)):
+            enc[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+            row.kv.cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
+            if row.kv.cross is None:
+                raise MemoryError("the KV pool has too few free blocks for this row's input")
+            row.kv.cross_length = len(x)
+            cross_slots[i, : len(x)] = torch.tensor(slots_of(row.kv.cross, range(len(x)), self.size))
+        step.cross_slots = cross_slots.to(self.device)
+        step.cross_runs = [runs(r.kv.cross, r.kv.cross_length, self.size) for r in rows]
+        cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
+        with torch.inference_mode(), paged(step):
+            out = self.model(input_ids=enc.to(self.device), attention_mask=mask.to(self.device),
+                             decoder_input_ids=ids.to(self.device), decoder_attention_mask=_NO_MASK, cache=cache,
+                             use_cache=True)
+        return out.logits[:, -1]
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def make_room(self, rows: list) -> list:
+        """Blocks for every row's next position; when the pool runs out, the newest rows (last in `rows`) are
+        preempted (returned, blocks released) until the others fit."""
+        preempted: list = []
+        needs = [self._needs_block(row) for row in rows]
+        while sum(needs) > self.blocks.available() and len(preempted) < len(rows):
+            victim = rows[-1 - len(preempted)]
+            preempted.append(victim)
+            needs[len(rows) - len(preempted)] = False
+            self.release(victim)
+        for row, need in zip(rows, needs, strict=True):
+            if need and row not in preempted:
+                self._write_block(row)
+        return preempted
+
+    def _needs_block(self, row) -> bool:
+        kv = row.kv
+        return kv.length % self.size == 0 or self.blocks.refs[kv.table[-1]] > 1
+
+    def _write_block(self, row) -> None:
+        """The block the row's next position goes to: a new one, or its own copy of a shared last block."""
+        kv = row.kv
+        if kv.length % self.size == 0:
+            kv.table += self.blocks.allocate(1, after=kv.table[-1] if kv.table else None)
+            return
+        shared = kv.table[-1]
+        own = self.blocks.allocate(1, after=kv.table[-2] if len(kv.table) > 1 else None)[0]
+        self.pool.copy_block(shared, own)
+        self.blocks.release([shared])
+        kv.table[-1] = own
+
+    def decode(self, rows: list, tokens: list[int]) -> torch.Tensor:
+        """One token per row (its blocks made room for by make_room) -> logits (N, V)."""
+        slots = torch.tensor([slots_of(r.kv.table, range(r.kv.length, r.kv.length + 1), self.size) for r in rows])
+        positions = torch.tensor([[r.kv.length] for r in rows])
+        for row in rows:
+            row.kv.length += 1
+        step = Step(self.pool, slots.to(self.device), [1] * len(rows),
+                    [runs(r.kv.table, r.kv.length, self.size) for r in rows])
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (N, 1)
+        with torch.inference_mode(), paged(step):
+            if not self.is_seq2seq:
+                out = self.model(input_ids=ids, position_ids=positions.to(self.device), attention_mask=_NO_MASK,
+                                 cache=PoolCache(), use_cache=True)
+                return out.logits[:, -1]
+            step.cross_runs = [runs(r.kv.cross, r.kv.cross_length, self.size) for r in rows]
+            cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
+            cache.is_updated = dict.fromkeys(range(self.layers), True)  # cross keys are in the pool already
+            d_model = self.model.config.d_model
+            encoder_shape = torch.zeros(1, 1, d_model, dtype=self.model.dtype, device=self.device).expand(
+                len(rows), 1, d_model)  # only its shape is read
+            out = self.model(encoder_outputs=(encoder_shape,), attention_mask=_NO_MASK, decoder_input_ids=ids,
+                             decoder_attention_mask=_NO_MASK, cache=cache, use_cache=True)
+            return out.logits[:, -1]
+
+    # ---- beams and release -------------------------------------------------------------------------
+    def follow(self, rows: list, parents: list) -> None:
+        """Beams continue their parents (rows[i] after parents[i], all at once): each holds its parent's blocks,
+        shared, copied when it next writes."""
+        old = [row.kv for row in rows]
+        new = [RowKV(list(p.kv.table), p.kv.length, list(p.kv.cross), p.kv.cross_length) for p in parents]
+        for row, kv in zip(rows, new, strict=True):
+            self.blocks.share(kv.table + kv.cross)
+            row.kv = kv
+        for kv in old:
+            if kv is not None:
+                self.blocks.release(kv.table + kv.cross)
+
+    def release(self, row) -> None:
+        kv = getattr(row, "kv", None)
+        if kv is not None:
+            self.blocks.release(kv.table + kv.cross)
+            row.kv = None
