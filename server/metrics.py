@@ -82,6 +82,14 @@ class _StateCollector:
         loop = self.loop_stats()
         yield GaugeMetricFamily("mhr_running_rows", "rows decoding in the serving loop", value=loop.running_rows)
         yield GaugeMetricFamily("mhr_waiting_rows", "rows waiting to join the serving loop", value=loop.waiting_rows)
+        yield GaugeMetricFamily("mhr_kv_blocks_total", "blocks of the KV pool", value=loop.kv_blocks_total)
+        yield GaugeMetricFamily("mhr_kv_blocks_free", "free blocks of the KV pool", value=loop.kv_blocks_free)
+        yield GaugeMetricFamily("mhr_kv_blocks_cached", "unused KV blocks kept for the prefix cache",
+                                value=loop.kv_blocks_cached)
+        yield CounterMetricFamily("mhr_preempted_rows", "rows preempted when the KV pool ran out (computed again)",
+                                  value=loop.preempted_rows)
+        yield CounterMetricFamily("mhr_prefix_cache_hit_blocks", "prompt blocks taken from the prefix cache",
+                                  value=loop.prefix_cache_hits)
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)

@@ -45,9 +45,14 @@ class Settings(BaseSettings):
                                            "device's (CPU: the cgroup limit or MemTotal; CUDA: the card's total)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows decoding together in the serving loop; "
                                 "also the adapter row pool's size")
-    max_batch_tokens: int = Field(16384, ge=16, description="cache positions the running rows may hold together, "
-                                  "padding included: rows × (longest input + longest output) for seq2seq, "
-                                  "rows × (longest prompt + output) for causal LMs; bounds the KV cache memory")
+    max_batch_tokens: int = Field(16384, ge=16, description="positions the KV pool holds (every running row's "
+                                  "prompt and output, and a seq2seq row's input, in blocks); clamped by the memory "
+                                  "plan where they do not fit")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="the KV pool's size in bytes (instead of "
+                                       "max_batch_tokens positions)")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="positions per block of the KV pool")
+    prefix_cache: bool = Field(True, description="a prompt whose leading blocks were computed before under the same "
+                               "adapter version skips them (causal LMs)")
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(64, ge=1)

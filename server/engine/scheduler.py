@@ -48,6 +48,12 @@ class LoopStats:
     running_rows: int
     waiting_rows: int
     iterations: int
+    kv_blocks_total: int = 0  # the KV pool's blocks (scratch excluded)
+    kv_blocks_free: int = 0
+    kv_blocks_cached: int = 0  # unused, kept for the prefix cache (evictable)
+    kv_block_size: int = 0
+    preempted_rows: int = 0  # rows preempted so far (computed again later)
+    prefix_cache_hits: int = 0  # prompt blocks taken from the prefix cache instead of computed
 
 
 class Scheduler:
@@ -104,7 +110,9 @@ class Scheduler:
     def stats(self) -> LoopStats:
         with self._cv:
             waiting = len(self._waiting)
-        return LoopStats(len(self.batch), waiting, self.iterations)
+        blocks = self.batch.kv.blocks
+        return LoopStats(len(self.batch), waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
+                         blocks.block_size, self.batch.preemptions, blocks.prefix_hits)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""

@@ -20,6 +20,10 @@ async def readyz(request: Request):
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "loading", **error_body("unavailable", "still loading")}, status_code=503)
+    loop = engine.stats()
+    kv = {"block_size": loop.kv_block_size, "blocks_total": loop.kv_blocks_total, "blocks_free": loop.kv_blocks_free,
+          "blocks_cached": loop.kv_blocks_cached, "preempted_rows": loop.preempted_rows,
+          "prefix_cache_hit_blocks": loop.prefix_cache_hits}
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-            "memory": engine.memory.as_dict()}
+            "memory": engine.memory.as_dict(), "kv": kv}

@@ -201,3 +201,17 @@ def test_body_over_the_cap_is_413(t5_bundle):
 
         streamed = small.post("/generate", content=chunks(), headers={"content-type": "application/json"})
         assert streamed.status_code == 413
+
+
+def test_kv_pool_blocks_show_in_readyz_and_metrics(printable_bundle, tmp_path):
+    settings = bundle_settings(printable_bundle, adapted_dir=tmp_path, max_batch_tokens=256, kv_block_size=8)
+    with TestClient(create_app(settings)) as client:
+        kv = client.get("/readyz").json()["kv"]
+        assert kv["block_size"] == 8 and kv["blocks_total"] == 256 // 8 + 1  # + one block of rounding
+        assert kv["blocks_free"] + kv["blocks_cached"] == kv["blocks_total"]  # nothing running
+        assert client.post("/generate", json={"task": "alpha", "inputs": "x" * 30, "max_new_tokens": 4}
+                           ).status_code == 200
+        values = scrape(client)
+        assert metric(values, "mhr_kv_blocks_total") == kv["blocks_total"]
+        assert metric(values, "mhr_kv_blocks_free") == kv["blocks_total"]  # T5: nothing kept for a prefix
+        assert metric(values, "mhr_preempted_rows_total") == 0

@@ -319,3 +319,35 @@ def test_a_failing_forward_fails_its_requests_and_the_loop_goes_on(tmp_path, mon
     assert engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])[0].completion_tokens <= 4
     assert len(engine.score([ScoreRow("task-0", "x", ["y"])])[0]) == 1
     engine.close()
+
+
+def test_a_shared_prefix_is_computed_once_per_adapter_version_and_decodes_the_same(tmp_path):
+    save_bundle(tmp_path, "llama")
+    engine, uncached = engine_for(tmp_path), engine_for(tmp_path, prefix_cache=False)
+    blocks = engine.loop.batch.kv.blocks
+    prefix = "a system prompt shared by many requests, " * 2  # 84 bytes: 5 full blocks of 16 with the BOS
+    params = SamplingParams(max_new_tokens=6)
+    first = [GenerateRow("task-0", prefix + "first", params)]
+    second = [GenerateRow("task-0", prefix + "second", params)]
+    assert engine.generate(first)[0].text == uncached.generate(first)[0].text and blocks.prefix_hits == 0
+    assert engine.generate(second)[0].text == uncached.generate(second)[0].text
+    assert blocks.prefix_hits == 5
+    engine.generate([GenerateRow("task-1", prefix + "second", params)])  # another task: its own blocks
+    assert blocks.prefix_hits == 5
+
+    store, width = engine.store, engine.store.inventory.config.n_splits * engine.store.inventory.config.n_skills
+    torch.manual_seed(0)
+    logits = [torch.randn(len(g.names), width) * 3 for g in store.inventory.groups]
+    store.save_routing("mine", "mhr-z", logits)
+    mine = [GenerateRow("mine", prefix + "x", params)]
+    engine.generate(mine)
+    hits = blocks.prefix_hits
+    store.save_routing("mine", "mhr-z", [-z for z in logits], overwrite=True)  # version 2
+    engine.forget_task("mine")
+    again = engine.generate(mine)[0]
+    assert blocks.prefix_hits == hits, "version 2 read blocks cached under version 1"
+    fresh = engine_for(tmp_path, prefix_cache=False)
+    assert again.version == 2 and again.text == fresh.generate(mine)[0].text
+    assert engine.generate(mine)[0].text == again.text and blocks.prefix_hits == hits + 5  # v2's own blocks
+    for e in (engine, uncached, fresh):
+        e.close()
