@@ -109,6 +109,7 @@ def install(model, is_seq2seq: bool) -> None:
         if hasattr(module, "layer_idx") and hasattr(module, "config") and module.config is config:
             module._mhr_fallback = _implementation(module, fallback)
             module._mhr_cross = is_seq2seq and _is_cross(model, module)
+            module._mhr_bias = None
     config._attn_implementation = NAME
     if is_seq2seq:
         _T5Bias.attach(model)
@@ -130,30 +131,59 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if step is None:
         return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
-    cross = getattr(module, "_mhr_cross", False)
-    bias = None if cross or not hasattr(module, "_mhr_bias") else module._mhr_bias
-    out = torch.zeros_like(query)  # (N, Hq, Q, d); padded query positions stay 0
-    layer = module.layer_idx
+    cross = module._mhr_cross
+    bias = None if cross else module._mhr_bias
+    pool_keys, pool_values = step.pool.keys[module.layer_idx], step.pool.values[module.layer_idx]
+    cast = pool_keys.dtype != query.dtype
     width = query.shape[2]
+    outs = []
     for row, runs in enumerate(step.cross_runs if cross else step.runs):
-        keys, values = step.pool.read(layer, runs)  # (Hkv, L, d)
+        if len(runs) == 1:  # the usual case: one view of the pool, no copy
+            keys, values = pool_keys[:, runs[0][0]: runs[0][1]], pool_values[:, runs[0][0]: runs[0][1]]
+        else:
+            keys, values = step.pool.read(module.layer_idx, runs)  # (Hkv, L, d)
+        if cast:
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
         count = width if cross else step.queries[row]
-        q = query[row: row + 1, :, width - count:]  # (1, Hq, q, d)
+        q = query[row, :, width - count:] if count < width else query[row]  # (Hq, q, d)
         mask = _mask(bias, count, keys.shape[1], q.dtype, causal=not cross)
-        out[row: row + 1, :, width - count:] = F.scaled_dot_product_attention(
-            q, keys[None].to(q.dtype), values[None].to(q.dtype), attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None  # (N, Q, Hq, d)
+        if count == 1:
+            outs.append(_one_query(q, keys, values, mask, scaling))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
+                                                       enable_gqa=True))
+    if all(out.shape[1] == width for out in outs):
+        return torch.stack(outs).transpose(1, 2), None  # (N, Q, Hq, d)
+    padded = query.new_zeros(query.shape)  # rows with fewer real queries: their padded positions stay 0
+    for row, out in enumerate(outs):
+        padded[row, :, width - out.shape[1]:] = out
+    return padded.transpose(1, 2), None
+
+
+def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+               scale: float | None) -> torch.Tensor:
+    """A decoding step's attention for one row, as three small kernels (SDPA's dispatch costs ~3x more at these
+    sizes on a CPU): q (Hq, 1, d) over keys and values (Hkv, L, d), query heads grouped onto their kv head."""
+    heads, length, dim = keys.shape
+    grouped = q.reshape(heads, -1, dim)  # (Hkv, g, d)
+    scale = dim ** -0.5 if scale is None else scale
+    if bias is None:
+        scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)  # (Hkv, g, L)
+    else:  # T5: no GQA, the bias (H, 1, L) added to unscaled scores
+        scores = torch.baddbmm(bias, grouped, keys.transpose(1, 2), alpha=scale)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.bmm(weights, values).reshape(q.shape)  # (Hq, 1, d)
 
 
 def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:
-    """(1, H|1, q, L): T5's relative bias by distance, and -inf above the causal diagonal (query i at L - q + i)."""
+    """(H|1, q, L): T5's relative bias by distance, and -inf above the causal diagonal (query i at L - q + i)."""
     if bias is not None:
-        return bias.for_rows(queries, keys, dtype)[None]
+        return bias.last_query(keys, dtype) if queries == 1 else bias.for_rows(queries, keys, dtype)
     if not causal or queries == 1:
         return None
     positions = torch.arange(keys)[None, :]  # (1, L)
     last_seen = torch.arange(keys - queries, keys)[:, None]  # (q, 1)
-    return (positions <= last_seen)[None, None]  # (1, 1, q, L) bool
+    return (positions <= last_seen)[None]  # (1, q, L) bool
 
 
 class _T5Bias:
@@ -163,6 +193,7 @@ class _T5Bias:
     def __init__(self, attention):
         self.attention = attention  # the first decoder layer's self-attention: it holds the bias table
         self._by_distance: torch.Tensor | None = None  # (H, D): bias of distance d at [:, d]
+        self._reversed: dict[torch.dtype, torch.Tensor] = {}  # (H, 1, D): distance D-1 … 0, in a dtype
 
     @classmethod
     def attach(cls, model) -> None:
@@ -177,7 +208,15 @@ class _T5Bias:
             with torch.no_grad():  # query at position size - 1 over keys 0..size-1: distances size-1 … 0
                 full = self.attention.compute_bias(1, size, past_seen_tokens=size - 1)[0, :, 0]  # (H, size)
             self._by_distance = full.flip(-1).float()
+            self._reversed = {}
         return self._by_distance
+
+    def last_query(self, keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H, 1, L) for a query at the last of L positions: a view of one reversed table, no computation."""
+        table = self.by_distance(keys)
+        if dtype not in self._reversed:
+            self._reversed[dtype] = table.flip(-1)[:, None, :].to(dtype)
+        return self._reversed[dtype][:, :, -keys:]
 
     def for_rows(self, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
         """(H, q, L): query i (at position L - q + i) over keys 0..L-1, -inf for keys after it."""

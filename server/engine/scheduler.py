@@ -251,6 +251,8 @@ class Scheduler:
 
     def _requeue(self, preempted: list) -> None:
         """Preempted rows wait again at the front of the queue, in their order (they are computed again)."""
+        if not preempted:
+            return
         entries: dict[tuple[int, int], WaitingRow] = {}
         for row in preempted:
             entry = entries.setdefault((id(row.job), row.index), WaitingRow(row.job, row.index, started=[]))

@@ -1,0 +1,195 @@
+"""The engine core in-process: what the KV pool, the prefix cache and preemption buy, and what a decoding step
+costs over the model's own forward. Prints one JSON object.
+
+    attention_padding_share        mixed lengths (max_new_tokens uniform 8..128, 32 rows through 16 slots): positions
+                                   read that are padding / all positions read, ours (per-row runs of the pool) and
+                                   what a right-aligned dense cache (the previous engine) reads on the same steps
+    prefix_shared_ttft_p50_ratio   64 requests of one task sharing a 512-token prefix, submitted together: time to
+                                   first token p50 with the prefix cache off / on (a random Llama, 4 layers, d 256)
+    step_overhead_vs_bare          one decoding step of 16 rows (16 distinct tasks) on a tiny Llama (d 64, 2 layers:
+                                   compute ≈ 0): ours / a bare forward of the same model with a StaticCache
+    preempted_requests_failed      32 requests of 64 tokens into a pool of 20 blocks: failures (and preemptions)
+Run alone on the machine: `.venv/bin/python bench/engine_core.py` (`--quick`: fewer repetitions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapter_store import AdapterCache, AdapterStore  # noqa: E402
+from server.engine import (  # noqa: E402
+    Engine,
+    GenerateRow,
+    SamplingParams,
+    load_model,
+    paged_attention,  # noqa: E402
+)
+from tests.factories import make_inventory, printable_only, save_bundle  # noqa: E402
+
+
+def engine_for(folder: Path, **options) -> Engine:
+    return Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
+                  AdapterCache(10**9), **options)
+
+
+def padding_share(folder: Path, rows: int) -> dict:
+    """Positions each step's attention reads: ours (each row's runs: exactly its own positions, so padding read is
+    0 by construction; counted anyway) and a dense right-aligned cache's on the same steps (every row as wide as
+    the widest), at the first decoder layer's self-attention."""
+    engine = engine_for(folder, max_batch_size=16)
+    read, dense = [0], [0]
+    original = paged_attention._attention
+
+    def counting(module, query, *args, **kwargs):
+        step = paged_attention.current()
+        if step is not None and module.layer_idx == 0 and not module._mhr_cross:
+            lengths = [sum(end - start for start, end in runs) for runs in step.runs]
+            read[0] += sum(lengths)
+            dense[0] += len(lengths) * max(lengths)
+        return original(module, query, *args, **kwargs)
+
+    paged_attention.AttentionInterface.register(paged_attention.NAME, counting)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 129, (rows,), generator=gen).tolist()
+    engine.generate([GenerateRow(f"task-{i % 3}", f"input {i} " * (1 + i % 4), SamplingParams(
+        max_new_tokens=n, ignore_eos=True)) for i, n in enumerate(lengths)])
+    paged_attention.AttentionInterface.register(paged_attention.NAME, original)
+    engine.close()
+    real = read[0]  # each row's runs hold exactly its positions (kv_pool.runs)
+    return {"attention_padding_share": round(1 - real / read[0], 4),
+            "attention_padding_share_dense_cache": round(1 - real / dense[0], 4)}
+
+
+def prefix_ttft(folder: Path, requests: int) -> dict:
+    prefix = "".join(chr(97 + (i * 7) % 26) for i in range(511))  # 511 bytes + BOS-free ByT5: 512 tokens with EOS
+    out = {}
+    for cache in (False, True):
+        engine = engine_for(folder, max_batch_size=16, max_batch_tokens=65536, prefix_cache=cache)
+        engine.generate([GenerateRow("task-0", prefix + " warm", SamplingParams(max_new_tokens=2))])
+        firsts: list[float] = []
+        lock = threading.Lock()
+        start = time.perf_counter()
+        jobs = []
+        for i in range(requests):
+            done = [False]
+
+            def on_text(_piece, done=done, firsts=firsts, lock=lock, start=start):
+                if not done[0]:
+                    done[0] = True
+                    with lock:
+                        firsts.append(time.perf_counter() - start)
+
+            row = GenerateRow("task-0", prefix + f" q{i}", SamplingParams(max_new_tokens=4, ignore_eos=True),
+                              on_text=on_text)
+            jobs.append(engine.submit_generate([row]))
+        for job in jobs:
+            job.future.result(timeout=600)
+        out["on" if cache else "off"] = statistics.median(firsts)
+        engine.close()
+    return {"prefix_shared_ttft_p50_ms_off": round(1e3 * out["off"], 1),
+            "prefix_shared_ttft_p50_ms_on": round(1e3 * out["on"], 1),
+            "prefix_shared_ttft_p50_ratio": round(out["off"] / out["on"], 2)}
+
+
+def step_overhead(folder: Path, reps: int) -> dict:
+    from transformers import StaticCache
+
+    engine = engine_for(folder, max_batch_size=16)
+    batch = engine.loop.batch
+    rows = [GenerateRow(f"task-{i}", f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
+            for i in range(16)]
+    job = engine.submit_generate(rows)
+    while len(batch) < 16:
+        time.sleep(0.001)
+    ours = engine.loop.call(lambda: _time_steps(batch.step, reps))
+    job.cancel()
+    engine.close()
+    model = load_model(folder / "model", device="cpu").model  # the plain transformers model, no wrapped layers
+    cache = StaticCache(config=model.config, max_cache_len=256)
+    ids = torch.zeros((16, 1), dtype=torch.long)
+    position = [8]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, cache=cache, use_cache=True,
+                  cache_position=torch.tensor([position[0]]), position_ids=torch.full((16, 1), position[0]))
+        position[0] = 8 + (position[0] - 7) % 200
+
+    theirs = _time_steps(bare, reps)
+    return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_bare": round(theirs * 1e3, 3),
+            "step_overhead_vs_bare": round(ours / theirs, 2)}
+
+
+def _time_steps(step, reps: int) -> float:
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def small_pool(folder: Path) -> dict:
+    engine = engine_for(folder, max_batch_size=16, max_batch_tokens=16 * 18)  # 20 blocks of 16
+    jobs = [engine.submit_generate([GenerateRow(f"task-{i % 3}", f"long request {i}", SamplingParams(
+        max_new_tokens=64, ignore_eos=True))]) for i in range(32)]
+    failed = 0
+    for job in jobs:
+        try:
+            assert job.future.result(timeout=600)[0].completion_tokens == 64
+        except Exception:  # noqa: BLE001 - counted, that is the point
+            failed += 1
+    out = {"preempted_requests_failed": failed, "preempted_rows": engine.loop.batch.preemptions}
+    engine.close()
+    return out
+
+
+def tiny_llama_bundle(folder: Path, hidden: int, layers: int, heads: int) -> Path:
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = printable_only(LlamaForCausalLM(config).eval())
+    model.save_pretrained(folder / "model")
+    ByT5Tokenizer(extra_ids=0).save_pretrained(folder / "model")
+    make_inventory(model, folder / "inventory", task_type="CAUSAL_LM", n_tasks=16, n_skills=8, n_splits=4, r=8,
+                   targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict = {"threads": args.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        t5 = Path(tmp) / "t5"
+        save_bundle(t5, "t5", sharp=False, printable=True)
+        out.update(padding_share(t5, 32 if args.quick else 64))
+        out.update(small_pool(t5))
+        mid = tiny_llama_bundle(Path(tmp) / "llama-mid", 256, 4, 8)
+        out.update(prefix_ttft(mid, 16 if args.quick else 64))
+        tiny = tiny_llama_bundle(Path(tmp) / "llama-tiny", 64, 2, 4)
+        out.update(step_overhead(tiny, 50 if args.quick else 300))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
