@@ -31,8 +31,10 @@ class KVPool:
         self.block_size = block_size
         self.blocks = blocks
         slots = blocks * block_size
-        self.keys = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        # uninitialised: nothing is read before it is written, and on a CPU the pages are only committed as blocks
+        # are first written (the pool costs resident memory as it fills, not at start-up)
+        self.keys = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
 
     @classmethod
     def for_model(cls, config, positions: int, block_size: int, dtype: torch.dtype, device: torch.device) -> KVPool:
