@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from starlette.requests import Request
 
 from .engine import Completion, Engine, GenerateRow, RowScores, ScoreRow, ShuttingDown
+from .engine.echo import prompt_token_logprobs
+from .engine.rows import TokenLogprob
 
 
 class Overloaded(RuntimeError):
@@ -113,6 +115,15 @@ class Admission:
         self.pending += 1
         try:
             return await asyncio.wrap_future(self.engine.submit_score(rows).future)
+        finally:
+            self.pending -= 1
+
+    async def prompt_logprobs(self, task, prompts: list[list[int]], top_k: int) -> list[list[TokenLogprob]]:
+        """Causal LM: each prompt token's log-probability and the top_k most likely tokens (engine/echo.py)."""
+        self.check_capacity()
+        self.pending += 1
+        try:
+            return await asyncio.to_thread(prompt_token_logprobs, self.engine, task, prompts, top_k)
         finally:
             self.pending -= 1
 

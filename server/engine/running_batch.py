@@ -20,7 +20,7 @@ import torch
 from .adapter_slots import AdapterSlots
 from .decode_state import DecodeState, prefill
 from .row_pool import assign_positions
-from .sampling import next_tokens
+from .sampling import choose
 from .sequence import ActiveRow
 
 
@@ -86,10 +86,10 @@ class RunningBatch:
 
     def _take(self, rows: list[ActiveRow], logits: torch.Tensor) -> list[ActiveRow]:
         with torch.inference_mode():
-            tokens = next_tokens(logits, rows, self.eos_ids).tolist()
+            tokens, logprobs = choose(logits, rows, self.eos_ids)
         ended = []
-        for row, token in zip(rows, tokens, strict=True):
-            if row.accept(token, self.eos_ids):
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs, strict=True):
+            if row.accept(token, self.eos_ids, logprob):
                 ended.append(row)
             else:
                 row.stream()
