@@ -9,6 +9,7 @@ A field in none of them (a typo, another server's extension) is refused too (ext
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -49,7 +50,8 @@ REFUSED_CHAT = {
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    model: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+        description="a task's name, or a mix written as its canonical name: mix(a=0.7,b=0.3)")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="vLLM's: keep the k most likely tokens when sampling (0 or -1: all)")
@@ -75,7 +77,10 @@ class SamplingFields(BaseModel):
     stream_options: Any = None
 
     def task(self) -> str | MixSpec:
-        return MixSpec.model_construct(mix=self.mix) if self.mix is not None else self.model
+        if self.mix is not None:
+            return MixSpec.model_construct(mix=self.mix)
+        mix = mix_in_name(self.model)
+        return MixSpec.model_construct(mix=mix) if mix is not None else self.model
 
     def task_field(self) -> str:
         return "" if self.mix is not None else "model"
@@ -119,6 +124,22 @@ class ChatRequest(SamplingFields):
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
+
+
+MIX_NAME = re.compile(r"mix\((.*)\)")
+MIX_MEMBER = re.compile(r"([A-Za-z0-9._-]+)=([0-9.eE+-]+)")
+
+
+def mix_in_name(model: str) -> dict[str, float] | None:
+    """`model` = "mix(a=0.7,b=0.3)" (a mix's canonical name, as responses report it) -> its weights; else None.
+    Lets clients that can only set `model` (lm-eval's local-completions) serve a mix."""
+    found = MIX_NAME.fullmatch(model)
+    if found is None:
+        return None
+    members = [MIX_MEMBER.fullmatch(part.strip()) for part in found.group(1).split(",")]
+    if not all(members):
+        raise ValueError("a mix in `model` is written mix(task=weight,task=weight,...)")
+    return {m.group(1): float(m.group(2)) for m in members}
 
 
 def refused_field(body: SamplingFields) -> str | None:

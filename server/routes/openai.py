@@ -51,7 +51,7 @@ async def list_models(engine: EngineDep) -> dict:
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                       settings: SettingsDep, metrics: MetricsDep):
     _check_completion_fields(body, engine.loaded.is_seq2seq)
-    info = served(engine, metrics, settings, body.task(), body.task_field())
+    info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
     _check_rows(len(prompts) * body.n, settings)
     params = _params(body, body.max_tokens, settings, logprobs=body.logprobs)
@@ -76,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 async def chat_completions(body: ChatRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                            settings: SettingsDep, metrics: MetricsDep):
     _check_chat_fields(body)
-    info = served(engine, metrics, settings, body.task(), body.task_field())
+    info = _served(body, engine, metrics, settings)
     prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     _check_rows(body.n, settings)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -94,6 +94,15 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                           if body.logprobs else None)
                for i, c in enumerate(done)]
     return ChatResponse(id=rid, created=created, model=info.name, choices=choices, usage=_usage([prompt], done))
+
+
+def _served(body: SamplingFields, engine: Engine, metrics, settings):
+    """The task, or the mix in `mix` or written in `model` as mix(a=0.7,b=0.3)."""
+    try:
+        task = body.task()
+    except ValueError as exc:
+        raise invalid("model", str(exc)) from None
+    return served(engine, metrics, settings, task, body.task_field())
 
 
 def _streamed(admission, metrics, rows: list[GenerateRow], **chunk_fields) -> StreamingResponse:

@@ -115,3 +115,16 @@ def test_combinations_that_cannot_be_served(printable):
     refused(post(client, prompt=["x"] * 40, n=2, max_tokens=1), "n")
     chat = dict(messages=[{"role": "user", "content": "x"}])
     refused(post(client, "/v1/chat/completions", **chat, top_logprobs=2), "top_logprobs")
+
+
+def test_a_mix_written_as_the_model_name_serves_the_mix(printable):
+    client, _ = printable
+    body = dict(prompt="mixing", max_tokens=6, temperature=0)
+    by_name = ok(post(client, **{**body, "model": "mix(alpha=0.7,beta=0.3)"}))
+    by_field = ok(post(client, **body, mix={"alpha": 0.7, "beta": 0.3}))
+    generated = ok(client.post("/generate", json={"task": {"mix": {"alpha": 0.7, "beta": 0.3}}, "inputs": "mixing",
+                                                  "max_new_tokens": 6}))
+    assert by_name["model"] == by_field["model"] == generated["task"] == "mix(alpha=0.7,beta=0.3)"
+    assert by_name["choices"][0]["text"] == by_field["choices"][0]["text"] == generated["outputs"][0]["text"]
+    refused(post(client, **{**body, "model": "mix(alpha=x)"}), "model")
+    assert post(client, **{**body, "model": "mix(nope=1)"}).status_code == 422
