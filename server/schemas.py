@@ -41,6 +41,19 @@ class GenerateRequest(StrictModel):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(default_factory=list,
                                                                                          max_length=16)
     stream: bool = Field(False, description="server-sent events: one `data:` per new piece of text, then `done`")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each generated token's log-probability and the k "
+                                 "most likely tokens at its position (not with num_beams > 1 or stream)")
+
+
+class TopToken(BaseModel):
+    token: str = Field(description="the token's decoded text (a byte-level tokenizer's partial character: the "
+                       "tokenizer's own token)")
+    id: int
+    logprob: float
+
+
+class TokenLogprobOut(TopToken):
+    top: list[TopToken] = Field(description="the k most likely tokens at this position, best first")
 
 
 class Output(BaseModel):
@@ -48,6 +61,8 @@ class Output(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="with logprobs: one entry per generated token "
+                                                   "(log_softmax of the model's raw logits, as vLLM's)")
 
 
 class Usage(BaseModel):

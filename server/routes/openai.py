@@ -19,7 +19,7 @@ from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, Engine, GenerateRow, SamplingParams
 from ..engine.rows import TokenLogprob
 from ..errors import ApiError
-from ..openai_compat.logprobs import chat_logprobs, completion_logprobs, token_strings
+from ..openai_compat.logprobs import chat_logprobs, completion_logprobs
 from ..openai_compat.prompts import PromptIn, prompts_of
 from ..openai_compat.requests import ChatRequest, CompletionRequest, SamplingFields, refused_field
 from ..openai_compat.responses import (
@@ -33,6 +33,7 @@ from ..openai_compat.responses import (
 from ..schemas import ErrorResponse
 from ..security import ReadingKey
 from ..sse import completion_chunks
+from ..token_strings import token_strings
 from .validation import check_lengths, invalid, served
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=ReadingKey)

@@ -88,9 +88,12 @@ def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams
         raise invalid("num_beams", f"{body.num_beams} is more than the server's limit {settings.max_num_beams}")
     if body.stream and body.num_beams > 1:
         raise invalid("stream", "streaming is not available with beam search (num_beams > 1)")
+    if body.logprobs is not None and (body.num_beams > 1 or body.stream):
+        raise invalid("logprobs", "not available with beam search (num_beams > 1) or stream")
     return SamplingParams(max_new_tokens=max_new, min_new_tokens=body.min_new_tokens, ignore_eos=body.ignore_eos,
                           do_sample=body.do_sample, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                          num_beams=body.num_beams, seed=body.seed, stop=tuple(body.stop))
+                          num_beams=body.num_beams, seed=body.seed, stop=tuple(body.stop),
+                          logprobs=body.logprobs)
 
 
 def rows_of(task: TaskRef, texts: list[str], params: SamplingParams) -> list[GenerateRow]:

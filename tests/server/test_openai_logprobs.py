@@ -168,3 +168,20 @@ def test_seq2seq_echo_has_null_prompt_logprobs_and_peft_completion_logprobs(clie
     score_only = client.post("/v1/completions", json={"model": "beta", "prompt": "hello", "max_tokens": 0,
                                                       "echo": True, "logprobs": 1})
     assert score_only.status_code == 422 and score_only.json()["error"]["field"] == "echo"
+
+
+def test_generate_logprobs_equal_the_completion_logprobs(llama):
+    client, _, _ = llama
+    body = {"task": "beta", "inputs": ["hello", "other"], "max_new_tokens": 5, "logprobs": 2, "ignore_eos": True}
+    outputs = client.post("/generate", json=body).json()["outputs"]
+    for text, output in zip(body["inputs"], outputs, strict=True):
+        reference = completion(client, prompt=text, max_tokens=5, logprobs=2, ignore_eos=True)["logprobs"]
+        assert [e["logprob"] for e in output["logprobs"]] == pytest.approx(reference["token_logprobs"], abs=1e-5)
+        assert [e["token"] for e in output["logprobs"]] == reference["tokens"]
+        assert byte_ids(reference["tokens"]) == [e["id"] for e in output["logprobs"]]
+        for entry, top in zip(output["logprobs"], reference["top_logprobs"], strict=True):
+            assert [t["id"] for t in entry["top"]] == byte_ids(list(top)[:2])  # greedy: the chosen token is the best
+            assert [t["logprob"] for t in entry["top"]] == pytest.approx(list(top.values())[:2], abs=1e-5)
+    for extra in ({"num_beams": 2}, {"stream": True}):
+        refused = client.post("/generate", json={**body, **extra})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "logprobs"
