@@ -89,11 +89,11 @@ class Client:
     def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                  min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 seed: int | None = None, num_beams: int | None = None,
-                 stop: list[str] | None = None) -> GenerateResponse:
+                 seed: int | None = None, num_beams: int | None = None, stop: list[str] | None = None,
+                 logprobs: int | None = None) -> GenerateResponse:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        return self._call(b.generate_call(task, inputs, options))
+        return self._call(b.generate_call(task, inputs, {**options, "logprobs": logprobs}))
 
     @documented(d.STREAM)
     def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
@@ -230,11 +230,11 @@ class AsyncClient:
     async def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                        min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                       seed: int | None = None, num_beams: int | None = None,
-                       stop: list[str] | None = None) -> GenerateResponse:
+                       seed: int | None = None, num_beams: int | None = None, stop: list[str] | None = None,
+                       logprobs: int | None = None) -> GenerateResponse:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        return await self._call(b.generate_call(task, inputs, options))
+        return await self._call(b.generate_call(task, inputs, {**options, "logprobs": logprobs}))
 
     @documented(d.STREAM)
     async def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,

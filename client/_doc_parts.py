@@ -35,6 +35,12 @@ _SAMPLING = """\
         (the string itself is left out, ``finish_reason`` is "stop"). None: no stop strings.
 """
 
+_LOGPROBS = """\
+    logprobs: Also return each generated token's log-probability (log_softmax of the model's logits with the
+        task's adapter, before temperature and filters) and the ``logprobs`` most likely tokens at its position,
+        best first, in ``Output.logprobs``; 0 to 20. Not with ``num_beams`` > 1. None: none returned.
+"""
+
 _TASK_REFUSED = """\
     UnknownTask: 404: ``task`` is a name the server does not know.
     Conflict: 409: ``task`` is a composed task one of whose members has been deleted since.

@@ -15,6 +15,7 @@ from ._doc_parts import (
     _INPUTS,
     _JOB_FIELDS,
     _JOB_ID,
+    _LOGPROBS,
     _MIX_REFUSED,
     _NOT_RETRIED,
     _READING_KEY,
@@ -67,13 +68,14 @@ GENERATE = f"""\
 Generate a text for each input with the task's adapter (POST /generate).
 
 Args:
-{_TASK}{_INPUTS}{_SAMPLING}
+{_TASK}{_INPUTS}{_SAMPLING}{_LOGPROBS}
 Returns:
     GenerateResponse: ``.outputs``, one per input, each with ``.text``, ``.prompt_tokens``,
-        ``.completion_tokens`` and ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
-        ``max_new_tokens`` reached); ``.texts`` (the texts alone), ``.usage`` (token totals), ``.task`` (the
-        task's name, or a mix's canonical name: "mix(alpha=0.7,beta=0.3)") and ``.version`` (of the task's adapter
-        that ran; None for a mix).
+        ``.completion_tokens``, ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
+        ``max_new_tokens`` reached) and, with ``logprobs``, ``.logprobs`` (per generated token: ``.token``,
+        ``.id``, ``.logprob`` and ``.top``, the most likely tokens); ``.texts`` (the texts alone), ``.usage``
+        (token totals), ``.task`` (the task's name, or a mix's canonical name: "mix(alpha=0.7,beta=0.3)") and
+        ``.version`` (of the task's adapter that ran; None for a mix).
 
 Raises:
 {_TASK_REFUSED}{_MIX_REFUSED}{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""

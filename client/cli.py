@@ -102,8 +102,8 @@ def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
     task, texts = task_and_texts(args)
     inputs = texts[0] if len(texts) == 1 else texts
     if not args.stream:
-        response = mhr.generate(task, inputs, **_sampling(args))
-        _print_json(response) if args.json else print("\n".join(response.texts))
+        response = mhr.generate(task, inputs, **_sampling(args), logprobs=args.logprobs)
+        _print_json(response) if args.json else _print_outputs(response, args.logprobs is not None)
         return 0
     final: GenerateResponse | None = None
     for event in mhr.stream(task, inputs, **_sampling(args)):
@@ -116,6 +116,15 @@ def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
     if final is not None:
         print("\n".join(final.texts) if len(texts) > 1 else "")
     return 0
+
+
+def _print_outputs(response: GenerateResponse, with_logprobs: bool) -> None:
+    """The texts, one a line; with --logprobs each is followed by its tokens: token, log-probability, top tokens."""
+    for output in response.outputs:
+        print(output.text)
+        for entry in (output.logprobs or []) if with_logprobs else []:
+            top = " ".join(f"{t.token!r}={t.logprob:.4f}" for t in entry.top)
+            print(f"  {entry.token!r}\t{entry.logprob:.4f}\t{top}")
 
 
 def cmd_score(mhr: Client, args: argparse.Namespace) -> int:
@@ -291,6 +300,8 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--logprobs", type=int, metavar="K",
+                        help="also print each token's log-probability and the K most likely tokens (not with --stream)")
     parser.add_argument("--json", action="store_true", help="print the whole response (JSON lines with --stream)")
 
 

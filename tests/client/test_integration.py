@@ -71,6 +71,20 @@ def test_generate_stream_and_score(mhr):
     assert scored.results[0].best in ("yes", "no") and len(scored.results[0].scores) == 2
 
 
+def test_generate_with_logprobs_equals_the_servers_answer(mhr, app_client):
+    response = mhr.generate("beta", ["hello", "world"], max_new_tokens=4, logprobs=3, ignore_eos=True)
+    raw = app_client.post("/generate", json={"task": "beta", "inputs": ["hello", "world"], "max_new_tokens": 4,
+                                             "logprobs": 3, "ignore_eos": True}).json()
+    assert [o.model_dump() for o in response.outputs] == raw["outputs"]
+    for output in response.outputs:
+        assert len(output.logprobs) == 4 and all(len(entry.top) == 3 for entry in output.logprobs)
+        assert all(entry.top[0].logprob >= entry.top[2].logprob for entry in output.logprobs)
+    assert mhr.generate("beta", "hello", max_new_tokens=2).outputs[0].logprobs is None
+    with pytest.raises(ValidationError) as refused:
+        mhr.generate("beta", "hello", max_new_tokens=2, logprobs=1, num_beams=2)
+    assert refused.value.field == "logprobs"
+
+
 def test_a_composed_task_serves_as_its_mix_does(mhr):
     mix = {"alpha": 0.7, "beta": 0.3}
     adhoc = mhr.generate(mix, ["hello", "world"], max_new_tokens=4)
