@@ -22,6 +22,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: each chosen token's log-probability and the k most likely
+    grammar: str | None = None  # llguidance's grammar (guided.py): only tokens it allows are chosen
 
     def beam_key(self) -> tuple:
         """Beam-search rows may share one search only when this key is equal (results depend on the limit)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from adapter_store import AdapterKey, TaskAdapter
 
+from .guided import RowGuide
 from .row_text import RowText
 from .rows import Completion, GenerateRow, SamplingParams, TokenLogprob
 from .sampling import row_generator
@@ -70,6 +71,7 @@ class ActiveRow:
         self.generator = row_generator(self.params, self.row.index)
         self.tokens: list[int] = []  # generated, end-of-sequence excluded
         self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
+        self.guide = RowGuide(self.params.grammar, tokenizer) if self.params.grammar else None
         self.last_token: int | None = None
         self.finish_reason: str | None = None
         self.adapter: TaskAdapter | None = None
@@ -86,6 +88,8 @@ class ActiveRow:
         """Take the next token (and its log-probability entry, kept when the row asked for them, an end of sequence
         included); True when the row has ended (end of sequence, its limit, a stop string)."""
         self.last_token = token
+        if self.guide is not None:
+            self.guide.accept(token)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
         if token in eos_ids and not self.params.ignore_eos:

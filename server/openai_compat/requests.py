@@ -41,7 +41,6 @@ REFUSED_CHAT = {
     **REFUSED_COMMON,
     "tools": _absent, "tool_choice": lambda v: v is None or v == "none", "parallel_tool_calls": lambda v: True,
     "functions": _absent, "function_call": lambda v: v is None or v == "none",
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "audio": _absent, "modalities": lambda v: _absent(v) or v == ["text"], "prediction": _absent,
     "reasoning_effort": _absent, "verbosity": _absent, "web_search_options": _absent,
 }
@@ -63,6 +62,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM's: keep generating after an end of sequence")
     mix: dict[str, float] | None = Field(None, description="serve a skill-space mix of tasks instead of `model` "
                                          "(as /generate's {\"mix\": ...}; the SDK's extra_body)")
+    response_format: Any = Field(None, description="structured output: {\"type\": \"json_schema\", \"json_schema\": "
+                                 "{\"schema\": ...}}, {\"type\": \"json_object\"} or {\"type\": \"text\"}")
     # accepted, without effect
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -117,7 +118,6 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None

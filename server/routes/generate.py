@@ -7,6 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion
+from ..guided_spec import generate_grammar
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, TokenLogprobOut, TopToken, Usage
 from ..security import ReadingKey
 from ..sse import generate_events
@@ -21,7 +22,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                    settings: SettingsDep, metrics: MetricsDep):
     target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
-    rows = rows_of(target.ref, texts, sampling_params(body, settings))
+    rows = rows_of(target.ref, texts, sampling_params(body, settings, generate_grammar(body.guided, engine)))
     if body.stream:
         admission.check_capacity()
         pieces = metrics.count_streamed(admission.stream(rows))

@@ -19,6 +19,7 @@ from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, Engine, GenerateRow, SamplingParams
 from ..engine.rows import TokenLogprob
 from ..errors import ApiError
+from ..guided_spec import response_format_grammar
 from ..openai_compat.logprobs import chat_logprobs, completion_logprobs
 from ..openai_compat.prompts import PromptIn, prompts_of
 from ..openai_compat.requests import ChatRequest, CompletionRequest, SamplingFields, refused_field
@@ -34,7 +35,7 @@ from ..schemas import ErrorResponse
 from ..security import ReadingKey
 from ..sse import completion_chunks
 from ..token_strings import token_strings
-from .validation import check_lengths, invalid, served
+from .validation import check_guided, check_lengths, invalid, served
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=ReadingKey)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
@@ -55,7 +56,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
     _check_rows(len(prompts) * body.n, settings)
-    params = _params(body, body.max_tokens, settings, logprobs=body.logprobs)
+    params = _params(body, body.max_tokens, settings, engine, logprobs=body.logprobs)
     rows = [GenerateRow(info.ref, p.text, params, index=i * body.n + j, prompt_ids=p.ids)
             for i, p in enumerate(prompts) for j in range(body.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -81,7 +82,7 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     _check_rows(body.n, settings)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _params(body, body.max_completion_tokens or body.max_tokens, settings, logprobs=logprobs)
+    params = _params(body, body.max_completion_tokens or body.max_tokens, settings, engine, logprobs=logprobs)
     rows = [GenerateRow(info.ref, "", params, index=j, prompt_ids=prompt.ids) for j in range(body.n)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -180,8 +181,12 @@ def _render_chat(engine: Engine, body: ChatRequest, max_input_tokens: int) -> li
     return ids
 
 
-def _params(body: SamplingFields, max_tokens: int | None, settings, *, logprobs: int | None) -> SamplingParams:
+def _params(body: SamplingFields, max_tokens: int | None, settings, engine: Engine, *,
+            logprobs: int | None) -> SamplingParams:
     max_new = 16 if max_tokens is None else max_tokens
+    grammar = response_format_grammar(body.response_format, engine)
+    check_guided(grammar, min_new=body.min_tokens, ignore_eos=body.ignore_eos, field="response_format",
+                 names=("min_tokens", "ignore_eos"))
     check_lengths(settings, max_new, body.min_tokens, max_field="max_tokens", min_field="min_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
@@ -189,7 +194,8 @@ def _params(body: SamplingFields, max_tokens: int | None, settings, *, logprobs:
     greedy = body.temperature == 0
     return SamplingParams(max_new_tokens=max(max_new, 1), min_new_tokens=body.min_tokens,
                           ignore_eos=body.ignore_eos, do_sample=not greedy, temperature=body.temperature or 1.0,
-                          top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed, stop=stop, logprobs=logprobs)
+                          top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed, stop=stop, logprobs=logprobs,
+                          grammar=grammar)
 
 
 def _usage(prompts: list[PromptIn], done: list[Completion]) -> CompletionUsage:

@@ -90,7 +90,7 @@ def test_completion_fields_not_served_are_refused_by_name(printable, field, valu
 
 @pytest.mark.parametrize(("field", "value"), [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("response_format", {"type": "json_object"}),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("response_format", {"type": "grammar"}),
     ("presence_penalty", 1), ("logit_bias", {"1": -100}), ("audio", {"voice": "x"}), ("top_logprobs", 2),
     ("modalities", ["text", "audio"]), ("reasoning_effort", "low"), ("unknown_field", 1),
 ])
