@@ -79,10 +79,10 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                            settings: SettingsDep, metrics: MetricsDep):
     _check_chat_fields(body)
     info = _served(body, engine, metrics, settings)
-    prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     _check_rows(body.n, settings)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, body.max_completion_tokens or body.max_tokens, settings, engine, logprobs=logprobs)
+    prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     rows = [GenerateRow(info.ref, "", params, index=j, prompt_ids=prompt.ids) for j in range(body.n)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
