@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from ._doc_parts import (
     _FAILURES,
+    _GUIDED,
     _INPUTS,
     _JOB_FIELDS,
     _JOB_ID,
@@ -68,7 +69,7 @@ GENERATE = f"""\
 Generate a text for each input with the task's adapter (POST /generate).
 
 Args:
-{_TASK}{_INPUTS}{_SAMPLING}{_LOGPROBS}
+{_TASK}{_INPUTS}{_SAMPLING}{_LOGPROBS}{_GUIDED}
 Returns:
     GenerateResponse: ``.outputs``, one per input, each with ``.text``, ``.prompt_tokens``,
         ``.completion_tokens``, ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
@@ -88,7 +89,7 @@ every exception below, a refused request included, is raised by the iteration. A
 event raises TransportError.
 
 Args:
-{_TASK}{_INPUTS}{_SAMPLING}
+{_TASK}{_INPUTS}{_SAMPLING}{_GUIDED}
 Yields:
     StreamEvent: For each new piece of text, ``.index`` (which input) and ``.text`` (the piece); then one last
         event with ``.done`` True and ``.response``, the whole GenerateResponse as ``generate()`` returns it.

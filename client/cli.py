@@ -89,6 +89,20 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             "stop": args.stop}
 
 
+def _guided(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--json-schema FILE or --regex RE -> /generate's `guided`."""
+    if args.json_schema and args.regex:
+        raise UsageError("give --json-schema or --regex, not both")
+    if args.regex:
+        return {"regex": args.regex}
+    if not args.json_schema:
+        return None
+    try:
+        return {"json_schema": json.loads(Path(args.json_schema).read_text())}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--json-schema {args.json_schema}: {exc}") from None
+
+
 def task_and_texts(args: argparse.Namespace) -> tuple[Task, list[str]]:
     """``TASK TEXT...``, or with ``--mix`` every positional argument is a TEXT."""
     if args.mix is not None:
@@ -102,11 +116,11 @@ def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
     task, texts = task_and_texts(args)
     inputs = texts[0] if len(texts) == 1 else texts
     if not args.stream:
-        response = mhr.generate(task, inputs, **_sampling(args), logprobs=args.logprobs)
+        response = mhr.generate(task, inputs, **_sampling(args), logprobs=args.logprobs, guided=_guided(args))
         _print_json(response) if args.json else _print_outputs(response, args.logprobs is not None)
         return 0
     final: GenerateResponse | None = None
-    for event in mhr.stream(task, inputs, **_sampling(args)):
+    for event in mhr.stream(task, inputs, **_sampling(args), guided=_guided(args)):
         if args.json:
             print(event.model_dump_json(exclude_none=True), flush=True)
         elif event.done:
@@ -300,6 +314,9 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--json-schema", metavar="FILE", help="structured output: the text is JSON valid against "
+                        "the schema in FILE")
+    parser.add_argument("--regex", metavar="RE", help="structured output: the text matches RE (Rust regex syntax)")
     parser.add_argument("--logprobs", type=int, metavar="K",
                         help="also print each token's log-probability and the K most likely tokens (not with --stream)")
     parser.add_argument("--json", action="store_true", help="print the whole response (JSON lines with --stream)")

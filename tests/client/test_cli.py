@@ -106,6 +106,20 @@ def test_generate_and_score_take_a_mix_instead_of_the_task(capsys):
                                                       "choices": ["yes"]}
 
 
+def test_generate_with_a_json_schema_file_or_a_regex_sends_guided(capsys, tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--json-schema",
+                         str(tmp_path / "schema.json"))
+    assert status == 0 and json.loads(server.requests[0].content)["guided"] == {"json_schema": schema}
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--regex", "[0-9]+")
+    assert status == 0 and json.loads(server.requests[0].content)["guided"] == {"regex": "[0-9]+"}
+    capsys.readouterr()
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--json-schema",
+                         str(tmp_path / "missing.json"))
+    assert status == 2 and server.requests == [] and "--json-schema" in capsys.readouterr().err
+
+
 def test_generate_without_a_text_is_a_usage_error(capsys):
     status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha")
     assert status == 2 and server.requests == []

@@ -85,6 +85,17 @@ def test_generate_with_logprobs_equals_the_servers_answer(mhr, app_client):
     assert refused.value.field == "logprobs"
 
 
+def test_guided_generation_and_stream_follow_the_grammar(mhr):
+    choices = ["red", "green", "blue"]
+    response = mhr.generate("alpha", ["one", "two", "three"], guided={"choice": choices})
+    assert set(response.texts) <= set(choices) and all(o.finish_reason == "stop" for o in response.outputs)
+    events = list(mhr.stream("gamma", "x", guided={"regex": "[a-f]{3}"}, max_new_tokens=8))
+    assert len(events[-1].response.texts[0]) == 3 and set(events[-1].response.texts[0]) <= set("abcdef")
+    with pytest.raises(ValidationError) as refused:
+        mhr.generate("alpha", "x", guided={"regex": "("})
+    assert refused.value.field == "guided.regex"
+
+
 def test_a_composed_task_serves_as_its_mix_does(mhr):
     mix = {"alpha": 0.7, "beta": 0.3}
     adhoc = mhr.generate(mix, ["hello", "world"], max_new_tokens=4)
