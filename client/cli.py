@@ -19,16 +19,13 @@ from typing import Any, TextIO
 import httpx
 
 from ._base import DEFAULT_URL, Task
+from ._cli_args import UsageError, _guided, _sampling
 from ._client import Client
 from .exceptions import ApiError, MhrError
 from .models import AdaptJob, GenerateResponse, Model
 
 Handler = Callable[[Client, argparse.Namespace], int]
 RETRIEVE = "retrieve"  # the adaptation method that trains nothing: its job has no steps to show
-
-
-class UsageError(Exception):
-    """A problem with the command line or its files (exit status 2)."""
 
 
 def parse_mix(pairs: Sequence[str]) -> dict[str, float]:
@@ -80,27 +77,6 @@ def _table(rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-            "ignore_eos": args.ignore_eos or None, "do_sample": args.do_sample, "temperature": args.temperature,
-            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams,
-            "stop": args.stop}
-
-
-def _guided(args: argparse.Namespace) -> dict[str, Any] | None:
-    """--json-schema FILE or --regex RE -> /generate's `guided`."""
-    if args.json_schema and args.regex:
-        raise UsageError("give --json-schema or --regex, not both")
-    if args.regex:
-        return {"regex": args.regex}
-    if not args.json_schema:
-        return None
-    try:
-        return {"json_schema": json.loads(Path(args.json_schema).read_text())}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--json-schema {args.json_schema}: {exc}") from None
 
 
 def task_and_texts(args: argparse.Namespace) -> tuple[Task, list[str]]:
