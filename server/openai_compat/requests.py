@@ -94,7 +94,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the chosen token's log-probability and "
                                  "the k most likely tokens at each position")
     echo: bool = Field(False, description="the prompt (its tokens and their log-probabilities) before the completion")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="accepted only equal to n (null: n)")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="draw this many per prompt, return the n with "
+                                "the highest summed log-probability (null: n)")
     suffix: Any = None
 
 

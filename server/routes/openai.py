@@ -55,10 +55,12 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     _check_completion_fields(body, engine.loaded.is_seq2seq)
     info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
-    _check_rows(len(prompts) * body.n, settings)
-    params = _params(body, body.max_tokens, settings, engine, logprobs=body.logprobs)
-    rows = [GenerateRow(info.ref, p.text, params, index=i * body.n + j, prompt_ids=p.ids)
-            for i, p in enumerate(prompts) for j in range(body.n)]
+    drawn = body.best_of or body.n  # rows per prompt; the best n of them are returned
+    _check_rows(len(prompts) * drawn, settings)
+    ranked = drawn > body.n and body.logprobs is None  # ranking needs each token's log-probability
+    params = _params(body, body.max_tokens, settings, engine, logprobs=0 if ranked else body.logprobs)
+    rows = [GenerateRow(info.ref, p.text, params, index=i * drawn + j, prompt_ids=p.ids)
+            for i, p in enumerate(prompts) for j in range(drawn)]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _streamed(admission, metrics, rows, rid=rid, created=created, model=info.name)
@@ -68,8 +70,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         done = await admission.generate(rows, until_disconnect=request)
     metrics.tokens.inc(sum(c.completion_tokens for c in done))
     echoed = await _echoed(body, engine, admission, info.ref, prompts)
+    kept = _best(done, drawn, body.n)
     choices = [_completion_choice(body, engine, c, prompts[i // body.n], echoed[i // body.n] if echoed else None, i)
-               for i, c in enumerate(done)]
+               for i, c in enumerate(kept)]
     return CompletionResponse(id=rid, created=created, model=info.name, choices=choices,
                               usage=_usage(prompts, done))
 
@@ -122,8 +125,10 @@ def _check_common(body: SamplingFields) -> None:
 def _check_completion_fields(body: CompletionRequest, is_seq2seq: bool) -> None:
     """The completion request's fields that only make sense together: 422 naming the one at fault."""
     _check_common(body)
-    if body.best_of not in (None, body.n):
-        raise invalid("best_of", f"only best_of = n ({body.n}) is supported")
+    if body.best_of is not None and body.best_of < body.n:
+        raise invalid("best_of", f"{body.best_of} is less than n ({body.n})")
+    if body.best_of is not None and body.best_of > body.n and body.stream:
+        raise invalid("best_of", "best_of > n is not available with stream")
     for name in ("logprobs", "echo"):
         if body.stream and getattr(body, name) not in (None, False):
             raise invalid(name, "not available with stream")
@@ -145,6 +150,15 @@ def _check_chat_fields(body: ChatRequest) -> None:
 def _check_rows(count: int, settings) -> None:
     if count > settings.max_inputs_per_request:
         raise invalid("n", f"{count} choices in all; at most {settings.max_inputs_per_request} per request")
+
+
+def _best(done: list[Completion], drawn: int, n: int) -> list[Completion]:
+    """Of each prompt's `drawn` completions, the n with the highest summed log-probability (OpenAI's best_of)."""
+    if drawn == n:
+        return done
+    groups = [done[start: start + drawn] for start in range(0, len(done), drawn)]
+    return [c for group in groups
+            for c in sorted(group, key=lambda c: sum(e.logprob for e in c.logprobs or []), reverse=True)[:n]]
 
 
 async def _echoed(body: CompletionRequest, engine: Engine, admission, task, prompts: list[PromptIn]

@@ -82,7 +82,7 @@ def test_chat_n_choices(printable_bundle):
 
 @pytest.mark.parametrize(("field", "value"), [
     ("logit_bias", {"5": 10}), ("suffix", "end"), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("best_of", 3), ("stream_options", {"include_usage": True}), ("temprature", 0.5), ("n", 17), ("logprobs", 21),
+    ("best_of", 17), ("stream_options", {"include_usage": True}), ("temprature", 0.5), ("n", 17), ("logprobs", 21),
 ])
 def test_completion_fields_not_served_are_refused_by_name(printable, field, value):
     refused(post(printable[0], prompt="x", max_tokens=2, **{field: value}), field)
@@ -107,8 +107,22 @@ def test_neutral_and_bookkeeping_values_are_accepted_without_effect(printable):
     assert ok(post(client, prompt="xy", max_tokens=4, temperature=0, **extras))["choices"][0]["text"] == plain
 
 
+def test_best_of_returns_the_n_most_likely_of_its_draws(printable):
+    client, _ = printable
+    body = dict(prompt=["ab", "cd"], max_tokens=6, temperature=2.0, seed=11)
+    drawn = ok(post(client, **body, n=4, logprobs=0))["choices"]  # the same rows: index = prompt × 4 + draw
+    best = ok(post(client, **body, n=2, best_of=4))
+    for prompt in range(2):
+        ranked = sorted(drawn[prompt * 4: prompt * 4 + 4], key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
+        assert [c["text"] for c in best["choices"][prompt * 2: prompt * 2 + 2]] == [c["text"] for c in ranked[:2]]
+    assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3] and best["choices"][0]["logprobs"] is None
+    assert best["usage"]["completion_tokens"] == 2 * 4 * 6  # every draw is generated
+
+
 def test_combinations_that_cannot_be_served(printable):
     client, _ = printable
+    refused(post(client, prompt="x", n=3, best_of=2), "best_of")
+    refused(post(client, prompt="x", n=1, best_of=2, stream=True), "best_of")
     refused(post(client, prompt="x", max_tokens=0), "max_tokens")
     refused(post(client, prompt="x", logprobs=1, stream=True), "logprobs")
     refused(post(client, prompt="x", echo=True, stream=True), "echo")
