@@ -21,6 +21,7 @@ def prompt_token_logprobs(engine, task: TaskRef, prompts: list[list[int]], top_k
     def run() -> list[list[TokenLogprob]]:
         adapters, keys = engine.adapters_and_keys([task])
         with engine.slots.activate(adapters, key=keys[0]):
-            return prompt_logprobs(engine.model, engine.loaded.device, prompts, top_k, engine.tokenizer.pad_token_id)
+            pad_id = engine.tokenizer.pad_token_id or 0  # padding is masked: any id will do
+            return prompt_logprobs(engine.model, engine.loaded.device, prompts, top_k, pad_id)
 
     return engine.loop.call(run)
