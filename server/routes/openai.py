@@ -55,12 +55,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     _check_completion_fields(body, engine.loaded.is_seq2seq)
     info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
-    drawn = body.best_of or body.n  # rows per prompt; the best n of them are returned
-    _check_rows(len(prompts) * drawn, settings)
-    ranked = drawn > body.n and body.logprobs is None  # ranking needs each token's log-probability
-    params = _params(body, body.max_tokens, settings, engine, logprobs=0 if ranked else body.logprobs)
-    rows = [GenerateRow(info.ref, p.text, params, index=i * drawn + j, prompt_ids=p.ids)
-            for i, p in enumerate(prompts) for j in range(drawn)]
+    rows = _completion_rows(body, info.ref, prompts, settings, engine)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _streamed(admission, metrics, rows, rid=rid, created=created, model=info.name)
@@ -70,7 +65,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         done = await admission.generate(rows, until_disconnect=request)
     metrics.tokens.inc(sum(c.completion_tokens for c in done))
     echoed = await _echoed(body, engine, admission, info.ref, prompts)
-    kept = _best(done, drawn, body.n)
+    kept = _best(done, len(rows) // len(prompts), body.n)
     choices = [_completion_choice(body, engine, c, prompts[i // body.n], echoed[i // body.n] if echoed else None, i)
                for i, c in enumerate(kept)]
     return CompletionResponse(id=rid, created=created, model=info.name, choices=choices,
@@ -150,6 +145,17 @@ def _check_chat_fields(body: ChatRequest) -> None:
 def _check_rows(count: int, settings) -> None:
     if count > settings.max_inputs_per_request:
         raise invalid("n", f"{count} choices in all; at most {settings.max_inputs_per_request} per request")
+
+
+def _completion_rows(body: CompletionRequest, task, prompts: list[PromptIn], settings, engine: Engine
+                     ) -> list[GenerateRow]:
+    """best_of (default n) rows per prompt: row i × best_of + j is draw j of prompt i (its random stream)."""
+    drawn = body.best_of or body.n
+    _check_rows(len(prompts) * drawn, settings)
+    ranked = drawn > body.n and body.logprobs is None  # ranking needs each token's log-probability
+    params = _params(body, body.max_tokens, settings, engine, logprobs=0 if ranked else body.logprobs)
+    return [GenerateRow(task, p.text, params, index=i * drawn + j, prompt_ids=p.ids)
+            for i, p in enumerate(prompts) for j in range(drawn)]
 
 
 def _best(done: list[Completion], drawn: int, n: int) -> list[Completion]:
