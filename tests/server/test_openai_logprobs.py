@@ -185,3 +185,27 @@ def test_generate_logprobs_equal_the_completion_logprobs(llama):
     for extra in ({"num_beams": 2}, {"stream": True}):
         refused = client.post("/generate", json={**body, **extra})
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "logprobs"
+
+
+def test_the_openai_sdk_reads_logprobs_echo_and_structured_output(llama):
+    import openai
+
+    client, _, _ = llama
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    plain = completion(client, prompt="sdk", max_tokens=3, logprobs=2, echo=True, ignore_eos=True)
+    parsed = sdk.completions.create(model="beta", prompt="sdk", max_tokens=3, logprobs=2, echo=True, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert parsed.choices[0].logprobs.token_logprobs == plain["logprobs"]["token_logprobs"]
+    assert parsed.choices[0].logprobs.top_logprobs[1] == plain["logprobs"]["top_logprobs"][1]
+    client.app.state.engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    try:
+        chat = sdk.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                           temperature=0, logprobs=True, top_logprobs=2,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "c", "schema": {"enum": ["red", "green"]}}})
+    finally:
+        client.app.state.engine.tokenizer.chat_template = None
+    assert chat.choices[0].message.content in ('"red"', '"green"')
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 for c in content)
