@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
@@ -22,7 +23,8 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                    settings: SettingsDep, metrics: MetricsDep):
     target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
-    rows = rows_of(target.ref, texts, sampling_params(body, settings, generate_grammar(body.guided, engine)))
+    grammar = await run_in_threadpool(generate_grammar, body.guided, engine)  # compiling may take a while
+    rows = rows_of(target.ref, texts, sampling_params(body, settings, grammar))
     if body.stream:
         admission.check_capacity()
         pieces = metrics.count_streamed(admission.stream(rows))

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
@@ -55,7 +56,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     _check_completion_fields(body, engine.loaded.is_seq2seq)
     info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
-    rows = _completion_rows(body, info.ref, prompts, settings, engine)
+    grammar = await run_in_threadpool(response_format_grammar, body.response_format, engine)
+    rows = _completion_rows(body, info.ref, prompts, settings, grammar)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _streamed(admission, metrics, rows, rid=rid, created=created, model=info.name)
@@ -79,7 +81,8 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     info = _served(body, engine, metrics, settings)
     _check_rows(body.n, settings)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _params(body, body.max_completion_tokens or body.max_tokens, settings, engine, logprobs=logprobs)
+    grammar = await run_in_threadpool(response_format_grammar, body.response_format, engine)
+    params = _params(body, body.max_completion_tokens or body.max_tokens, settings, grammar, logprobs=logprobs)
     prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     rows = [GenerateRow(info.ref, "", params, index=j, prompt_ids=prompt.ids) for j in range(body.n)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -147,13 +150,13 @@ def _check_rows(count: int, settings) -> None:
         raise invalid("n", f"{count} choices in all; at most {settings.max_inputs_per_request} per request")
 
 
-def _completion_rows(body: CompletionRequest, task, prompts: list[PromptIn], settings, engine: Engine
+def _completion_rows(body: CompletionRequest, task, prompts: list[PromptIn], settings, grammar: str | None
                      ) -> list[GenerateRow]:
     """best_of (default n) rows per prompt: row i × best_of + j is draw j of prompt i (its random stream)."""
     drawn = body.best_of or body.n
     _check_rows(len(prompts) * drawn, settings)
     ranked = drawn > body.n and body.logprobs is None  # ranking needs each token's log-probability
-    params = _params(body, body.max_tokens, settings, engine, logprobs=0 if ranked else body.logprobs)
+    params = _params(body, body.max_tokens, settings, grammar, logprobs=0 if ranked else body.logprobs)
     return [GenerateRow(task, p.text, params, index=i * drawn + j, prompt_ids=p.ids)
             for i, p in enumerate(prompts) for j in range(drawn)]
 
@@ -201,10 +204,9 @@ def _render_chat(engine: Engine, body: ChatRequest, max_input_tokens: int) -> li
     return ids
 
 
-def _params(body: SamplingFields, max_tokens: int | None, settings, engine: Engine, *,
+def _params(body: SamplingFields, max_tokens: int | None, settings, grammar: str | None, *,
             logprobs: int | None) -> SamplingParams:
     max_new = 16 if max_tokens is None else max_tokens
-    grammar = response_format_grammar(body.response_format, engine)
     check_guided(grammar, min_new=body.min_tokens, ignore_eos=body.ignore_eos, field="response_format",
                  names=("min_tokens", "ignore_eos"))
     check_lengths(settings, max_new, body.min_tokens, max_field="max_tokens", min_field="min_tokens")
