@@ -209,3 +209,16 @@ def test_the_openai_sdk_reads_logprobs_echo_and_structured_output(llama):
     content = chat.choices[0].logprobs.content
     assert "".join(c.token for c in content) == chat.choices[0].message.content
     assert all(len(c.top_logprobs) == 2 for c in content)
+
+
+def test_echo_of_more_prompts_than_a_chunk_equals_each_alone(llama, monkeypatch):
+    client, _, tokenizer = llama
+    monkeypatch.setattr(client.app.state.engine.loop, "max_rows", 2)  # echo forwards go in chunks of 2 prompts
+    prompts = [tokenizer(text)["input_ids"] for text in ("a", "bb", "ccc", "dddd", "eeeee")]
+    together = client.post("/v1/completions", json={"model": "gamma", "prompt": prompts, "max_tokens": 0,
+                                                    "echo": True, "logprobs": 1}).json()["choices"]
+    for prompt, choice in zip(prompts, together, strict=True):
+        alone = completion(client, model="gamma", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        assert choice["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(alone["logprobs"]["token_logprobs"][1:],
+                                                                         abs=1e-4)
