@@ -34,6 +34,8 @@ from .models import (
     ScoreResult,
     StreamEvent,
     TaskInfo,
+    TokenLogprob,
+    TopToken,
     Usage,
 )
 
@@ -42,6 +44,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptJob", "ApiError", "AsyncClient", "BadRequest", "ChoiceScore", "Client", "Conflict", "ExportError",
     "Forbidden", "GenerateResponse", "MhrError", "NotFound", "Output", "Overloaded", "Readiness", "ScoreResponse",
-    "ScoreResult", "ServerError", "StreamEvent", "TaskInfo", "TransportError", "Unauthorized", "UnknownTask",
-    "Usage", "ValidationError", "WaitTimeout", "raise_for_error",
+    "ScoreResult", "ServerError", "StreamEvent", "TaskInfo", "TokenLogprob", "TopToken", "TransportError",
+    "Unauthorized", "UnknownTask", "Usage", "ValidationError", "WaitTimeout", "raise_for_error",
 ]

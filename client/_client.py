@@ -37,6 +37,10 @@ def _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature
             "num_beams": num_beams, "stop": stop}
 
 
+def _guided(guided: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return dict(guided) if guided is not None else None
+
+
 def _training(method, init, k, steps, learning_rate, batch_size, seed, validation_fraction,
               overwrite) -> dict[str, Any]:
     return {"method": method, "init": init, "k": k, "steps": steps, "learning_rate": learning_rate,
@@ -89,21 +93,22 @@ class Client:
     def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                  min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 seed: int | None = None, num_beams: int | None = None,
-                 stop: list[str] | None = None) -> GenerateResponse:
+                 seed: int | None = None, num_beams: int | None = None, stop: list[str] | None = None,
+                 logprobs: int | None = None, guided: Mapping[str, Any] | None = None) -> GenerateResponse:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        return self._call(b.generate_call(task, inputs, options))
+        extra = {"logprobs": logprobs, "guided": _guided(guided)}
+        return self._call(b.generate_call(task, inputs, {**options, **extra}))
 
     @documented(d.STREAM)
     def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, num_beams: int | None = None,
-               stop: list[str] | None = None) -> Iterator[StreamEvent]:
+               stop: list[str] | None = None, guided: Mapping[str, Any] | None = None) -> Iterator[StreamEvent]:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        call = b.generate_call(task, inputs, options, stream=True)
+        call = b.generate_call(task, inputs, {**options, "guided": _guided(guided)}, stream=True)
         parser = b.SSEParser()
         try:
             with self._http.stream(call.method, call.path, json=call.json) as response:
@@ -230,21 +235,23 @@ class AsyncClient:
     async def generate(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                        min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                       seed: int | None = None, num_beams: int | None = None,
-                       stop: list[str] | None = None) -> GenerateResponse:
+                       seed: int | None = None, num_beams: int | None = None, stop: list[str] | None = None,
+                       logprobs: int | None = None, guided: Mapping[str, Any] | None = None) -> GenerateResponse:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        return await self._call(b.generate_call(task, inputs, options))
+        extra = {"logprobs": logprobs, "guided": _guided(guided)}
+        return await self._call(b.generate_call(task, inputs, {**options, **extra}))
 
     @documented(d.STREAM)
     async def stream(self, task: b.Task, inputs: str | list[str], *, max_new_tokens: int | None = None,
                      min_new_tokens: int | None = None, ignore_eos: bool | None = None, do_sample: bool = False,
                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                      seed: int | None = None, num_beams: int | None = None,
-                     stop: list[str] | None = None) -> AsyncIterator[StreamEvent]:
+                     stop: list[str] | None = None, guided: Mapping[str, Any] | None = None
+                     ) -> AsyncIterator[StreamEvent]:
         options = _sampling(max_new_tokens, min_new_tokens, ignore_eos, do_sample, temperature, top_p, top_k, seed,
                             num_beams, stop)
-        call = b.generate_call(task, inputs, options, stream=True)
+        call = b.generate_call(task, inputs, {**options, "guided": _guided(guided)}, stream=True)
         parser = b.SSEParser()
         try:
             async with self._http.stream(call.method, call.path, json=call.json) as response:

@@ -35,6 +35,21 @@ _SAMPLING = """\
         (the string itself is left out, ``finish_reason`` is "stop"). None: no stop strings.
 """
 
+_LOGPROBS = """\
+    logprobs: Also return each generated token's log-probability (log_softmax of the model's logits with the
+        task's adapter, before temperature and filters) and the ``logprobs`` most likely tokens at its position,
+        best first, in ``Output.logprobs``; 0 to 20. Not with ``num_beams`` > 1. None: none returned.
+"""
+
+_GUIDED = """\
+    guided: Structured output: every output follows exactly one of ``{"json_schema": {...}}`` (validates against the
+        JSON schema), ``{"regex": "..."}`` (matches the whole regular expression, Rust syntax) or
+        ``{"choice": ["a", "b"]}`` (is one of the strings), and ends once complete. Not with ``num_beams`` > 1,
+        ``ignore_eos`` or ``min_new_tokens``. An output cut by ``max_new_tokens`` (``finish_reason`` "length") is
+        only the start of a valid one. A schema or regex the server cannot compile: ValidationError with ``.field``
+        "guided.json_schema" or "guided.regex". None: free text.
+"""
+
 _TASK_REFUSED = """\
     UnknownTask: 404: ``task`` is a name the server does not know.
     Conflict: 409: ``task`` is a composed task one of whose members has been deleted since.

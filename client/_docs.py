@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 
 from ._doc_parts import (
     _FAILURES,
+    _GUIDED,
     _INPUTS,
     _JOB_FIELDS,
     _JOB_ID,
+    _LOGPROBS,
     _MIX_REFUSED,
     _NOT_RETRIED,
     _READING_KEY,
@@ -67,13 +69,14 @@ GENERATE = f"""\
 Generate a text for each input with the task's adapter (POST /generate).
 
 Args:
-{_TASK}{_INPUTS}{_SAMPLING}
+{_TASK}{_INPUTS}{_SAMPLING}{_LOGPROBS}{_GUIDED}
 Returns:
     GenerateResponse: ``.outputs``, one per input, each with ``.text``, ``.prompt_tokens``,
-        ``.completion_tokens`` and ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
-        ``max_new_tokens`` reached); ``.texts`` (the texts alone), ``.usage`` (token totals), ``.task`` (the
-        task's name, or a mix's canonical name: "mix(alpha=0.7,beta=0.3)") and ``.version`` (of the task's adapter
-        that ran; None for a mix).
+        ``.completion_tokens``, ``.finish_reason`` ("stop": end of sequence or a stop string; "length":
+        ``max_new_tokens`` reached) and, with ``logprobs``, ``.logprobs`` (per generated token: ``.token``,
+        ``.id``, ``.logprob`` and ``.top``, the most likely tokens); ``.texts`` (the texts alone), ``.usage``
+        (token totals), ``.task`` (the task's name, or a mix's canonical name: "mix(alpha=0.7,beta=0.3)") and
+        ``.version`` (of the task's adapter that ran; None for a mix).
 
 Raises:
 {_TASK_REFUSED}{_MIX_REFUSED}{_TOO_LARGE}{_READING_KEY}{_NOT_RETRIED}"""
@@ -86,7 +89,7 @@ every exception below, a refused request included, is raised by the iteration. A
 event raises TransportError.
 
 Args:
-{_TASK}{_INPUTS}{_SAMPLING}
+{_TASK}{_INPUTS}{_SAMPLING}{_GUIDED}
 Yields:
     StreamEvent: For each new piece of text, ``.index`` (which input) and ``.text`` (the piece); then one last
         event with ``.done`` True and ``.response``, the whole GenerateResponse as ``generate()`` returns it.

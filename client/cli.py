@@ -19,16 +19,13 @@ from typing import Any, TextIO
 import httpx
 
 from ._base import DEFAULT_URL, Task
+from ._cli_args import UsageError, _guided, _sampling
 from ._client import Client
 from .exceptions import ApiError, MhrError
 from .models import AdaptJob, GenerateResponse, Model
 
 Handler = Callable[[Client, argparse.Namespace], int]
 RETRIEVE = "retrieve"  # the adaptation method that trains nothing: its job has no steps to show
-
-
-class UsageError(Exception):
-    """A problem with the command line or its files (exit status 2)."""
 
 
 def parse_mix(pairs: Sequence[str]) -> dict[str, float]:
@@ -82,13 +79,6 @@ def _table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-            "ignore_eos": args.ignore_eos or None, "do_sample": args.do_sample, "temperature": args.temperature,
-            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "num_beams": args.num_beams,
-            "stop": args.stop}
-
-
 def task_and_texts(args: argparse.Namespace) -> tuple[Task, list[str]]:
     """``TASK TEXT...``, or with ``--mix`` every positional argument is a TEXT."""
     if args.mix is not None:
@@ -102,11 +92,11 @@ def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
     task, texts = task_and_texts(args)
     inputs = texts[0] if len(texts) == 1 else texts
     if not args.stream:
-        response = mhr.generate(task, inputs, **_sampling(args))
-        _print_json(response) if args.json else print("\n".join(response.texts))
+        response = mhr.generate(task, inputs, **_sampling(args), logprobs=args.logprobs, guided=_guided(args))
+        _print_json(response) if args.json else _print_outputs(response, args.logprobs is not None)
         return 0
     final: GenerateResponse | None = None
-    for event in mhr.stream(task, inputs, **_sampling(args)):
+    for event in mhr.stream(task, inputs, **_sampling(args), guided=_guided(args)):
         if args.json:
             print(event.model_dump_json(exclude_none=True), flush=True)
         elif event.done:
@@ -116,6 +106,15 @@ def cmd_generate(mhr: Client, args: argparse.Namespace) -> int:
     if final is not None:
         print("\n".join(final.texts) if len(texts) > 1 else "")
     return 0
+
+
+def _print_outputs(response: GenerateResponse, with_logprobs: bool) -> None:
+    """The texts, one a line; with --logprobs each is followed by its tokens: token, log-probability, top tokens."""
+    for output in response.outputs:
+        print(output.text)
+        for entry in (output.logprobs or []) if with_logprobs else []:
+            top = " ".join(f"{t.token!r}={t.logprob:.4f}" for t in entry.top)
+            print(f"  {entry.token!r}\t{entry.logprob:.4f}\t{top}")
 
 
 def cmd_score(mhr: Client, args: argparse.Namespace) -> int:
@@ -291,6 +290,11 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--json-schema", metavar="FILE", help="structured output: the text is JSON valid against "
+                        "the schema in FILE")
+    parser.add_argument("--regex", metavar="RE", help="structured output: the text matches RE (Rust regex syntax)")
+    parser.add_argument("--logprobs", type=int, metavar="K",
+                        help="also print each token's log-probability and the K most likely tokens (not with --stream)")
     parser.add_argument("--json", action="store_true", help="print the whole response (JSON lines with --stream)")
 
 

@@ -17,11 +17,24 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class TopToken(Model):
+    token: str  # its decoded text (a byte-level tokenizer's partial character: the tokenizer's own token)
+    id: int
+    logprob: float
+
+
+class TokenLogprob(TopToken):
+    """A generated token, its log-probability, and the most likely tokens at its position (best first)."""
+
+    top: list[TopToken]
+
+
 class Output(Model):
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None  # with generate(logprobs=k): one per generated token
 
 
 class Usage(Model):

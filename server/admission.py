@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from starlette.requests import Request
 
 from .engine import Completion, Engine, GenerateRow, RowScores, ScoreRow, ShuttingDown
+from .engine.rows import TokenLogprob
 
 
 class Overloaded(RuntimeError):
@@ -113,6 +114,15 @@ class Admission:
         self.pending += 1
         try:
             return await asyncio.wrap_future(self.engine.submit_score(rows).future)
+        finally:
+            self.pending -= 1
+
+    async def prompt_logprobs(self, task, prompts: list[list[int]], top_k: int) -> list[list[TokenLogprob]]:
+        """Causal LM: each prompt token's log-probability and the top_k most likely tokens (Engine.prompt_logprobs)."""
+        self.check_capacity()
+        self.pending += 1
+        try:
+            return await asyncio.to_thread(self.engine.prompt_logprobs, task, prompts, top_k)
         finally:
             self.pending -= 1
 

@@ -82,9 +82,18 @@ def error_response(status: int, type_: str, message: str, field: str | None = No
     return JSONResponse(error_body(type_, message, field), status_code=status, headers=headers)
 
 
+_MEMBER_NAMES = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names of a union's members in a loc
+
+
 def _field_of(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """The field a validation error's loc points at, without pydantic's union member names ("constrained-str",
+    "list[int]", …): `prompt`, `prompt.1`, `messages.0.role`."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _member_name(p)]
     return ".".join(parts) or "body"
+
+
+def _member_name(part) -> bool:
+    return isinstance(part, str) and (part in _MEMBER_NAMES or "[" in part or "-" in part)
 
 
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

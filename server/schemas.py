@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .adapt.states import JobState
 
@@ -26,6 +26,22 @@ class MixSpec(StrictModel):
 TaskOrMix = TaskName | MixSpec
 
 
+class GuidedSpec(StrictModel):
+    """Exactly one of the three: the output must follow it (llguidance; see README, Structured output)."""
+
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output validates against")
+    regex: Annotated[str, StringConstraints(min_length=1, max_length=10_000)] | None = Field(
+        None, description="a regular expression the whole output matches (Rust regex syntax)")
+    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]],
+                      Field(min_length=1, max_length=256)] | None = Field(None, description="one of these strings")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> GuidedSpec:
+        if sum(v is not None for v in (self.json_schema, self.regex, self.choice)) != 1:
+            raise ValueError("give exactly one of json_schema, regex, choice")
+        return self
+
+
 class GenerateRequest(StrictModel):
     task: TaskOrMix = Field(description="a task name from GET /tasks (__mu__: the μ adapter), or {\"mix\": {...}}")
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
@@ -41,6 +57,21 @@ class GenerateRequest(StrictModel):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(default_factory=list,
                                                                                          max_length=16)
     stream: bool = Field(False, description="server-sent events: one `data:` per new piece of text, then `done`")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each generated token's log-probability and the k "
+                                 "most likely tokens at its position (not with num_beams > 1 or stream)")
+    guided: GuidedSpec | None = Field(None, description="structured output: a JSON schema, a regex or a list of "
+                                      "choices the output follows (not with num_beams > 1, min_new_tokens, ignore_eos)")
+
+
+class TopToken(BaseModel):
+    token: str = Field(description="the token's decoded text (a byte-level tokenizer's partial character: the "
+                       "tokenizer's own token)")
+    id: int
+    logprob: float
+
+
+class TokenLogprobOut(TopToken):
+    top: list[TopToken] = Field(description="the k most likely tokens at this position, best first")
 
 
 class Output(BaseModel):
@@ -48,6 +79,8 @@ class Output(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="with logprobs: one entry per generated token "
+                                                   "(log_softmax of the model's raw logits, as vLLM's)")
 
 
 class Usage(BaseModel):

@@ -89,6 +89,32 @@ def printable_only(model):
     return model
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as one printable character (what tokenizers' ByteLevel reads)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def save_bos_byte_tokenizer(folder: Path) -> None:
+    """Replace the ByT5 tokenizer in `folder` with a Llama-like one over the same ids (byte b -> b + 3; <pad> 0,
+    <s> 1, </s> 2: tiny_llama's pad, bos, eos) that puts <s> first and adds nothing at the end, as causal LMs'
+    tokenizers do (ByT5's appends </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{char: b + 3 for b, char in _byte_to_unicode().items()}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", 1)])
+    for old in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        (Path(folder) / old).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+
+
 def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: int = 3, seed: int = 0,
                 task_names: list[str] | None = None, sharp: bool | float = True, printable: bool = False):
     """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference).

@@ -29,11 +29,11 @@ from .paged_attention import avoid_per_length_attention_plans, install
 from .paged_kv import PagedKV
 from .plan import Policy
 from .prepack import prepack_supported
-from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
+from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow, TokenLogprob
 from .running_batch import RunningBatch
 from .scheduler import LoopStats, Scheduler
 from .score_queue import ScoreJob
-from .scoring import score_pairs
+from .scoring import prompt_logprobs, score_pairs
 from .sequence import GenerateJob, RowMaker
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,26 @@ class Engine:
         """Every (row, choice) pair's log-likelihood, each pair with its row's task adapter."""
         self._not_on_loop("score")
         return [scored.choices for scored in self.submit_score(rows).future.result()]
+
+    def prompt_logprobs(self, task: TaskRef, prompts: list[list[int]], top_k: int) -> list[list[TokenLogprob]]:
+        """Causal LMs (OpenAI's echo with logprobs): per prompt, per token, log P(token | the tokens before it) and
+        the top_k most likely tokens, with the task's adapter. In chunks of the batch's row limit, one teacher-forced
+        forward each between the loop's iterations (as /score's chunks), so generation goes on in between. A
+        seq2seq model's prompt is its encoder's input, which it does not predict: ValueError."""
+        self._not_on_loop("prompt_logprobs")
+        if self.loaded.is_seq2seq:
+            raise ValueError("a seq2seq model's prompt is its encoder's input: it has no log-probabilities")
+        chunk = self.loop.policy.max_rows
+        out: list[list[TokenLogprob]] = []
+        for start in range(0, len(prompts), chunk):
+            out += self.loop.call(lambda part=prompts[start: start + chunk]: self._prompt_chunk(task, part, top_k))
+        return out
+
+    def _prompt_chunk(self, task: TaskRef, prompts: list[list[int]], top_k: int) -> list[list[TokenLogprob]]:
+        adapters, keys = self.adapters_and_keys([task])
+        pad_id = self.tokenizer.pad_token_id or 0  # padding is masked: any id will do
+        with self.slots.activate(adapters, key=keys[0]):
+            return prompt_logprobs(self.model, self.loaded.device, prompts, top_k, pad_id)
 
     # ---- adaptation ---------------------------------------------------------------------------
     def train_step(self, make_adapter: Callable[[], TaskAdapter], batch: dict[str, torch.Tensor]) -> float:

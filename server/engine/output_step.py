@@ -1,8 +1,9 @@
 """The one place where a forward's logits become tokens for the rows that ran it.
 
-    free rows (ActiveRow):   each row's sampler (greedy or its own sampling parameters, sampling.py), then
-                             ActiveRow.accept: end of sequence, its max_new_tokens, a stop string -> ended;
-                             else the streamable text goes to its callback
+    free rows (ActiveRow):   each row's sampler (greedy or its own sampling parameters, a guided row's grammar mask,
+                             its log-probabilities where asked: sampling.py), then ActiveRow.accept: end of
+                             sequence, its max_new_tokens, a stop string -> ended; else the streamable text goes
+                             to its callback
     beam rows (BeamRow):     each beam group's search picks its beams' tokens and parents (beam_rows.py); the
                              group's rows end together when the search has ended
 Returns the rows that ended and, when beams changed parents, the cache order the batch must take:
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .beam_rows import BeamGroup, BeamRow
-from .sampling import next_tokens
+from .sampling import choose
 from .sequence import ActiveRow
 
 
@@ -32,11 +33,11 @@ def apply(rows: list, logits: torch.Tensor, eos_ids: frozenset[int]) -> StepOutp
     free = [i for i, row in enumerate(rows) if isinstance(row, ActiveRow)]
     if free:
         with torch.inference_mode():
-            tokens = next_tokens(logits[free] if len(free) < len(rows) else logits,
-                                 [rows[i] for i in free], eos_ids).tolist()
-        for i, token in zip(free, tokens, strict=True):
+            tokens, logprobs = choose(logits[free] if len(free) < len(rows) else logits, [rows[i] for i in free],
+                                      eos_ids)
+        for i, token, logprob in zip(free, tokens.tolist(), logprobs, strict=True):
             row = rows[i]
-            if row.accept(token, eos_ids):
+            if row.accept(token, eos_ids, logprob):
                 out.ended.append(row)
             else:
                 row.stream()

@@ -21,6 +21,8 @@ class SamplingParams:
     num_beams: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each chosen token's log-probability and the k most likely
+    grammar: str | None = None  # llguidance's grammar (guided.py): only tokens it allows are chosen
 
     def beam_key(self) -> tuple:
         """Beam-search rows may share one search only when this key is equal (results depend on the limit)."""
@@ -38,6 +40,16 @@ class GenerateRow:
     prompt_ids: list[int] | None = None  # already tokenised (e.g. a rendered chat template); else `text` is
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position of a sequence: its token, that token's log-probability under the model (log_softmax of the
+    raw logits, before temperature / top-k / top-p), and the most likely tokens there, best first."""
+
+    token: int
+    logprob: float | None  # None: no prediction for this position (a causal prompt's first token, an encoder input)
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), descending
+
+
 @dataclass
 class Completion:
     text: str
@@ -45,6 +57,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length" | "cancelled"
     version: int | None = None  # the version of the task's adapter that produced it
+    logprobs: list[TokenLogprob] | None = None  # params.logprobs set: one per generated token, a final EOS included
 
 
 @dataclass

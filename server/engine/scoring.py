@@ -2,6 +2,8 @@
 
 seq2seq: encoder reads the input, the decoder is teacher-forced on the choice (with its end-of-sequence
 token, as the tokenizer adds it). causal LM: the choice's tokens continue the input's.
+`prompt_logprobs` gives the same causal log-probabilities token by token (with the most likely tokens), for
+OpenAI's `echo` / `logprobs`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .rows import TokenLogprob
+from .sampling import logprob_entries
 from .sequences import IGNORE, join_prompts
 
 
@@ -41,3 +45,23 @@ def _causal_logits(model, tokenizer, device, texts, choices):
     ids, labels, attention = join_prompts(prompts, conts, tokenizer.pad_token_id)
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (N, T, V)
     return logits[:, :-1], labels[:, 1:].to(device)  # position t predicts token t+1
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, device: torch.device, prompts: list[list[int]], top_k: int,
+                    pad_id: int) -> list[list[TokenLogprob]]:
+    """Causal LM, teacher-forced on token ids: for each prompt, every token with log P(token | the tokens before it)
+    and the top_k most likely tokens at its position; the first token has no prediction (logprob None)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # right-padded
+    attention = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = torch.tensor(prompt)
+        attention[i, : len(prompt)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (N, T, V)
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # (N, T-1, V): position t predicts token t+1
+    out = []
+    for i, prompt in enumerate(prompts):
+        first = TokenLogprob(prompt[0], None)
+        out.append([first, *logprob_entries(logprobs[i, : len(prompt) - 1], ids[i, 1: len(prompt)], top_k)])
+    return out

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from adapter_store import AdapterKey, TaskAdapter
 
 from .beam_rows import BeamGroup
+from .guided import RowGuide
 from .row_text import RowText
-from .rows import Completion, GenerateRow, SamplingParams
+from .rows import Completion, GenerateRow, SamplingParams, TokenLogprob
 from .sampling import row_generator
 
 
@@ -70,6 +71,8 @@ class ActiveRow:
         self.text = RowText(tokenizer, self.params.stop)
         self.generator = row_generator(self.params, self.row.index)
         self.tokens: list[int] = []  # generated, end-of-sequence excluded
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
+        self.guide = RowGuide(self.params.grammar, tokenizer) if self.params.grammar else None
         self.last_token: int | None = None
         self.finish_reason: str | None = None
         self.adapter: TaskAdapter | None = None
@@ -84,9 +87,14 @@ class ActiveRow:
     def generated(self) -> int:
         return len(self.tokens)
 
-    def accept(self, token: int, eos_ids: frozenset[int]) -> bool:
-        """Take the next token; True when the row has ended (end of sequence, its limit, a stop string)."""
+    def accept(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> bool:
+        """Take the next token (and its log-probability entry, kept when the row asked for them, an end of sequence
+        included); True when the row has ended (end of sequence, its limit, a stop string)."""
         self.last_token = token
+        if self.guide is not None:
+            self.guide.accept(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
             return True
@@ -112,7 +120,7 @@ class ActiveRow:
     def completion(self) -> Completion:
         version = self.key.version if isinstance(self.key, AdapterKey) else None
         return Completion(self.text.final_text(self.tokens), len(self.prompt_ids), len(self.tokens),
-                          self.finish_reason or "cancelled", version)
+                          self.finish_reason or "cancelled", version, self.logprobs)
 
 
 @dataclass

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion
-from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, Usage
+from ..guided_spec import generate_grammar
+from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, TokenLogprobOut, TopToken, Usage
 from ..security import ReadingKey
 from ..sse import generate_events
+from ..token_strings import TokenStrings, token_strings
 from .validation import Served, rows_of, sampling_params, task_and_texts, version_served
 
 router = APIRouter(tags=["generate"])
@@ -20,7 +23,8 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                    settings: SettingsDep, metrics: MetricsDep):
     target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
-    rows = rows_of(target.ref, texts, sampling_params(body, settings))
+    grammar = await run_in_threadpool(generate_grammar, body.guided, engine)  # compiling may take a while
+    rows = rows_of(target.ref, texts, sampling_params(body, settings, grammar))
     if body.stream:
         admission.check_capacity()
         pieces = metrics.count_streamed(admission.stream(rows))
@@ -28,13 +32,23 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, a
                                  media_type="text/event-stream")
     completions = await admission.generate(rows, until_disconnect=request)
     metrics.tokens.inc(sum(c.completion_tokens for c in completions))
-    return to_response(target, completions)
+    return to_response(target, completions, token_strings(engine.tokenizer))
 
 
-def to_response(target: Served, completions: list[Completion]) -> GenerateResponse:
+def to_response(target: Served, completions: list[Completion], strings: TokenStrings | None = None
+                ) -> GenerateResponse:
     outputs = [Output(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                      finish_reason=c.finish_reason) for c in completions]
+                      finish_reason=c.finish_reason, logprobs=_logprobs(c, strings)) for c in completions]
     usage = Usage(prompt_tokens=sum(o.prompt_tokens for o in outputs),
                   completion_tokens=sum(o.completion_tokens for o in outputs))
     return GenerateResponse(task=target.name, version=version_served(target, completions[0].version), outputs=outputs,
                             usage=usage)
+
+
+def _logprobs(completion: Completion, strings: TokenStrings | None) -> list[TokenLogprobOut] | None:
+    """One entry per generated token (a final end of sequence is not one of them)."""
+    if completion.logprobs is None or strings is None:
+        return None
+    return [TokenLogprobOut(token=strings.string(e.token), id=e.token, logprob=e.logprob,
+                            top=[TopToken(token=strings.string(t), id=t, logprob=v) for t, v in e.top])
+            for e in completion.logprobs[: completion.completion_tokens]]

@@ -81,7 +81,20 @@ def check_lengths(settings: Settings, max_new: int, min_new: int, *, max_field: 
         raise invalid(min_field, f"{min_new} is more than {max_field} ({max_new})")
 
 
-def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
+def check_guided(grammar: str | None, *, beams: int = 1, min_new: int = 0, ignore_eos: bool = False,
+                 field: str = "guided", names: tuple[str, str] = ("min_new_tokens", "ignore_eos")) -> None:
+    """Guided rows run in the decoding loop and end when their grammar is complete: no beams, no forced length."""
+    if grammar is None:
+        return
+    if beams > 1:
+        raise invalid(field, "not available with beam search (num_beams > 1)")
+    if min_new:
+        raise invalid(names[0], f"not available with {field}: the grammar decides where the output ends")
+    if ignore_eos:
+        raise invalid(names[1], f"not available with {field}: the grammar decides where the output ends")
+
+
+def sampling_params(body: GenerateRequest, settings: Settings, grammar: str | None = None) -> SamplingParams:
     max_new = body.max_new_tokens or settings.default_max_new_tokens
     check_lengths(settings, max_new, body.min_new_tokens)
     beam_limit = min(settings.max_num_beams, settings.max_batch_size)  # beams decode as rows of one batch
@@ -89,9 +102,13 @@ def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams
         raise invalid("num_beams", f"{body.num_beams} is more than the server's limit {beam_limit}")
     if body.stream and body.num_beams > 1:
         raise invalid("stream", "streaming is not available with beam search (num_beams > 1)")
+    if body.logprobs is not None and (body.num_beams > 1 or body.stream):
+        raise invalid("logprobs", "not available with beam search (num_beams > 1) or stream")
+    check_guided(grammar, beams=body.num_beams, min_new=body.min_new_tokens, ignore_eos=body.ignore_eos)
     return SamplingParams(max_new_tokens=max_new, min_new_tokens=body.min_new_tokens, ignore_eos=body.ignore_eos,
                           do_sample=body.do_sample, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                          num_beams=body.num_beams, seed=body.seed, stop=tuple(body.stop))
+                          num_beams=body.num_beams, seed=body.seed, stop=tuple(body.stop),
+                          logprobs=body.logprobs, grammar=grammar)
 
 
 def rows_of(task: TaskRef, texts: list[str], params: SamplingParams) -> list[GenerateRow]:

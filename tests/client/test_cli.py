@@ -56,6 +56,16 @@ def test_generate_prints_texts_or_json_and_reads_the_environment(capsys, monkeyp
     assert json.loads(server.requests[0].content)["inputs"] == ["a", "b"]
 
 
+def test_generate_with_logprobs_prints_each_token(capsys):
+    with_logprobs = {"task": "alpha", "version": 1, "usage": {"prompt_tokens": 2, "completion_tokens": 2}, "outputs": [
+        {"text": "hi", "prompt_tokens": 2, "completion_tokens": 2, "finish_reason": "length", "logprobs": [
+            {"token": "h", "id": 107, "logprob": -0.5, "top": [{"token": "h", "id": 107, "logprob": -0.5}]},
+            {"token": "i", "id": 108, "logprob": -1.25, "top": [{"token": "i", "id": 108, "logprob": -1.25}]}]}]}
+    status, server = run({("POST", "/generate"): with_logprobs}, "generate", "alpha", "x", "--logprobs", "1")
+    assert status == 0 and capsys.readouterr().out == "hi\n  'h'\t-0.5000\t'h'=-0.5000\n  'i'\t-1.2500\t'i'=-1.2500\n"
+    assert json.loads(server.requests[0].content)["logprobs"] == 1
+
+
 def test_generate_stream_prints_pieces(capsys):
     stream = httpx.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})
     status, _ = run({("POST", "/generate"): stream}, "generate", "alpha", "hello", "--stream")
@@ -94,6 +104,20 @@ def test_generate_and_score_take_a_mix_instead_of_the_task(capsys):
     assert status == 0 and json.loads(capsys.readouterr().out)["version"] is None
     assert json.loads(server.requests[0].content) == {"task": {"mix": {"alpha": 3.0}}, "inputs": "is it?",
                                                       "choices": ["yes"]}
+
+
+def test_generate_with_a_json_schema_file_or_a_regex_sends_guided(capsys, tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--json-schema",
+                         str(tmp_path / "schema.json"))
+    assert status == 0 and json.loads(server.requests[0].content)["guided"] == {"json_schema": schema}
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--regex", "[0-9]+")
+    assert status == 0 and json.loads(server.requests[0].content)["guided"] == {"regex": "[0-9]+"}
+    capsys.readouterr()
+    status, server = run({("POST", "/generate"): GENERATED}, "generate", "alpha", "x", "--json-schema",
+                         str(tmp_path / "missing.json"))
+    assert status == 2 and server.requests == [] and "--json-schema" in capsys.readouterr().err
 
 
 def test_generate_without_a_text_is_a_usage_error(capsys):

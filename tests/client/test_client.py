@@ -88,6 +88,27 @@ def test_async_generate_and_adapt_bodies():
                                 "examples": [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]}
 
 
+def test_async_generate_and_stream_send_logprobs_and_guided_and_parse_token_logprobs():
+    entry = {"token": "h", "id": 107, "logprob": -0.25, "top": [{"token": "h", "id": 107, "logprob": -0.25},
+                                                                {"token": "j", "id": 109, "logprob": -2.0}]}
+    with_logprobs = {**GENERATED, "outputs": [{**GENERATED["outputs"][0], "logprobs": [entry]}]}
+    stream = httpx.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})
+    recorder = Recorder(httpx.Response(200, json=with_logprobs), stream)
+    schema = MappingProxyType({"json_schema": {"type": "object"}})
+
+    async def work(mhr):
+        generated = await mhr.generate("alpha", "x", logprobs=2, guided=schema)
+        events = [event async for event in mhr.stream("alpha", "x", guided={"regex": "[a-z]+"})]
+        return generated, events
+    generated, events = run_async(recorder, work)
+    output = generated.outputs[0]
+    assert output.logprobs[0].logprob == -0.25 and [t.id for t in output.logprobs[0].top] == [107, 109]
+    assert recorder.body(0) == {"task": "alpha", "inputs": "x", "logprobs": 2, "guided": {"json_schema": {
+        "type": "object"}}}
+    assert recorder.body(1) == {"task": "alpha", "inputs": "x", "stream": True, "guided": {"regex": "[a-z]+"}}
+    assert events[-1].done
+
+
 def test_a_mix_goes_where_a_task_name_goes_and_its_answer_has_no_version():
     scored = {"task": MIX_NAME, "version": None, "results": [{"best": "no", "best_index": 1, "best_by_mean_index": 1,
               "scores": [{"choice": "yes", "logprob_sum": -3.0, "logprob_mean": -1.5, "tokens": 2},

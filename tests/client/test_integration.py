@@ -71,6 +71,31 @@ def test_generate_stream_and_score(mhr):
     assert scored.results[0].best in ("yes", "no") and len(scored.results[0].scores) == 2
 
 
+def test_generate_with_logprobs_equals_the_servers_answer(mhr, app_client):
+    response = mhr.generate("beta", ["hello", "world"], max_new_tokens=4, logprobs=3, ignore_eos=True)
+    raw = app_client.post("/generate", json={"task": "beta", "inputs": ["hello", "world"], "max_new_tokens": 4,
+                                             "logprobs": 3, "ignore_eos": True}).json()
+    assert [o.model_dump() for o in response.outputs] == raw["outputs"]
+    for output in response.outputs:
+        assert len(output.logprobs) == 4 and all(len(entry.top) == 3 for entry in output.logprobs)
+        assert all(entry.top[0].logprob >= entry.top[2].logprob for entry in output.logprobs)
+    assert mhr.generate("beta", "hello", max_new_tokens=2).outputs[0].logprobs is None
+    with pytest.raises(ValidationError) as refused:
+        mhr.generate("beta", "hello", max_new_tokens=2, logprobs=1, num_beams=2)
+    assert refused.value.field == "logprobs"
+
+
+def test_guided_generation_and_stream_follow_the_grammar(mhr):
+    choices = ["red", "green", "blue"]
+    response = mhr.generate("alpha", ["one", "two", "three"], guided={"choice": choices})
+    assert set(response.texts) <= set(choices) and all(o.finish_reason == "stop" for o in response.outputs)
+    events = list(mhr.stream("gamma", "x", guided={"regex": "[a-f]{3}"}, max_new_tokens=8))
+    assert len(events[-1].response.texts[0]) == 3 and set(events[-1].response.texts[0]) <= set("abcdef")
+    with pytest.raises(ValidationError) as refused:
+        mhr.generate("alpha", "x", guided={"regex": "("})
+    assert refused.value.field == "guided.regex"
+
+
 def test_a_composed_task_serves_as_its_mix_does(mhr):
     mix = {"alpha": 0.7, "beta": 0.3}
     adhoc = mhr.generate(mix, ["hello", "world"], max_new_tokens=4)
