@@ -80,3 +80,18 @@ def test_chat_errors(chat_client, client):
     too_long = chat_client.post("/v1/chat/completions", json={
         "model": "alpha", "messages": [{"role": "user", "content": "x" * 100}]})
     assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "messages"
+
+
+def test_chat_equals_the_completions_route_fed_the_rendered_prompt(chat_client, chat_bundle):
+    """One decoding path: the chat route's rendered prompt reaches the loop (a second path once decoded from an
+    empty prompt), so it answers as /v1/completions does for the same token ids."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_bundle[0] / "model")
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for task, options in (("alpha", {}), ("gamma", {"temperature": 1.0, "seed": 3}), ("beta", {"n": 2, "seed": 5,
+                                                                                               "temperature": 1.5})):
+        body = {"model": task, "max_tokens": 8, "temperature": 0, **options}
+        chat = chat_client.post("/v1/chat/completions", json={**body, "messages": MESSAGES}).json()
+        plain = chat_client.post("/v1/completions", json={**body, "prompt": ids}).json()
+        assert [c["message"]["content"] for c in chat["choices"]] == [c["text"] for c in plain["choices"]]
+        assert chat["usage"] == plain["usage"]
