@@ -29,7 +29,7 @@ def store(tmp_path_factory):
 
 def dense_top_input_direction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The top left singular vector of the dense ΔW = A B (d_in, d_out): y = x ΔW, x on the left."""
-    u, _, _ = torch.linalg.svd((a.double() @ b.double()))
+    u, _, _ = torch.linalg.svd(a.double() @ b.double())
     return u[:, 0]
 
 
