@@ -95,6 +95,38 @@ def only_arrow(slots: AdapterSlots, adapters: Sequence[TaskAdapter | None], star
     attach(slots, adapters, start, end, recorder)
 
 
+def point(slots: AdapterSlots, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable], start: int, end: int,
+          recorder: RoutingRecorder | None = None) -> bool:
+    """The running batch's layers for rows [start, end) when Arrow rows are among them (else False: nothing
+    done). Re-pointed only when the rows changed, or to record a prefill's routing."""
+    window = adapters[start:end]
+    if not has_arrow(window):
+        return False
+    applied = ("arrow", tuple(keys), start, end)
+    if slots.applied == applied and recorder is None:
+        return True
+    if all(is_arrow(a) for a in window):
+        only_arrow(slots, adapters, start, end, recorder)
+    else:
+        slots.use_rows(adapters, keys, start, end)
+        attach(slots, adapters, start, end, recorder)
+    slots.applied = applied
+    return True
+
+
+def recorder_for(adapters: Sequence[TaskAdapter | None], attention_mask: torch.Tensor) -> RoutingRecorder | None:
+    """A recorder of a prefill's routing when some of its rows are Arrow rows (mask: the prompts' tokens)."""
+    return RoutingRecorder(attention_mask.cpu()) if has_arrow(adapters) else None
+
+
+def record_routing(rows: Sequence, recorder: RoutingRecorder) -> None:
+    """Each Arrow row's routing over its prompt: {expert: its weight averaged over tokens, then layers}."""
+    for p, row in enumerate(rows):
+        average = recorder.average(p)
+        if is_arrow(row.adapter) and average is not None:
+            row.routing = row.adapter.experts_weights(average)
+
+
 def stop_recording(slots: AdapterSlots) -> None:
     for layer in slots.layers.values():
         if layer.active is not None and layer.active.arrow:

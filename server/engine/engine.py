@@ -13,14 +13,19 @@ here are the engine's operations, safe to call from any other thread:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
+from adapter_store.arrow import ArrowLibraries, ArrowSpec
 
+from . import arrow_rows
 from .adapter_slots import AdapterSlots
-from .decode_state import check_loop_supported
+from .arrow_rows import ArrowAdapter, ArrowKey
+from .decode_state import check_loop_supported, prefill
 from .kv_cache import avoid_per_length_attention_plans
 from .loader import LoadedModel, ModelLoadError, eos_token_ids
 from .memory_plan import Demands, MemoryFigures, kv_bytes_per_position, make_resident, measure, plan_memory
@@ -58,6 +63,9 @@ class Engine:
         self.store = store
         self.cache = cache
         self.eos_ids = eos_token_ids(loaded.model)
+        self.arrow = ArrowLibraries(loaded.device, loaded.dtype)  # Arrow's libraries (zero-shot routing per token)
+        self._arrow_adapters: dict[ArrowKey, ArrowAdapter] = {}
+        self._arrow_lock = threading.Lock()
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
         demands = self._demands(max_batch_size, max_batch_tokens, longest_row, prepack_weights, merge_single_task)
@@ -112,10 +120,13 @@ class Engine:
         """The task's adapter on the engine's device and dtype; routed at most once per version."""
         return self.adapters_and_keys([task])[0][0]
 
-    def adapters_and_keys(self, tasks: Sequence[TaskRef]) -> tuple[list[TaskAdapter], list[Hashable]]:
+    def adapters_and_keys(self, tasks: Sequence[TaskRef | ArrowSpec]) -> tuple[list[TaskAdapter], list[Hashable]]:
         """Each task's adapter and the cache key that names its content. Misses are routed together (one
         pass over the inventory). Consistent even if a new version of a task lands meanwhile: then the
-        entry, possibly routed from the newer version, is dropped and redone."""
+        entry, possibly routed from the newer version, is dropped and redone. An Arrow route's adapter is an
+        ArrowAdapter (arrow_rows.py), keyed by its library's content and the route."""
+        if any(isinstance(t, ArrowSpec) for t in tasks):
+            return self._with_arrow(tasks)
         while True:
             keys = [self.store.cache_key(task) for task in tasks]
             task_of = dict(zip(keys, tasks, strict=True))
@@ -125,6 +136,55 @@ class Engine:
             if not stale:
                 return adapters, keys
             self.cache.discard(lambda key, stale=stale: key in stale)
+
+    def _with_arrow(self, tasks: Sequence[TaskRef | ArrowSpec]) -> tuple[list[TaskAdapter], list[Hashable]]:
+        plain = [t for t in tasks if not isinstance(t, ArrowSpec)]
+        found: dict = {}
+        if plain:
+            adapters, keys = self.adapters_and_keys(plain)
+            found.update(zip(plain, zip(adapters, keys, strict=True), strict=True))
+        for spec in dict.fromkeys(t for t in tasks if isinstance(t, ArrowSpec)):
+            adapter = self.arrow_adapter(spec)
+            found[spec] = (adapter, adapter.key)
+        return [found[t][0] for t in tasks], [found[t][1] for t in tasks]
+
+    def arrow_adapter(self, spec: ArrowSpec) -> ArrowAdapter:
+        """The adapter of Arrow rows routed by `spec`: the library now (built once per inventory and, over tasks,
+        per set of task versions) on the engine's device and dtype."""
+        library = self.arrow.get(self.store, spec.over)
+        key = ArrowKey(library.key, spec)
+        with self._arrow_lock:
+            adapter = self._arrow_adapters.get(key)
+            if adapter is None:
+                self._arrow_adapters = {k: a for k, a in self._arrow_adapters.items() if k.library == library.key
+                                        or k.spec.over != spec.over}  # a stale library's routes go
+                adapter = self._arrow_adapters[key] = ArrowAdapter.of(library, spec)
+            return adapter
+
+    def check_arrow(self, spec: ArrowSpec) -> None:
+        """ArrowError naming the field if this store cannot serve the route (e.g. top_k over its experts)."""
+        self.arrow.check(self.store, spec)
+
+    def explain(self, spec: ArrowSpec, text: str) -> RouteExplanation:
+        """Arrow's routing of one input: per layer that reads the prompt, each expert's weight averaged over the
+        prompt's tokens (the running batch's layers are re-pointed after)."""
+        adapter = self.arrow_adapter(spec)
+        ids = self.token_ids(text)
+        m = self.loaded
+
+        def run() -> RouteExplanation:
+            input_ids = torch.tensor([ids], dtype=torch.long, device=m.device)
+            mask = torch.ones_like(input_ids)
+            recorder = arrow_rows.RoutingRecorder(mask.cpu())
+            recorder.keep_layers = True
+            with self.slots.activate([None]):
+                arrow_rows.attach(self.slots, [adapter], recorder=recorder)
+                with torch.inference_mode():
+                    prefill(m.model, m.is_seq2seq, input_ids, mask)
+            layers = {name: adapter.experts_weights(rows[0]) for name, rows in recorder.per_layer.items()}
+            return RouteExplanation(adapter.library.experts, layers, adapter.experts_weights(recorder.average(0)))
+
+        return self.loop.call(run)
 
     def forget_task(self, name: str) -> int:
         """Drop every cached adapter of a task (all versions), and of mixes holding it; return how many. Rows
@@ -152,9 +212,12 @@ class Engine:
         one adapter runs merged where the running batch is empty (it would re-point the layers anyway)."""
         adapters = [adapter for _, _, adapter, _ in pairs]
         single = len({id(a) for a in adapters}) == 1
-        merge = single and not len(self.loop.batch) and self.merge_single_task
+        arrow = arrow_rows.has_arrow(adapters)
+        merge = single and not len(self.loop.batch) and self.merge_single_task and not arrow
         m = self.loaded
         with self.slots.activate(adapters, key=pairs[0][3], merge=merge):
+            if arrow:
+                arrow_rows.attach(self.slots, adapters)
             return score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device, [p[0] for p in pairs],
                                [p[1] for p in pairs])
 
@@ -212,6 +275,15 @@ class Engine:
 
 
 _WARM_UP = SamplingParams(max_new_tokens=2)
+
+
+@dataclass(frozen=True)
+class RouteExplanation:
+    """Arrow's routing of one input: per layer that read the prompt and overall, each expert's mean weight."""
+
+    experts: tuple[str, ...]
+    layers: dict[str, dict[str, float]]
+    average: dict[str, float]
 
 
 def _mentions(key: AdapterKey, name: str) -> bool:

@@ -45,6 +45,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length" | "cancelled"
     version: int | None = None  # the version of the task's adapter that produced it
+    routing: dict[str, float] | None = None  # Arrow rows: each expert's mean weight over the prompt's tokens and layers
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import output_step
+from . import arrow_rows, output_step
 from .adapter_slots import AdapterSlots
 from .decode_state import DecodeState, prefill
 from .row_pool import assign_positions
@@ -56,10 +56,17 @@ class RunningBatch:
         tail = self.slots.pool.resident[start: start + len(joining)]
         joining = [joining[i] for i in assign_positions(tail, [row.key for row in joining])]
         self.rows.extend(joining)
-        self._point_layers(start, len(self.rows))
         input_ids, attention_mask = self._pad([row.prompt_ids for row in joining])
-        with torch.inference_mode():
-            state, logits = prefill(self.model, self.is_seq2seq, input_ids, attention_mask)
+        recorder = arrow_rows.recorder_for([row.adapter for row in joining], attention_mask)
+        self._point_layers(start, len(self.rows), recorder)
+        try:
+            with torch.inference_mode():
+                state, logits = prefill(self.model, self.is_seq2seq, input_ids, attention_mask)
+        finally:
+            if recorder is not None:
+                arrow_rows.stop_recording(self.slots)
+        if recorder is not None:
+            arrow_rows.record_routing(joining, recorder)
         if self.state is None:
             self.state = state
         else:
@@ -116,9 +123,12 @@ class RunningBatch:
             order[hole] = match
         return order
 
-    def _point_layers(self, start: int, end: int) -> None:
-        """Layers run rows [start, end) of the batch: merged/shared when every row has one adapter, else the pool."""
+    def _point_layers(self, start: int, end: int, recorder: arrow_rows.RoutingRecorder | None = None) -> None:
+        """Layers run rows [start, end) of the batch: merged/shared when every row has one adapter, else the pool;
+        Arrow rows among them also route per token (arrow_rows.py)."""
         keys = [row.key for row in self.rows]
+        if arrow_rows.point(self.slots, [row.adapter for row in self.rows], keys, start, end, recorder):
+            return
         first = self.rows[0]
         if all(key == first.key for key in keys):
             mode = "merged" if self.merge_single_task else "shared"

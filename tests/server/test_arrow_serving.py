@@ -1,0 +1,145 @@
+"""Arrow served end to end: /generate and /score against a reference model whose layers route every token by
+hand, Arrow rows decoding beside plain rows, the routing summary, /route/explain, validation."""
+
+import asyncio
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+from torch import nn
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+from adapter_store import AdapterStore
+from adapter_store.arrow import library_of_skills, library_of_tasks
+from server.app import create_app
+from tests.server.conftest import bundle_settings, serving, texts
+
+ROUTE = {"route": "arrow", "over": "skills", "top_k": 2, "temperature": 0.5}
+
+
+class ReferenceArrow(nn.Module):
+    """base(x) + Σ_j w_j (x A_j B_j) / r, with w from every expert's |x·p_j| written out (no concatenation)."""
+
+    def __init__(self, base: nn.Linear, p, a, b, top_k: int, temperature: float, scale: float):
+        super().__init__()
+        self.base, self.p, self.a, self.b = base, p, a, b
+        self.top_k, self.temperature, self.scale = top_k, temperature, scale
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        sims = torch.stack([(x @ self.p[j]).abs() for j in range(self.p.shape[0])], dim=-1) / self.temperature
+        top = sims.topk(self.top_k, dim=-1)
+        w = torch.zeros_like(sims).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
+        out = self.base(x)
+        for j in range(self.p.shape[0]):
+            out = out + w[..., j:j + 1] * (x @ self.a[j] @ self.b[j]) * self.scale
+        return out
+
+
+def reference_model(bundle, library, top_k, temperature):
+    model = T5ForConditionalGeneration.from_pretrained(bundle / "model").eval()
+    model = copy.deepcopy(model)
+    for name, p, a, b in library.layers():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, ReferenceArrow(getattr(parent, child), p, a, b, top_k, temperature, library.scale))
+    return model
+
+
+@pytest.fixture(scope="module")
+def arrow_client(t5_bundle):
+    with TestClient(create_app(bundle_settings(t5_bundle))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def tokenizer(t5_bundle):
+    return AutoTokenizer.from_pretrained(t5_bundle / "model")
+
+
+@pytest.mark.parametrize("over", ["skills", "tasks"])
+def test_generate_equals_the_reference_model(arrow_client, t5_bundle, tokenizer, over):
+    store = AdapterStore.open(t5_bundle / "inventory")
+    library = library_of_skills(store) if over == "skills" else library_of_tasks(store)
+    route = {**ROUTE, "over": over}
+    reference = reference_model(t5_bundle, library, 2, 0.5)
+    inputs = ["hello arrow", "a longer input, to pad the other one"]
+    response = arrow_client.post("/generate", json={"task": route, "inputs": inputs, "max_new_tokens": 6})
+    got = texts(response)
+    for text, out in zip(inputs, got, strict=True):
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            expected = reference.generate(**ids, max_new_tokens=6, do_sample=False)
+        assert out == tokenizer.decode(expected[0], skip_special_tokens=True)
+    body = response.json()
+    assert body["task"] == f"arrow(over={over},top_k=2,temperature=0.5)" and body["version"] is None
+    assert set(body["routing"]) == set(library.experts)
+    assert sum(body["routing"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_score_equals_the_reference_model(arrow_client, t5_bundle, tokenizer):
+    store = AdapterStore.open(t5_bundle / "inventory")
+    reference = reference_model(t5_bundle, library_of_skills(store), 2, 0.5)
+    response = arrow_client.post("/score", json={"task": ROUTE, "inputs": ["score me"], "choices": ["yes", "no!"]})
+    assert response.status_code == 200, response.text
+    for choice in response.json()["results"][0]["scores"]:
+        enc = tokenizer(["score me"], return_tensors="pt")
+        labels = tokenizer([choice["choice"]], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = reference(**enc, labels=labels).logits
+        expected = F.log_softmax(logits, -1).gather(-1, labels[..., None]).sum()
+        assert choice["logprob_sum"] == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_arrow_rows_decode_beside_plain_rows(t5_bundle):
+    """An Arrow request and a plain task's request in one running batch: each as it is alone."""
+    app = create_app(bundle_settings(t5_bundle, max_batch_wait_ms=50))
+
+    async def run():
+        async with serving(app) as http:
+            arrow = {"task": ROUTE, "inputs": ["side by side"], "max_new_tokens": 8}
+            plain = {"task": "beta", "inputs": ["side by side", "another row"], "max_new_tokens": 8}
+            alone = [await http.post("/generate", json=body) for body in (arrow, plain)]
+            together = await asyncio.gather(*(http.post("/generate", json=body) for body in (arrow, plain)))
+            return alone, together
+
+    alone, together = asyncio.run(run())
+    assert [texts(r) for r in together] == [texts(r) for r in alone]
+    assert together[0].json()["routing"] == pytest.approx(alone[0].json()["routing"], abs=1e-5)
+    assert together[1].json()["routing"] is None
+
+
+def test_explain_lists_each_layers_top_experts(arrow_client, t5_bundle):
+    response = arrow_client.post("/route/explain", json={"task": {**ROUTE, "top_k": 1}, "input": "explain", "top": 4})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    store = AdapterStore.open(t5_bundle / "inventory")
+    assert body["experts"] == ["skill-0", "skill-1", "skill-2", "skill-3"]
+    # the layers that read the prompt's positions: the encoder's, and cross-attention's keys and values
+    reading = {name for name in store.inventory.module_names
+               if name.startswith("encoder.") or name.endswith(("EncDecAttention.k", "EncDecAttention.v"))}
+    assert {layer["layer"] for layer in body["layers"]} == reading
+    for layer in body["layers"]:
+        weights = [e["weight"] for e in layer["top"]]
+        assert weights == sorted(weights, reverse=True) and sum(weights) == pytest.approx(1.0, abs=1e-5)
+    assert sum(body["average"].values()) == pytest.approx(1.0, abs=1e-5)
+    generated = arrow_client.post("/generate", json={"task": {**ROUTE, "top_k": 1}, "inputs": "explain"}).json()
+    assert generated["routing"] == pytest.approx(body["average"], abs=1e-5)  # the same summary
+
+
+@pytest.mark.parametrize(("route", "field"), [
+    ({"top_k": 0}, "task.top_k"), ({"top_k": 5}, "task.top_k"), ({"over": "experts"}, "task.over"),
+    ({"temperature": 0.0}, "task.temperature"), ({"temperature": -1.0}, "task.temperature"),
+    ({"over": "tasks", "top_k": 4}, "task.top_k"),
+])
+def test_bad_routes_name_their_field(arrow_client, route, field):
+    for path, extra in (("/generate", {"inputs": "x"}), ("/score", {"inputs": "x", "choices": ["a"]}),
+                        ("/route/explain", {"input": "x"})):
+        response = arrow_client.post(path, json={"task": {**ROUTE, **route}, **extra})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == field
