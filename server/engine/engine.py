@@ -167,12 +167,17 @@ class Engine:
 
     def explain(self, spec: ArrowSpec, text: str) -> RouteExplanation:
         """Arrow's routing of one input: per layer that reads the prompt, each expert's weight averaged over the
-        prompt's tokens (the running batch's layers are re-pointed after)."""
+        prompt's tokens, and that averaged over those layers (the same summary a /generate response holds)."""
+        return self.explain_many(spec, [text])[0]
+
+    def explain_many(self, spec: ArrowSpec, texts: Sequence[str]) -> list[RouteExplanation]:
+        """`explain` for each text: one prefill each, between the loop's iterations (the running batch's layers are
+        re-pointed after)."""
         adapter = self.arrow_adapter(spec)
-        ids = self.token_ids(text)
+        prompts = [self.token_ids(text) for text in texts]
         m = self.loaded
 
-        def run() -> RouteExplanation:
+        def one(ids: list[int]) -> RouteExplanation:
             input_ids = torch.tensor([ids], dtype=torch.long, device=m.device)
             mask = torch.ones_like(input_ids)
             recorder = arrow_rows.RoutingRecorder(mask.cpu())
@@ -184,7 +189,7 @@ class Engine:
             layers = {name: adapter.experts_weights(rows[0]) for name, rows in recorder.per_layer.items()}
             return RouteExplanation(adapter.library.experts, layers, adapter.experts_weights(recorder.average(0)))
 
-        return self.loop.call(run)
+        return self.loop.call(lambda: [one(ids) for ids in prompts])
 
     def forget_task(self, name: str) -> int:
         """Drop every cached adapter of a task (all versions), and of mixes holding it; return how many. Rows

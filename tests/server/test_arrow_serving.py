@@ -12,8 +12,10 @@ from torch import nn
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from adapter_store import AdapterStore
-from adapter_store.arrow import library_of_skills, library_of_tasks
+from adapter_store.arrow import ArrowSpec, library_of_skills, library_of_tasks
 from server.app import create_app
+from tests.adapter_store.helpers import random_logits
+from tests.factories import save_bundle
 from tests.server.conftest import bundle_settings, serving, texts
 
 ROUTE = {"route": "arrow", "over": "skills", "top_k": 2, "temperature": 0.5}
@@ -143,3 +145,36 @@ def test_bad_routes_name_their_field(arrow_client, route, field):
         response = arrow_client.post(path, json={"task": {**ROUTE, **route}, **extra})
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == field
+
+
+def test_score_reports_the_routing_generate_reports(arrow_client):
+    scored = arrow_client.post("/score", json={"task": ROUTE, "inputs": ["same input"], "choices": ["a"]}).json()
+    generated = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "same input"}).json()
+    assert scored["routing"] == pytest.approx(generated["routing"], abs=1e-5)
+
+
+def test_beam_search_and_streaming_serve_arrow(arrow_client):
+    beams = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "beams", "num_beams": 2})
+    assert beams.status_code == 200, beams.text
+    with arrow_client.stream("POST", "/generate", json={"task": ROUTE, "inputs": "stream", "stream": True}) as sse:
+        assert sse.status_code == 200
+        body = "".join(sse.iter_text())
+    assert '"routing"' in body
+
+
+def test_a_readapted_task_changes_the_routing_over_tasks(tmp_path):
+    """The library over tasks is keyed by every task's version: a re-adapted task is routed with its new LoRA."""
+    save_bundle(tmp_path, "t5", task_names=["alpha", "beta", "gamma"])
+    with TestClient(create_app(bundle_settings(tmp_path))) as client:
+        engine = client.app.state.engine
+        route = {"route": "arrow", "over": "tasks", "top_k": None}
+        before = client.post("/generate", json={"task": route, "inputs": "x"}).json()["routing"]
+        assert set(before) == {"alpha", "beta", "gamma"}
+        engine.store.save_routing("new", "mhr-z", random_logits(engine.store, seed=1))
+        first = client.post("/generate", json={"task": route, "inputs": "x"}).json()["routing"]
+        assert set(first) == {"alpha", "beta", "gamma", "new"}
+        key = engine.arrow_adapter(ArrowSpec("tasks", None)).key
+        engine.store.save_routing("new", "mhr-z", random_logits(engine.store, seed=2), overwrite=True)
+        assert engine.arrow_adapter(ArrowSpec("tasks", None)).key != key
+        second = client.post("/generate", json={"task": route, "inputs": "x"}).json()["routing"]
+        assert second["new"] != pytest.approx(first["new"], abs=1e-6)
