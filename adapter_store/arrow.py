@@ -16,15 +16,18 @@ re-adapted task changes the key, so it can never be routed with a stale library.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .adapter import LayerGroup, TaskAdapter
+from .errors import InventoryError
 from .inventory import ModuleGroup
 from .mix import MixError
 
@@ -111,6 +114,28 @@ class ArrowLibrary:
         groups = tuple(LayerGroup(g.names, torch.zeros_like(g.lora_a[:, 0]), torch.zeros_like(g.lora_b[:, 0]))
                        for g in self.groups)
         return TaskAdapter(self.rank, self.scale, groups)
+
+
+# ---- a named Arrow task (persistence.py stores it as format "arrow", no tensors) ----------------------------
+def route_of(spec: ArrowSpec) -> tuple[tuple[str, object], ...]:
+    """The spec as TaskInfo.route: (("over", …), ("temperature", …), ("top_k", …))."""
+    return tuple(sorted({"over": spec.over, "top_k": spec.top_k, "temperature": spec.temperature}.items()))
+
+
+def spec_of(route: tuple[tuple[str, object], ...]) -> ArrowSpec:
+    return ArrowSpec(**dict(route))
+
+
+def route_header(spec: ArrowSpec) -> str:
+    return json.dumps(dict(route_of(spec)))
+
+
+def read_route(path: Path, meta: dict[str, str]) -> tuple[tuple[str, object], ...]:
+    """A named Arrow task's route from its file's header; InventoryError naming the key when unreadable."""
+    try:
+        return route_of(ArrowSpec(**json.loads(meta["route"])))
+    except (KeyError, ValueError, TypeError, ArrowError) as exc:
+        raise InventoryError(path, f"an Arrow task without a readable route ({exc})", key="route") from exc
 
 
 # ---- prototypes -----------------------------------------------------------------------------------

@@ -115,16 +115,21 @@ class TaskOut(BaseModel):
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
+    route: dict[str, object] | None = Field(None, description="a named Arrow task's route: over, top_k, temperature")
 
     @classmethod
     def of(cls, info) -> TaskOut:
         return cls(name=info.name, kind=info.kind, version=info.version, method=info.method, row=info.row,
-                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None)
+                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None,
+                   route=dict(info.route) if info.route is not None else None)
 
 
 class ComposeRequest(StrictModel):
     name: TaskName = Field(description="the composed task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
-    mix: dict[TaskName, float] = Field(description="tasks and their weights, as in a request's {\"mix\": ...}")
+    mix: dict[TaskName, float] | None = Field(None, description="tasks and their weights, as in a request's "
+                                              "{\"mix\": ...}; or give `route`")
+    route: ArrowRoute | None = Field(None, description="a named Arrow route, as in a request's {\"route\": "
+                                     "\"arrow\", ...}; or give `mix`")
     overwrite: bool = Field(False, description="replace a composed or adapted task of this name (version goes up)")
 
 

@@ -3,9 +3,10 @@
     logits = |x @ Pᵀ| / temperature                 (T, J)     P: the prototypes (J, d_in)
     w      = softmax over each token's top_k logits  (T, J)     the others 0
     y     += s Σ_j w[t, j] (x A_j) B_j              (T, d_out) s = 1/r; outputs mixed, as Arrow does
-as two matmuls over the library concatenated: (x @ A_cat) (T, J·r) scaled by w per block of r, then @ B_cat
-(J·r, d_out). Rows of a batch that are not Arrow rows are left alone: an `ArrowRows` names the batch positions it
-routes (None: every row).
+as two matmuls over the library concatenated: x @ [Pᵀ | A_cat] (T, J + J·r) gives the similarities and the
+low-rank projections at once; those scaled by w per block of r, then @ B_cat (J·r, d_out).
+Rows of a batch that are not Arrow rows are left alone: an `ArrowRows` names the batch positions it routes
+(None: every row).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 
 @dataclass(frozen=True, eq=False)
 class ArrowWeights:
-    """One layer's library, laid out for the two matmuls."""
+    """One layer's library, laid out for two matmuls: the prototypes ride along with the A_j in the first."""
 
-    prototypes: torch.Tensor  # (J, d_in)
-    lora_a: torch.Tensor  # (d_in, J*r): A_j side by side
+    fused: torch.Tensor  # (d_in, J + J*r): [Pᵀ | A_1 | … | A_J]
     lora_b: torch.Tensor  # (J*r, d_out): B_j stacked
+    experts: int
     rank: int
     scale: float
 
@@ -30,12 +31,18 @@ class ArrowWeights:
         """P (J, d_in), A (J, d_in, r), B (J, r, d_out) -> the concatenated layout."""
         experts, d_in, rank = lora_a.shape
         a_cat = lora_a.permute(1, 0, 2).reshape(d_in, experts * rank)  # (d_in, J*r)
+        fused = torch.cat([prototypes.T, a_cat], dim=1)  # (d_in, J + J*r)
         b_cat = lora_b.reshape(experts * rank, lora_b.shape[-1])  # (J*r, d_out)
-        return cls(prototypes, a_cat, b_cat, rank, scale)
+        return cls(fused, b_cat, experts, rank, scale)
 
     @property
-    def experts(self) -> int:
-        return self.prototypes.shape[0]
+    def prototypes(self) -> torch.Tensor:
+        return self.fused[:, : self.experts].T  # (J, d_in)
+
+    def to(self, dtype: torch.dtype) -> ArrowWeights:
+        if self.fused.dtype == dtype:
+            return self
+        return ArrowWeights(self.fused.to(dtype), self.lora_b.to(dtype), self.experts, self.rank, self.scale)
 
 
 class RoutingRecorder:
@@ -83,8 +90,13 @@ class ArrowRows:
 
 def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
     """x (..., d_in), P (J, d_in) -> w (..., J): softmax of the top_k |x·p_j| / temperature, others 0."""
-    logits = (x @ prototypes.T).abs() / temperature  # (..., J)
-    if top_k >= prototypes.shape[0]:
+    return _top_k_softmax(x @ prototypes.T, top_k, temperature)
+
+
+def _top_k_softmax(sims: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """x·p_j (..., J) -> w (..., J)."""
+    logits = sims.abs() / temperature  # (..., J)
+    if top_k >= sims.shape[-1]:
         return torch.softmax(logits, dim=-1)
     top, idx = logits.topk(top_k, dim=-1)  # (..., k)
     return torch.zeros_like(logits).scatter_(-1, idx, torch.softmax(top, dim=-1))
@@ -93,10 +105,10 @@ def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, tempe
 def arrow_delta(x: torch.Tensor, weights: ArrowWeights, top_k: int, temperature: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., d_in) -> (s Σ_j w_j (x A_j) B_j  (..., d_out),  w (..., J))."""
-    w = routing_weights(x, weights.prototypes, top_k, temperature)  # (..., J)
-    low = x @ weights.lora_a  # (..., J*r)
-    low = (low.unflatten(-1, (weights.experts, weights.rank)) * w[..., None]).flatten(-2)  # (..., J*r) scaled
-    return (low @ weights.lora_b) * weights.scale, w
+    both = x @ weights.fused  # (..., J + J*r): x·p_j and x A_j in one matmul
+    w = _top_k_softmax(both[..., : weights.experts], top_k, temperature)  # (..., J)
+    low = both[..., weights.experts:].unflatten(-1, (weights.experts, weights.rank)) * w[..., None]  # (..., J, r)
+    return (low.flatten(-2) @ weights.lora_b) * weights.scale, w
 
 
 def add_arrow(out: torch.Tensor, x: torch.Tensor, groups: list[ArrowRows]) -> None:

@@ -79,7 +79,7 @@ def attach(slots: AdapterSlots, adapters: Sequence[TaskAdapter | None], start: i
         routes = []
         for key, rows in groups.items():
             adapter = firsts[key]
-            weights = _in_dtype(adapter.layer_weights[name], layer.base.weight.dtype)
+            weights = adapter.layer_weights[name].to(layer.base.weight.dtype)  # T5's wo may stay float32
             routes.append(ArrowRows(weights, adapter.spec.k_of(adapter.library.experts.__len__()),
                                     adapter.spec.temperature, None if every_row else rows, name=name,
                                     recorder=recorder))
@@ -132,11 +132,3 @@ def stop_recording(slots: AdapterSlots) -> None:
         if layer.active is not None and layer.active.arrow:
             for route in layer.active.arrow:
                 route.recorder = None
-
-
-def _in_dtype(weights: ArrowWeights, dtype: torch.dtype) -> ArrowWeights:
-    """A layer kept in float32 under half precision (T5's wo) takes inputs in float32."""
-    if weights.lora_a.dtype == dtype:
-        return weights
-    return ArrowWeights(weights.prototypes.to(dtype), weights.lora_a.to(dtype), weights.lora_b.to(dtype),
-                        weights.rank, weights.scale)

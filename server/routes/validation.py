@@ -45,6 +45,9 @@ def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | Mix
         return Served(mix, mix.name, None)
     info = engine.store.task(task)
     metrics.count_task(info.name)
+    if info.route is not None:  # a named Arrow route
+        return Served(arrow_spec(engine, ArrowRoute(route="arrow", **dict(info.route)), field), info.name,
+                      info.version)
     if info.recipe is not None:
         engine.store.cache_key(task)  # its members are all there (else 409 now, not after queueing)
     return Served(info.name, info.name, info.version)

@@ -178,3 +178,38 @@ def test_a_readapted_task_changes_the_routing_over_tasks(tmp_path):
         assert engine.arrow_adapter(ArrowSpec("tasks", None)).key != key
         second = client.post("/generate", json={"task": route, "inputs": "x"}).json()["routing"]
         assert second["new"] != pytest.approx(first["new"], abs=1e-6)
+
+
+def test_named_arrow_tasks(tmp_path):
+    """POST /tasks {name, route}: persisted, versioned, listed, served as the inline route, deletable."""
+    save_bundle(tmp_path, "t5", task_names=["alpha", "beta", "gamma"])
+    route = {"route": "arrow", "over": "skills", "top_k": 2, "temperature": 0.5}
+    with TestClient(create_app(bundle_settings(tmp_path))) as client:
+        made = client.post("/tasks", json={"name": "zero-shot", "route": route})
+        assert made.status_code == 201, made.text
+        assert made.json()["route"] == {"over": "skills", "top_k": 2, "temperature": 0.5}
+        assert made.json()["version"] == 1 and made.json()["method"] == "arrow"
+        listed = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
+        assert listed["zero-shot"]["route"]["top_k"] == 2
+        named = client.post("/generate", json={"task": "zero-shot", "inputs": "name me"}).json()
+        inline = client.post("/generate", json={"task": route, "inputs": "name me"}).json()
+        assert named["outputs"] == inline["outputs"] and named["routing"] == pytest.approx(inline["routing"])
+        assert named["task"] == "zero-shot" and named["version"] == 1
+        conflict = client.post("/tasks", json={"name": "zero-shot", "route": route})
+        assert conflict.status_code == 409
+        again = client.post("/tasks", json={"name": "zero-shot", "route": {**route, "top_k": 1}, "overwrite": True})
+        assert again.json()["version"] == 2
+        bad = client.post("/tasks", json={"name": "other", "route": {**route, "top_k": 9}})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "route.top_k"
+        both = client.post("/tasks", json={"name": "other", "route": route, "mix": {"alpha": 1.0}})
+        assert both.status_code == 422
+        mixed = client.post("/generate", json={"task": {"mix": {"zero-shot": 1.0}}, "inputs": "x"})
+        assert mixed.status_code == 422 and mixed.json()["error"]["field"] == "task.mix.zero-shot"
+        scored = client.post("/score", json={"task": "zero-shot", "inputs": "x", "choices": ["a"]}).json()
+        assert scored["version"] == 2 and scored["routing"] is not None
+    store = AdapterStore.open(tmp_path / "inventory")  # read back from disk by a new store
+    info = store.task("zero-shot")
+    assert info.version == 2 and dict(info.route) == {"over": "skills", "top_k": 1, "temperature": 0.5}
+    with TestClient(create_app(bundle_settings(tmp_path))) as client:
+        assert client.delete("/tasks/zero-shot").status_code == 200
+        assert client.post("/generate", json={"task": "zero-shot", "inputs": "x"}).status_code == 404
