@@ -12,7 +12,7 @@ Rows (exact match, greedy, fresh inputs as bench/adapt_quality.py draws them):
 Variants: over skills / over tasks, top_k 1 / 2 / 4 / all, temperature 1 (and a few others). Every request runs
 through the engine's serving loop, as over HTTP. Prints one JSON object.
 
-    .venv/bin/python bench/zero_shot.py [--quick] [--n-heldout 50] [--n-train 20] [--threads 1]
+    .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--n-heldout 50] [--n-train 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -89,57 +89,63 @@ def tokens_per_s(engine: Engine, refs: list, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run(n_heldout: int, n_train: int, variants: list[ArrowSpec], repeats: int) -> dict:
+def run(n_heldout: int, n_train: int, variants: list[ArrowSpec], repeats: int, *, speed_only: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = AdapterStore.open(DEMO / "inventory", Path(tmp))
         engine = Engine(load_model(DEMO / "model", device="cpu"), store, AdapterCache(2**28))
         try:
-            out: dict = {"heldout_tasks": len(HELDOUT_TASKS), "train_tasks": len(TRAIN_TASKS),
-                         "inputs_per_heldout_task": n_heldout, "inputs_per_train_task": n_train}
-            started = time.perf_counter()
-            out["heldout_mu_exact_match"] = round(exact_match(engine, "__mu__", HELDOUT_TASKS, n_heldout)[0], 3)
-            out["train_tasks_mu_exact_match"] = round(exact_match(engine, "__mu__", TRAIN_TASKS, n_train)[0], 3)
-            out["train_tasks_routed_exact_match"] = round(exact_match(engine, None, TRAIN_TASKS, n_train)[0], 3)
-            out["heldout_zero_shot_bound"] = round(zero_shot_bound(HELDOUT_TASKS), 3)
-            out["train_tasks_zero_shot_bound"] = round(zero_shot_bound(TRAIN_TASKS), 3)
-            heldout, train, per_task, heldout_prefixed, train_prefixed = {}, {}, {}, {}, {}
-            for spec in variants:
-                score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout)
-                heldout[spec.name] = round(score, 3)
-                per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
-                train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train)[0], 3)
-                heldout_prefixed[spec.name] = round(exact_match(engine, spec, HELDOUT_TASKS, n_heldout,
-                                                                prefixed=True)[0], 3)
-                train_prefixed[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train, prefixed=True)[0],
-                                                  3)
-            out["heldout_zero_shot_exact_match"] = heldout
-            out["train_tasks_zero_shot_exact_match"] = train
-            out["heldout_per_task"] = per_task
-            # the same with the instruction prefix in the input (adapters were trained without it)
-            bare = engine.arrow_adapter(ArrowSpec("skills", 1)).library.zero_adapter()  # the backbone alone
-            out["prefixed"] = {
-                "heldout_backbone_exact_match": round(exact_match(engine, bare, HELDOUT_TASKS, n_heldout,
-                                                                  prefixed=True)[0], 3),
-                "train_tasks_backbone_exact_match": round(exact_match(engine, bare, TRAIN_TASKS, n_train,
-                                                                      prefixed=True)[0], 3),
-                "heldout_mu_exact_match": round(exact_match(engine, "__mu__", HELDOUT_TASKS, n_heldout,
-                                                            prefixed=True)[0], 3),
-                "heldout_zero_shot_exact_match": heldout_prefixed,
-                "train_tasks_zero_shot_exact_match": train_prefixed,
-            }
-            out["quality_seconds"] = round(time.perf_counter() - started, 1)
-            arrow = ArrowSpec("skills", 4, 1.0)
-            rate_arrow = tokens_per_s(engine, [arrow] * 16, repeats)
-            rate_one = tokens_per_s(engine, [TRAIN_TASKS[0]] * 16, repeats)
-            rate_mixed = tokens_per_s(engine, TRAIN_TASKS[:16], repeats)
-            out["tokens_per_s"] = {"arrow_skills_top4": round(rate_arrow, 1),
-                                   "one_routed_task_merged": round(rate_one, 1),
-                                   "16_routed_tasks_rows": round(rate_mixed, 1)}
-            out["zero_shot_tokens_per_s_vs_routed"] = round(rate_arrow / rate_one, 3)
-            out["zero_shot_tokens_per_s_vs_16_routed_tasks"] = round(rate_arrow / rate_mixed, 3)
+            out: dict = {} if speed_only else quality(engine, n_heldout, n_train, variants)
+            out.update(speed(engine, repeats))
         finally:
             engine.close()
     return out
+
+
+def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSpec]) -> dict:
+    out: dict = {"heldout_tasks": len(HELDOUT_TASKS), "train_tasks": len(TRAIN_TASKS),
+                 "inputs_per_heldout_task": n_heldout, "inputs_per_train_task": n_train}
+    started = time.perf_counter()
+    out["heldout_mu_exact_match"] = round(exact_match(engine, "__mu__", HELDOUT_TASKS, n_heldout)[0], 3)
+    out["train_tasks_mu_exact_match"] = round(exact_match(engine, "__mu__", TRAIN_TASKS, n_train)[0], 3)
+    out["train_tasks_routed_exact_match"] = round(exact_match(engine, None, TRAIN_TASKS, n_train)[0], 3)
+    out["heldout_zero_shot_bound"] = round(zero_shot_bound(HELDOUT_TASKS), 3)
+    out["train_tasks_zero_shot_bound"] = round(zero_shot_bound(TRAIN_TASKS), 3)
+    heldout, train, per_task, heldout_prefixed, train_prefixed = {}, {}, {}, {}, {}
+    for spec in variants:
+        score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout)
+        heldout[spec.name] = round(score, 3)
+        per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
+        train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train)[0], 3)
+        heldout_prefixed[spec.name] = round(exact_match(engine, spec, HELDOUT_TASKS, n_heldout, prefixed=True)[0], 3)
+        train_prefixed[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train, prefixed=True)[0], 3)
+    out["heldout_zero_shot_exact_match"] = heldout
+    out["train_tasks_zero_shot_exact_match"] = train
+    out["heldout_per_task"] = per_task
+    # the same with the instruction prefix in the input (adapters were trained without it)
+    bare = engine.arrow_adapter(ArrowSpec("skills", 1)).library.zero_adapter()  # the backbone alone
+    out["prefixed"] = {
+        "heldout_backbone_exact_match": round(exact_match(engine, bare, HELDOUT_TASKS, n_heldout,
+                                                          prefixed=True)[0], 3),
+        "train_tasks_backbone_exact_match": round(exact_match(engine, bare, TRAIN_TASKS, n_train,
+                                                              prefixed=True)[0], 3),
+        "heldout_mu_exact_match": round(exact_match(engine, "__mu__", HELDOUT_TASKS, n_heldout,
+                                                    prefixed=True)[0], 3),
+        "heldout_zero_shot_exact_match": heldout_prefixed,
+        "train_tasks_zero_shot_exact_match": train_prefixed,
+    }
+    out["quality_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def speed(engine: Engine, repeats: int) -> dict:
+    arrow = ArrowSpec("skills", 4, 1.0)
+    rate_arrow = tokens_per_s(engine, [arrow] * 16, repeats)
+    rate_one = tokens_per_s(engine, [TRAIN_TASKS[0]] * 16, repeats)
+    rate_mixed = tokens_per_s(engine, TRAIN_TASKS[:16], repeats)
+    return {"tokens_per_s": {"arrow_skills_top4": round(rate_arrow, 1), "one_routed_task_merged": round(rate_one, 1),
+                             "16_routed_tasks_rows": round(rate_mixed, 1)},
+            "zero_shot_tokens_per_s_vs_routed": round(rate_arrow / rate_one, 3),
+            "zero_shot_tokens_per_s_vs_16_routed_tasks": round(rate_arrow / rate_mixed, 3)}
 
 
 def main() -> None:
@@ -149,12 +155,14 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--speed-only", action="store_true", help="only the tokens/s rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_heldout, n_train = (10, 10) if args.quick else (args.n_heldout, args.n_train)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     repeats = 3 if args.quick else args.repeats
-    result = {"threads": torch.get_num_threads(), **run(n_heldout, n_train, variants, repeats)}
+    measured = run(n_heldout, n_train, variants, repeats, speed_only=args.speed_only)
+    result = {"threads": torch.get_num_threads(), **measured}
     print(json.dumps(result, indent=1))
 
 

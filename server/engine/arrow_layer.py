@@ -27,17 +27,15 @@ class ArrowWeights:
     scale: float
 
     @classmethod
-    def of(cls, prototypes: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> ArrowWeights:
-        """P (J, d_in), A (J, d_in, r), B (J, r, d_out) -> the concatenated layout."""
+    def of(cls, prototypes: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+           temperature: float = 1.0) -> ArrowWeights:
+        """P (J, d_in), A (J, d_in, r), B (J, r, d_out) -> the concatenated layout; the prototypes are divided by
+        the temperature (> 0) here, so |x·p/T| is the logit with no division per token."""
         experts, d_in, rank = lora_a.shape
         a_cat = lora_a.permute(1, 0, 2).reshape(d_in, experts * rank)  # (d_in, J*r)
-        fused = torch.cat([prototypes.T, a_cat], dim=1)  # (d_in, J + J*r)
+        fused = torch.cat([prototypes.T / temperature, a_cat], dim=1)  # (d_in, J + J*r)
         b_cat = lora_b.reshape(experts * rank, lora_b.shape[-1])  # (J*r, d_out)
         return cls(fused, b_cat, experts, rank, scale)
-
-    @property
-    def prototypes(self) -> torch.Tensor:
-        return self.fused[:, : self.experts].T  # (J, d_in)
 
     def to(self, dtype: torch.dtype) -> ArrowWeights:
         if self.fused.dtype == dtype:
@@ -79,9 +77,8 @@ class RoutingRecorder:
 class ArrowRows:
     """Arrow for some rows of the coming batch at one layer."""
 
-    weights: ArrowWeights
+    weights: ArrowWeights  # built for the route's temperature
     top_k: int
-    temperature: float
     rows: list[int] | None = None  # batch positions (None: all)
     index: torch.Tensor | None = None  # the same, as a tensor on the layer's device
     name: str = ""
@@ -90,39 +87,45 @@ class ArrowRows:
 
 def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
     """x (..., d_in), P (J, d_in) -> w (..., J): softmax of the top_k |x·p_j| / temperature, others 0."""
-    return _top_k_softmax(x @ prototypes.T, top_k, temperature)
+    return _top_k_softmax(x @ prototypes.T / temperature, top_k)
 
 
-def _top_k_softmax(sims: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
-    """x·p_j (..., J) -> w (..., J)."""
-    logits = sims.abs() / temperature  # (..., J)
-    if top_k >= sims.shape[-1]:
+def _top_k_softmax(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x·p_j / T (..., J) -> w (..., J)."""
+    logits = logits.abs()
+    if top_k >= logits.shape[-1]:
         return torch.softmax(logits, dim=-1)
     top, idx = logits.topk(top_k, dim=-1)  # (..., k)
     return torch.zeros_like(logits).scatter_(-1, idx, torch.softmax(top, dim=-1))
 
 
-def arrow_delta(x: torch.Tensor, weights: ArrowWeights, top_k: int, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., d_in) -> (s Σ_j w_j (x A_j) B_j  (..., d_out),  w (..., J))."""
-    both = x @ weights.fused  # (..., J + J*r): x·p_j and x A_j in one matmul
-    w = _top_k_softmax(both[..., : weights.experts], top_k, temperature)  # (..., J)
+def weighted_low_rank(x: torch.Tensor, weights: ArrowWeights, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., d_in) -> (w_j (x A_j) side by side (..., J*r),  w (..., J)); @ B_cat gives Σ_j w_j (x A_j) B_j."""
+    both = x @ weights.fused  # (..., J + J*r): x·p_j / T and x A_j in one matmul
+    w = _top_k_softmax(both[..., : weights.experts], top_k)  # (..., J)
     low = both[..., weights.experts:].unflatten(-1, (weights.experts, weights.rank)) * w[..., None]  # (..., J, r)
-    return (low.flatten(-2) @ weights.lora_b) * weights.scale, w
+    return low.flatten(-2), w
+
+
+def arrow_delta(x: torch.Tensor, weights: ArrowWeights, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., d_in) -> (s Σ_j w_j (x A_j) B_j  (..., d_out),  w (..., J))."""
+    low, w = weighted_low_rank(x, weights, top_k)
+    return (low @ weights.lora_b) * weights.scale, w
 
 
 def add_arrow(out: torch.Tensor, x: torch.Tensor, groups: list[ArrowRows]) -> None:
     """out (N, T, d_out) or (N, d_out) += each group's Arrow delta for its rows, in place."""
     for group in groups:
+        weights = group.weights
         if group.rows is None:
-            delta, w = arrow_delta(x, group.weights, group.top_k, group.temperature)
-            out.add_(delta)
+            low, w = weighted_low_rank(x, weights, group.top_k)  # (N, T, J*r)
+            out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), weights.lora_b, alpha=weights.scale)
             rows = list(range(x.shape[0]))
         else:
             if group.index is None or group.index.device != x.device:
                 group.index = torch.tensor(group.rows, dtype=torch.long, device=x.device)
-            delta, w = arrow_delta(x.index_select(0, group.index), group.weights, group.top_k, group.temperature)
-            out.index_add_(0, group.index, delta)
+            low, w = weighted_low_rank(x.index_select(0, group.index), weights, group.top_k)
+            out.index_add_(0, group.index, low @ weights.lora_b, alpha=weights.scale)
             rows = group.rows
         if group.recorder is not None:
             group.recorder.add(group.name, rows, w if w.dim() == 3 else w.unsqueeze(1))

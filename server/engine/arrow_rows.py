@@ -44,7 +44,8 @@ class ArrowAdapter(TaskAdapter):
     @classmethod
     def of(cls, library: ArrowLibrary, spec: ArrowSpec) -> ArrowAdapter:
         zeros = library.zero_adapter()
-        weights = {name: ArrowWeights.of(p, a, b, library.scale) for name, p, a, b in library.layers()}
+        weights = {name: ArrowWeights.of(p, a, b, library.scale, spec.temperature)
+                   for name, p, a, b in library.layers()}
         return cls(zeros.rank, zeros.scale, zeros.groups, library, spec, weights)
 
     @property
@@ -80,9 +81,8 @@ def attach(slots: AdapterSlots, adapters: Sequence[TaskAdapter | None], start: i
         for key, rows in groups.items():
             adapter = firsts[key]
             weights = adapter.layer_weights[name].to(layer.base.weight.dtype)  # T5's wo may stay float32
-            routes.append(ArrowRows(weights, adapter.spec.k_of(adapter.library.experts.__len__()),
-                                    adapter.spec.temperature, None if every_row else rows, name=name,
-                                    recorder=recorder))
+            routes.append(ArrowRows(weights, adapter.spec.k_of(len(adapter.library.experts)),
+                                    None if every_row else rows, name=name, recorder=recorder))
         if layer.active is None:
             layer.active = Active()
         layer.active.arrow = routes or None

@@ -39,7 +39,7 @@ def dense_reference(x, p, a, b, top_k, temperature):
 def test_delta_equals_the_dense_reference(library, top_k, temperature):
     p, a, b = library
     x = torch.randn(7, D_IN)
-    delta, w = arrow_delta(x, ArrowWeights.of(p, a, b, 1.0 / RANK), top_k, temperature)
+    delta, w = arrow_delta(x, ArrowWeights.of(p, a, b, 1.0 / RANK, temperature), top_k)
     assert torch.allclose(delta, dense_reference(x, p, a, b, top_k, temperature), atol=1e-5)
     assert torch.allclose(w.sum(-1), torch.ones(7)) and int((w > 0).sum(-1).max()) == top_k
 
@@ -66,7 +66,7 @@ def test_delta_equals_peft_arrow(library):
     x = torch.randn(2, 3, D_IN)
     scaling = {f"task_{j}": 1.0 / RANK for j in range(EXPERTS)}
     expected = peft_layer.forward(x, lora_a, lora_b, nn.Identity(), scaling)
-    delta, _ = arrow_delta(x, ArrowWeights.of(p, a, b, 1.0 / RANK), 2, 0.7)
+    delta, _ = arrow_delta(x, ArrowWeights.of(p, a, b, 1.0 / RANK, 0.7), 2)
     assert torch.allclose(delta, expected, atol=1e-5)
 
 
@@ -79,7 +79,7 @@ def test_top_1_on_an_experts_prototype_is_that_experts_plain_lora(library):
     p, a, b = library
     layer = wrapped()
     weights = ArrowWeights.of(p, a, b, 1.0 / RANK)
-    layer.active = Active(arrow=[ArrowRows(weights, 1, 1.0)])
+    layer.active = Active(arrow=[ArrowRows(weights, 1)])
     for j in range(EXPERTS):
         x = (3.0 * p[j]).view(1, 1, D_IN)  # |x·p_j| = 3 beats |x·p_i| < 3 for any other unit p_i
         assert int(((x[0] @ p.T).abs()).argmax()) == j
@@ -97,9 +97,9 @@ def test_arrow_rows_beside_plain_rows(library):
     layer.set_rows(torch.stack([own_a, torch.zeros(D_IN, RANK)]), torch.stack([own_b, torch.zeros(RANK, D_OUT)]),
                    1.0 / RANK)
     recorder = RoutingRecorder(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
-    layer.active.arrow = [ArrowRows(weights, 3, 1.0, rows=[1], name="l", recorder=recorder)]
+    layer.active.arrow = [ArrowRows(weights, 3, rows=[1], name="l", recorder=recorder)]
     out = layer(x)
     assert torch.allclose(out[0], layer.base(x[0]) + x[0] @ own_a @ own_b / RANK, atol=1e-5)
     assert torch.allclose(out[1], layer.base(x[1]) + dense_reference(x[1], p, a, b, 3, 1.0), atol=1e-5)
-    _, w = arrow_delta(x[1, :2], weights, 3, 1.0)  # the recorder averages the row's real tokens only
+    _, w = arrow_delta(x[1, :2], weights, 3)  # the recorder averages the row's real tokens only
     assert torch.allclose(recorder.average(1), w.mean(0), atol=1e-6) and recorder.average(0) is None
