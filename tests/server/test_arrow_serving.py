@@ -156,6 +156,8 @@ def test_score_reports_the_routing_generate_reports(arrow_client):
 def test_beam_search_and_streaming_serve_arrow(arrow_client):
     beams = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "beams", "num_beams": 2})
     assert beams.status_code == 200, beams.text
+    greedy = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "beams"})
+    assert beams.json()["routing"] == pytest.approx(greedy.json()["routing"], abs=1e-5)
     with arrow_client.stream("POST", "/generate", json={"task": ROUTE, "inputs": "stream", "stream": True}) as sse:
         assert sse.status_code == 200
         body = "".join(sse.iter_text())
