@@ -215,3 +215,27 @@ def test_named_arrow_tasks(tmp_path):
     with TestClient(create_app(bundle_settings(tmp_path))) as client:
         assert client.delete("/tasks/zero-shot").status_code == 200
         assert client.post("/generate", json={"task": "zero-shot", "inputs": "x"}).status_code == 404
+
+
+def test_a_causal_lm_serves_arrow_as_the_reference(tmp_path):
+    """Llama (left padding, per-row positions): each input's greedy text as the reference model's, alone."""
+    from transformers import LlamaForCausalLM
+
+    save_bundle(tmp_path, "llama", task_names=["alpha", "beta", "gamma"])
+    store = AdapterStore.open(tmp_path / "inventory")
+    library = library_of_tasks(store)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "model").eval()
+    for name, p, a, b in library.layers():
+        parent_name, _, child = name.rpartition(".")
+        parent = reference.get_submodule(parent_name)
+        setattr(parent, child, ReferenceArrow(getattr(parent, child), p, a, b, 2, 0.5, library.scale))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    inputs = ["short", "a longer causal input"]
+    with TestClient(create_app(bundle_settings(tmp_path))) as client:
+        body = {"task": {**ROUTE, "over": "tasks"}, "inputs": inputs, "max_new_tokens": 5}
+        got = texts(client.post("/generate", json=body))
+    for text, out in zip(inputs, got, strict=True):
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            expected = reference.generate(**ids, max_new_tokens=5, do_sample=False)
+        assert out == tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
