@@ -135,16 +135,14 @@ class BatchedLoraLinear(nn.Module):
             out = F.linear(x, self.base.weight, self.base.bias)  # the wrapped layer, without a second module call
         if active is None:
             return out
-        if active.lora_a is None:
-            pass
-        elif not active.per_row:
+        if active.lora_a is not None and not active.per_row:
             flat = x.reshape(-1, x.shape[-1])  # (N*T, d_in)
             out.view(-1, out.shape[-1]).addmm_(flat @ active.lora_a, active.lora_b, alpha=active.scale)
-        else:
+        elif active.lora_a is not None:
             a, b = _rows(active, x.shape[0])
             x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
             out3.baddbmm_(torch.bmm(x3, a), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row], in place
-        if active.arrow:
+        if active.arrow:  # Arrow rows: per-token routing over a library (arrow_layer.py)
             add_arrow(out, x, active.arrow)
         return out
 
