@@ -12,7 +12,8 @@ Rows (exact match, greedy, fresh inputs as bench/adapt_quality.py draws them):
 Variants: over skills / over tasks, top_k 1 / 2 / 4 / all, temperature 1 (and a few others). Every request runs
 through the engine's serving loop, as over HTTP. Prints one JSON object.
 
-    .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--n-heldout 50] [--n-train 20] [--threads 1]
+    .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--variant tasks:all:100 ...] [--n-heldout 50]
+                                        [--n-train 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def speed(engine: Engine, repeats: int) -> dict:
             "zero_shot_tokens_per_s_vs_16_routed_tasks": round(rate_arrow / rate_mixed, 3)}
 
 
+def _variant(text: str) -> ArrowSpec:
+    over, top_k, temperature = text.split(":")
+    return ArrowSpec(over, None if top_k == "all" else int(top_k), float(temperature))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="3 variants, 10 inputs per task")
@@ -156,10 +162,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--speed-only", action="store_true", help="only the tokens/s rows")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVER:TOP_K:TEMPERATURE",
+                        help="measure these variants instead (top_k 'all' for all), e.g. tasks:all:100")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_heldout, n_train = (10, 10) if args.quick else (args.n_heldout, args.n_train)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
+    if args.variant:
+        variants = [_variant(text) for text in args.variant]
     repeats = 3 if args.quick else args.repeats
     measured = run(n_heldout, n_train, variants, repeats, speed_only=args.speed_only)
     result = {"threads": torch.get_num_threads(), **measured}
