@@ -239,3 +239,36 @@ def test_a_causal_lm_serves_arrow_as_the_reference(tmp_path):
         with torch.no_grad():
             expected = reference.generate(**ids, max_new_tokens=5, do_sample=False)
         assert out == tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_score_equals_peft_create_arrow_model(arrow_client, t5_bundle, tokenizer, tmp_path):
+    """PEFT's own Arrow (create_arrow_model over each task's exported LoRA) scores as our route over tasks.
+    PEFT's prototypes come from 15 power-iteration steps; they are replaced by ours (checked against a dense SVD
+    in tests/adapter_store/test_arrow.py) so the comparison is of the routing and mixing, not of convergence."""
+    from peft import ArrowConfig, create_arrow_model
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    store = AdapterStore.open(t5_bundle / "inventory")
+    library = library_of_tasks(store)
+    paths = [str(store.export_lora(task, tmp_path / task)) for task in library.experts]  # task_j = experts[j]
+    base = T5ForConditionalGeneration.from_pretrained(t5_bundle / "model").eval()
+    config = ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0)
+    model = create_arrow_model(base, paths, config).eval()
+    enc = tokenizer(["peft arrow"], return_tensors="pt")
+    labels = tokenizer(["yes"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(**enc, labels=labels)  # PEFT builds its prototypes lazily, at the first forward
+    ours = {name: p for name, p, _, _ in library.layers()}
+    replaced = 0
+    for name, module in model.named_modules():
+        if isinstance(module, ArrowLoraLinearLayer):
+            layer = name.split("base_model.model.", 1)[1].rsplit(".lora_arrow", 1)[0]
+            module.prototypes = ours[layer].clone()
+            replaced += 1
+    assert replaced == len(ours)
+    with torch.no_grad():
+        logits = model(**enc, labels=labels).logits
+    expected = float(F.log_softmax(logits, -1).gather(-1, labels[..., None]).sum())
+    route = {"route": "arrow", "over": "tasks", "top_k": 2, "temperature": 0.5}
+    response = arrow_client.post("/score", json={"task": route, "inputs": ["peft arrow"], "choices": ["yes"]})
+    assert response.json()["results"][0]["scores"][0]["logprob_sum"] == pytest.approx(expected, abs=1e-3)
