@@ -197,6 +197,8 @@ def test_named_arrow_tasks(tmp_path):
         inline = client.post("/generate", json={"task": route, "inputs": "name me"}).json()
         assert named["outputs"] == inline["outputs"] and named["routing"] == pytest.approx(inline["routing"])
         assert named["task"] == "zero-shot" and named["version"] == 1
+        openai = client.post("/v1/completions", json={"model": "zero-shot", "prompt": "name me"})
+        assert openai.status_code == 200 and openai.json()["choices"][0]["text"] == named["outputs"][0]["text"]
         conflict = client.post("/tasks", json={"name": "zero-shot", "route": route})
         assert conflict.status_code == 409
         again = client.post("/tasks", json={"name": "zero-shot", "route": {**route, "top_k": 1}, "overwrite": True})
