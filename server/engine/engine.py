@@ -40,6 +40,7 @@ from .sequence import GenerateJob, RowMaker
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 16384
+MAX_ARROW_ROUTES = 8  # Arrow routes (over, top_k, temperature) kept ready; rows running keep theirs regardless
 DEFAULT_LONGEST_ROW = 512 + 256 + 1  # the default max_input_tokens + max_new_tokens + a decoder start
 
 
@@ -156,8 +157,9 @@ class Engine:
         with self._arrow_lock:
             adapter = self._arrow_adapters.get(key)
             if adapter is None:
-                self._arrow_adapters = {k: a for k, a in self._arrow_adapters.items() if k.library == library.key
-                                        or k.spec.over != spec.over}  # a stale library's routes go
+                kept = [(k, a) for k, a in self._arrow_adapters.items()
+                        if k.library == library.key or k.spec.over != spec.over]  # a stale library's routes go
+                self._arrow_adapters = dict(kept[-(MAX_ARROW_ROUTES - 1):])  # each holds a copy of its library
                 adapter = self._arrow_adapters[key] = ArrowAdapter.of(library, spec)
             return adapter
 

@@ -274,3 +274,14 @@ def test_score_equals_peft_create_arrow_model(arrow_client, t5_bundle, tokenizer
     route = {"route": "arrow", "over": "tasks", "top_k": 2, "temperature": 0.5}
     response = arrow_client.post("/score", json={"task": route, "inputs": ["peft arrow"], "choices": ["yes"]})
     assert response.json()["results"][0]["scores"][0]["logprob_sum"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_routes_kept_ready_are_bounded(arrow_client):
+    from server.engine.engine import MAX_ARROW_ROUTES
+
+    engine = arrow_client.app.state.engine
+    for i in range(MAX_ARROW_ROUTES + 3):
+        engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + i))
+    assert len(engine._arrow_adapters) == MAX_ARROW_ROUTES
+    first = engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + MAX_ARROW_ROUTES + 2))
+    assert engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + MAX_ARROW_ROUTES + 2)) is first
