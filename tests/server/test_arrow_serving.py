@@ -285,3 +285,12 @@ def test_routes_kept_ready_are_bounded(arrow_client):
     assert len(engine._arrow_adapters) == MAX_ARROW_ROUTES
     first = engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + MAX_ARROW_ROUTES + 2))
     assert engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + MAX_ARROW_ROUTES + 2)) is first
+
+
+def test_the_routing_summary_ignores_padding(arrow_client):
+    """A short input padded beside a long one reports the routing it has alone (mean over its own tokens)."""
+    short, long = "ab", "a much longer input than the other"
+    alone = arrow_client.post("/generate", json={"task": ROUTE, "inputs": short}).json()["routing"]
+    both = arrow_client.post("/generate", json={"task": ROUTE, "inputs": [short, long]}).json()["routing"]
+    other = arrow_client.post("/generate", json={"task": ROUTE, "inputs": long}).json()["routing"]
+    assert both == pytest.approx({k: (alone[k] + other[k]) / 2 for k in alone}, abs=1e-5)
