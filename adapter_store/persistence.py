@@ -5,6 +5,7 @@ Three payloads, told apart by the header's `format`:
     routing      <module>.module_logits (H*K,)          -- MHR-z / Poly-z: one logits row per layer
     lora         <module>.lora_A (d_in, r), .lora_B (r, d_out)  -- MHR-μ: a plain LoRA, scale 1/r
     composition  no tensors; header `recipe`: {"task": weight, ...}  -- a named mix, resolved when served
+    arrow        no tensors; header `route`: {"over", "top_k", "temperature"}  -- a named Arrow route (arrow.py)
 Header metadata (strings): format, method, version, created, fingerprint, rank (and recipe).
 
 Several processes may share one folder (replicas of a cluster): `signatures` tells a reader cheaply which files
@@ -29,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import arrow
 from .adapter import TaskAdapter
 from .errors import InventoryError, TaskNameError
 from .inventory import ModuleGroup
@@ -169,9 +171,10 @@ def read_adapted_header(path: Path) -> tuple[TaskInfo, dict[str, str]]:
         raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
     meta = _read_metadata(path)
     recipe = _recipe(path, meta) if meta["format"] == "composition" else None
-    kind = "composed" if recipe is not None else "adapted"
+    route = arrow.read_route(path, meta) if meta["format"] == "arrow" else None
+    kind = "composed" if recipe is not None or route is not None else "adapted"
     return TaskInfo(name, kind, int(meta["version"]), meta["method"], created=float(meta["created"]),
-                    recipe=recipe), meta
+                    recipe=recipe, route=route), meta
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -185,7 +188,7 @@ def _read_metadata(path: Path) -> dict[str, str]:
     for key in ("format", "method", "version", "created", "fingerprint", "rank"):
         if key not in meta:
             raise InventoryError(path, "missing header metadata", key=key)
-    if meta["format"] not in ("routing", "lora", "composition"):
+    if meta["format"] not in ("routing", "lora", "composition", "arrow"):
         raise InventoryError(path, f"unknown format {meta['format']!r}", key="format")
     return meta
 

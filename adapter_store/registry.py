@@ -23,6 +23,7 @@ class TaskInfo:
     row: int | None = None  # router row of a pretrained task
     created: float | None = None  # unix time an adapted or composed task was written
     recipe: tuple[tuple[str, float], ...] | None = None  # a composed task's members and their weights
+    route: tuple[tuple[str, object], ...] | None = None  # a named Arrow task's route (arrow.ArrowSpec fields)
 
 
 MU_INFO = TaskInfo(MU_TASK, "mu", 1, "mu")

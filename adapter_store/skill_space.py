@@ -35,6 +35,9 @@ def weights(store: AdapterStore, ref: TaskRef, seen: tuple[str, ...] = ()) -> li
         return [routing.uniform_weights(len(g.names), cfg.n_splits, cfg.n_skills) for g in store.inventory.groups]
     if info.recipe is not None:
         return _mixed(store, ref, info.recipe, seen)
+    if info.route is not None:
+        raise MixError(f"task {ref!r} is an Arrow route (each token routed over a library): it has no skill weights, "
+                       "so it cannot join a skill-space mix", f"mix.{ref}")
     logits = store.routing_logits(ref)
     if logits is None:
         raise MixError(f"task {ref!r} is stored as a plain LoRA ({info.method}): it has no skill weights, so it "

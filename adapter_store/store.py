@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import persistence, routing, skill_space
+from . import arrow, persistence, routing, skill_space
 from .adapter import TaskAdapter
 from .errors import InventoryError, TaskConflictError, UnknownTaskError
 from .export import export_peft_lora
@@ -201,6 +201,17 @@ class AdapterStore:
             persistence.write_composition(self.adapted_dir, info, self.fingerprint, self.inventory.config.r)
             return self._register(info, "composition", self.inventory.config.r)
 
+    def save_route(self, name: str, spec: arrow.ArrowSpec, *, overwrite: bool = False) -> TaskInfo:
+        """Persist a named Arrow route (kind "composed", method "arrow"): served by routing each token (arrow.py)."""
+        validate_task_name(name)
+        with self._writing():
+            self.check_writable(name, overwrite=overwrite)
+            info = TaskInfo(name, "composed", self._next_version(name), "arrow", created=time.time(),
+                            route=arrow.route_of(spec))
+            persistence.write_adapted(self.adapted_dir, info, "arrow", {}, self.fingerprint, self.inventory.config.r,
+                                      route=arrow.route_header(spec))
+            return self._register(info, "arrow", self.inventory.config.r)
+
     def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int, overwrite: bool) -> TaskInfo:
         validate_task_name(name)
         with self._writing():
@@ -254,7 +265,7 @@ class AdapterStore:
             self._admit(info, meta)
 
     def _admit(self, info: TaskInfo, meta: dict[str, str]) -> None:
-        if meta["format"] in ("routing", "composition") and meta["fingerprint"] != self.fingerprint:
+        if meta["format"] in ("routing", "composition", "arrow") and meta["fingerprint"] != self.fingerprint:
             log.warning("skipping adapted task %r: its routing was learnt for inventory %s, not %s",
                         info.name, meta["fingerprint"], self.fingerprint)
             return

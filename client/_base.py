@@ -30,7 +30,7 @@ MAX_BACKOFF_S = 30.0
 USER_AGENT = "mhr-client/0.1.0"
 
 Example = tuple[str, str] | Sequence[str] | Mapping[str, str]
-Task = str | Mapping[str, float]  # a task's name, or a skill-space mix {task: weight}
+Task = str | Mapping[str, Any]  # a task name, a mix {task: weight}, or an Arrow route {"route": "arrow", …}
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,14 @@ def present(**options: Any) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def task_body(task: Task) -> str | dict[str, dict[str, float]]:
-    """A name as it is; a mix {task: weight} as {"mix": {...}} (the server checks and normalises the weights)."""
-    return task if isinstance(task, str) else {"mix": dict(task)}
+def task_body(task: Task) -> str | dict[str, Any]:
+    """A name as it is; an Arrow route {"route": "arrow", "over", "top_k", "temperature"} as it is; a mix
+    {task: weight} as {"mix": {...}} (the server checks and normalises the weights)."""
+    if isinstance(task, str):
+        return task
+    if task.get("route") == "arrow":
+        return dict(task)
+    return {"mix": dict(task)}
 
 
 def generate_call(task: Task, inputs: str | list[str], options: dict[str, Any], *, stream: bool = False) -> Call:

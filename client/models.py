@@ -47,6 +47,7 @@ class GenerateResponse(Model):
     version: int | None  # None for a mix
     outputs: list[Output]
     usage: Usage
+    routing: dict[str, float] | None = None  # an Arrow route: each skill's (task's) mean routing weight
 
     @property
     def texts(self) -> list[str]:
@@ -86,6 +87,7 @@ class ScoreResponse(Model):
     task: str  # the task's name, or a mix's canonical name: "mix(a=0.7,b=0.3)"
     version: int | None  # None for a mix
     results: list[ScoreResult]
+    routing: dict[str, float] | None = None  # an Arrow route: each skill's (task's) mean routing weight
 
 
 class TaskInfo(Model):
@@ -96,6 +98,7 @@ class TaskInfo(Model):
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = None  # a composed task's recipe: its tasks and their normalised weights
+    route: dict | None = None  # a named Arrow task's route: {"over", "top_k", "temperature"}
 
 
 class AdaptJob(Model):

@@ -17,7 +17,7 @@ from .engine import Engine, load_model
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
-from .routes import adapt, docs, generate, health, openai, score, tasks
+from .routes import adapt, docs, generate, health, openai, route_explain, score, tasks
 from .routes import metrics as metrics_route
 from .settings import Settings
 
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.metrics = metrics = Metrics()
     app.state.engine = app.state.admission = app.state.jobs = None
     install_error_handlers(app)
-    for module in (health, tasks, generate, score, adapt, openai, metrics_route, docs):
+    for module in (health, tasks, generate, score, route_explain, adapt, openai, metrics_route, docs):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

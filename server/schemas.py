@@ -23,7 +23,17 @@ class MixSpec(StrictModel):
         examples=[{"reverse-upper": 0.7, "shift-double": 0.3}])
 
 
-TaskOrMix = TaskName | MixSpec
+class ArrowRoute(StrictModel):
+    route: Literal["arrow"] = Field(description="zero-shot: no task, no examples; each token of each adapted layer "
+                                    "is routed over a library of LoRAs by Arrow (Ostapenko et al. 2024)")
+    over: str = Field("skills", description="skills: the inventory's K skills as the library; tasks: every "
+                      "pretrained and adapted task's LoRA", examples=["skills", "tasks"])
+    top_k: int | None = Field(4, description="≥ 1 and at most the library's size: each token keeps its top_k "
+                              "experts (null: all)")
+    temperature: float = Field(1.0, description="> 0: softmax(|x·prototype| / temperature) over the kept experts")
+
+
+TaskOrMix = TaskName | MixSpec | ArrowRoute
 
 
 class GuidedSpec(StrictModel):
@@ -43,7 +53,8 @@ class GuidedSpec(StrictModel):
 
 
 class GenerateRequest(StrictModel):
-    task: TaskOrMix = Field(description="a task name from GET /tasks (__mu__: the μ adapter), or {\"mix\": {...}}")
+    task: TaskOrMix = Field(description="a task name from GET /tasks (__mu__: the μ adapter), {\"mix\": {...}}, or "
+                            "{\"route\": \"arrow\", ...}")
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
     max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
     min_new_tokens: int = Field(0, ge=0, description="end of sequence is not allowed before this many new tokens")
@@ -94,6 +105,8 @@ class GenerateResponse(BaseModel):
                                 "(null for a mix)")
     outputs: list[Output]
     usage: Usage
+    routing: dict[str, float] | None = Field(None, description="an Arrow route: each skill's (or task's) routing "
+                                             "weight averaged over the prompts' tokens, then layers and inputs")
 
 
 class ScoreRequest(StrictModel):
@@ -123,6 +136,8 @@ class ScoreResponse(BaseModel):
     version: int | None = Field(description="the version of the task's adapter that scored the choices (null for "
                                 "a mix)")
     results: list[ScoreResult]
+    routing: dict[str, float] | None = Field(None, description="an Arrow route: each skill's (or task's) routing "
+                                             "weight averaged over the inputs' tokens, then layers and inputs")
 
 
 class TaskOut(BaseModel):
@@ -133,16 +148,21 @@ class TaskOut(BaseModel):
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
+    route: dict[str, object] | None = Field(None, description="a named Arrow task's route: over, top_k, temperature")
 
     @classmethod
     def of(cls, info) -> TaskOut:
         return cls(name=info.name, kind=info.kind, version=info.version, method=info.method, row=info.row,
-                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None)
+                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None,
+                   route=dict(info.route) if info.route is not None else None)
 
 
 class ComposeRequest(StrictModel):
     name: TaskName = Field(description="the composed task's name: [A-Za-z0-9._-]{1,64}, not starting with '.'")
-    mix: dict[TaskName, float] = Field(description="tasks and their weights, as in a request's {\"mix\": ...}")
+    mix: dict[TaskName, float] | None = Field(None, description="tasks and their weights, as in a request's "
+                                              "{\"mix\": ...}; or give `route`")
+    route: ArrowRoute | None = Field(None, description="a named Arrow route, as in a request's {\"route\": "
+                                     "\"arrow\", ...}; or give `mix`")
     overwrite: bool = Field(False, description="replace a composed or adapted task of this name (version goes up)")
 
 
@@ -225,3 +245,27 @@ class AdaptJobOut(BaseModel):
 
 class AdaptJobList(BaseModel):
     jobs: list[AdaptJobOut]
+
+
+class ExplainRequest(StrictModel):
+    task: ArrowRoute
+    input: NonEmptyText
+    top: int = Field(5, ge=1, le=1024, description="how many experts to list per layer, best first")
+
+
+class ExpertWeight(BaseModel):
+    expert: str
+    weight: float
+
+
+class LayerRouting(BaseModel):
+    layer: str
+    top: list[ExpertWeight]
+
+
+class ExplainResponse(BaseModel):
+    task: str = Field(description="the route's canonical name")
+    experts: list[str] = Field(description="the library: skill-0 … or the task names")
+    average: dict[str, float] = Field(description="each expert's weight averaged over the tokens, then the layers")
+    layers: list[LayerRouting] = Field(description="per layer that reads the input: its top experts, each weight "
+                                       "averaged over the input's tokens")

@@ -87,4 +87,5 @@ class BeamGroup:
         text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), self.params.stop)
         version = getattr(self.rows[0].key, "version", None)
         finish = "stop" if ended_by_eos or stopped else "length" if self.done else "cancelled"
-        return Completion(text, len(self.prompt_ids), len(tokens), finish, version)
+        routing = getattr(self.rows[0], "routing", None)  # an Arrow row's, recorded at its prefill
+        return Completion(text, len(self.prompt_ids), len(tokens), finish, version, routing=routing)

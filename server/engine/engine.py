@@ -13,13 +13,18 @@ here are the engine's operations, safe to call from any other thread:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
+from adapter_store.arrow import ArrowLibraries, ArrowSpec
 
+from . import arrow_rows
 from .adapter_slots import AdapterSlots
+from .arrow_rows import ArrowAdapter, ArrowKey
 from .block_manager import BlockManager
 from .kv_pool import KVPool
 from .loader import LoadedModel, ModelLoadError, eos_token_ids
@@ -38,6 +43,7 @@ from .sequence import GenerateJob, RowMaker
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 16384
+MAX_ARROW_ROUTES = 8  # Arrow routes (over, top_k, temperature) kept ready; rows running keep theirs regardless
 DEFAULT_LONGEST_ROW = 512 + 256 + 1  # the default max_input_tokens + max_new_tokens + a decoder start
 DEFAULT_BLOCK_SIZE = 16
 
@@ -65,6 +71,9 @@ class Engine:
         self.store = store
         self.cache = cache
         self.eos_ids = eos_token_ids(loaded.model)
+        self.arrow = ArrowLibraries(loaded.device, loaded.dtype)  # Arrow's libraries (zero-shot routing per token)
+        self._arrow_adapters: dict[ArrowKey, ArrowAdapter] = {}
+        self._arrow_lock = threading.Lock()
         # the running batch's adapters stay in place between steps: one pool position per row
         self.slots = AdapterSlots(loaded.model, store.inventory.module_names, pool_rows=max_batch_size)
         if kv_cache_bytes is not None:
@@ -131,10 +140,13 @@ class Engine:
         """The task's adapter on the engine's device and dtype; routed at most once per version."""
         return self.adapters_and_keys([task])[0][0]
 
-    def adapters_and_keys(self, tasks: Sequence[TaskRef]) -> tuple[list[TaskAdapter], list[Hashable]]:
+    def adapters_and_keys(self, tasks: Sequence[TaskRef | ArrowSpec]) -> tuple[list[TaskAdapter], list[Hashable]]:
         """Each task's adapter and the cache key that names its content. Misses are routed together (one
         pass over the inventory). Consistent even if a new version of a task lands meanwhile: then the
-        entry, possibly routed from the newer version, is dropped and redone."""
+        entry, possibly routed from the newer version, is dropped and redone. An Arrow route's adapter is an
+        ArrowAdapter (arrow_rows.py), keyed by its library's content and the route."""
+        if any(isinstance(t, ArrowSpec) for t in tasks):
+            return self._with_arrow(tasks)
         while True:
             keys = [self.store.cache_key(task) for task in tasks]
             task_of = dict(zip(keys, tasks, strict=True))
@@ -144,6 +156,61 @@ class Engine:
             if not stale:
                 return adapters, keys
             self.cache.discard(lambda key, stale=stale: key in stale)
+
+    def _with_arrow(self, tasks: Sequence[TaskRef | ArrowSpec]) -> tuple[list[TaskAdapter], list[Hashable]]:
+        plain = [t for t in tasks if not isinstance(t, ArrowSpec)]
+        found: dict = {}
+        if plain:
+            adapters, keys = self.adapters_and_keys(plain)
+            found.update(zip(plain, zip(adapters, keys, strict=True), strict=True))
+        for spec in dict.fromkeys(t for t in tasks if isinstance(t, ArrowSpec)):
+            adapter = self.arrow_adapter(spec)
+            found[spec] = (adapter, adapter.key)
+        return [found[t][0] for t in tasks], [found[t][1] for t in tasks]
+
+    def arrow_adapter(self, spec: ArrowSpec) -> ArrowAdapter:
+        """The adapter of Arrow rows routed by `spec`: the library now (built once per inventory and, over tasks,
+        per set of task versions) on the engine's device and dtype."""
+        library = self.arrow.get(self.store, spec.over)
+        key = ArrowKey(library.key, spec)
+        with self._arrow_lock:
+            adapter = self._arrow_adapters.get(key)
+            if adapter is None:
+                kept = [(k, a) for k, a in self._arrow_adapters.items()
+                        if k.library == library.key or k.spec.over != spec.over]  # a stale library's routes go
+                self._arrow_adapters = dict(kept[-(MAX_ARROW_ROUTES - 1):])  # each holds a copy of its library
+                adapter = self._arrow_adapters[key] = ArrowAdapter.of(library, spec)
+            return adapter
+
+    def check_arrow(self, spec: ArrowSpec) -> None:
+        """ArrowError naming the field if this store cannot serve the route (e.g. top_k over its experts)."""
+        self.arrow.check(self.store, spec)
+
+    def explain(self, spec: ArrowSpec, text: str) -> RouteExplanation:
+        """Arrow's routing of one input: per layer that reads the prompt, each expert's weight averaged over the
+        prompt's tokens, and that averaged over those layers (the same summary a /generate response holds)."""
+        return self.explain_many(spec, [text])[0]
+
+    def explain_many(self, spec: ArrowSpec, texts: Sequence[str]) -> list[RouteExplanation]:
+        """`explain` for each text: one prefill each, between the loop's iterations (the running batch's layers are
+        re-pointed after)."""
+        adapter = self.arrow_adapter(spec)
+        prompts = [self.token_ids(text) for text in texts]
+        m = self.loaded
+
+        def one(ids: list[int]) -> RouteExplanation:
+            input_ids = torch.tensor([ids], dtype=torch.long, device=m.device)
+            mask = torch.ones_like(input_ids)
+            recorder = arrow_rows.RoutingRecorder(mask.cpu())
+            recorder.keep_layers = True
+            with self.slots.activate([None]):
+                arrow_rows.attach(self.slots, [adapter], recorder=recorder)
+                with torch.inference_mode():
+                    _prompt_forward(m, input_ids, mask)
+            layers = {name: adapter.experts_weights(rows[0]) for name, rows in recorder.per_layer.items()}
+            return RouteExplanation(adapter.library.experts, layers, adapter.experts_weights(recorder.average(0)))
+
+        return self.loop.call(lambda: [one(ids) for ids in prompts])
 
     def forget_task(self, name: str) -> int:
         """Drop every cached adapter of a task (all versions), and of mixes holding it; return how many. Rows
@@ -171,9 +238,12 @@ class Engine:
         one adapter runs merged where the running batch is empty (it would re-point the layers anyway)."""
         adapters = [adapter for _, _, adapter, _ in pairs]
         single = len({id(a) for a in adapters}) == 1
-        merge = single and not len(self.loop.batch) and self.merge_single_task
+        arrow = arrow_rows.has_arrow(adapters)
+        merge = single and not len(self.loop.batch) and self.merge_single_task and not arrow
         m = self.loaded
         with self.slots.activate(adapters, key=pairs[0][3], merge=merge):
+            if arrow:
+                arrow_rows.attach(self.slots, adapters)
             return score_pairs(m.model, m.tokenizer, m.is_seq2seq, m.device, [p[0] for p in pairs],
                                [p[1] for p in pairs])
 
@@ -253,8 +323,28 @@ class Engine:
 _WARM_UP = SamplingParams(max_new_tokens=2)
 
 
+@dataclass(frozen=True)
+class RouteExplanation:
+    """Arrow's routing of one input: per layer that read the prompt and overall, each expert's mean weight."""
+
+    experts: tuple[str, ...]
+    layers: dict[str, dict[str, float]]
+    average: dict[str, float]
+
+
 def _mentions(key: AdapterKey, name: str) -> bool:
     return key.task == name or any(_mentions(member, name) for member, _ in key.members)
+
+
+def _prompt_forward(m: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """A plain forward over prompts (M, Q), outside the serving loop's KV pool: T5 runs its encoder and one decoder
+    step from the start token."""
+    if not m.is_seq2seq:
+        m.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
+        return
+    start = torch.full((input_ids.shape[0], 1), m.model.config.decoder_start_token_id, dtype=torch.long,
+                       device=input_ids.device)
+    m.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start)
 
 
 def _weights_bytes(loaded: LoadedModel) -> int:

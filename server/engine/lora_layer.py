@@ -6,6 +6,8 @@
                                                                  buffer (W itself is never changed); kept
                                                                  while batches of the same task follow
     off:          y    = base(x)
+    + arrow:      y   += Arrow's per-token routing over a library of LoRAs, for some rows (arrow_layer.py); with
+                  the rows or shared mode, or alone (lora_a None)
 Nothing is routed here: A and B are the cached per-task adapters the engine set for this batch.
 After `prepack`, base(x) and the merged matmul run on oneDNN's blocked copy of the weight (prepack.py) whenever
 gradients are off; training steps keep using the plain weight.
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arrow_layer import ArrowRows, add_arrow
 from .prepack import pack_weight, packed_linear
 
 
@@ -34,6 +37,7 @@ class Active:
     merged: torch.Tensor | None = None  # (d_out, d_in) in merged mode
     merged_packed: bool = False  # merged is a oneDNN-packed weight
     expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None  # rows repeated for beam search
+    arrow: list[ArrowRows] | None = None  # Arrow routing per token for some rows (never with merged)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -131,13 +135,15 @@ class BatchedLoraLinear(nn.Module):
             out = F.linear(x, self.base.weight, self.base.bias)  # the wrapped layer, without a second module call
         if active is None:
             return out
-        if not active.per_row:
+        if active.lora_a is not None and not active.per_row:
             flat = x.reshape(-1, x.shape[-1])  # (N*T, d_in)
             out.view(-1, out.shape[-1]).addmm_(flat @ active.lora_a, active.lora_b, alpha=active.scale)
-            return out
-        a, b = _rows(active, x.shape[0])
-        x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
-        out3.baddbmm_(torch.bmm(x3, a), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row], in place: no copy
+        elif active.lora_a is not None:
+            a, b = _rows(active, x.shape[0])
+            x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
+            out3.baddbmm_(torch.bmm(x3, a), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row], in place
+        if active.arrow:  # Arrow rows: per-token routing over a library (arrow_layer.py)
+            add_arrow(out, x, active.arrow)
         return out
 
 

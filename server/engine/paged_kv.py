@@ -14,6 +14,7 @@ Each row carries a RowKV: its block table and length (and for T5 its encoder blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,9 +53,11 @@ class PagedKV:
         """Blocks a new row takes at its prefill (before any prefix hit)."""
         return self.blocks.blocks_for(sequence) + self.blocks.blocks_for(inputs)
 
-    def prefill(self, rows: list, sequences: list[list[int]], inputs: list[list[int]] | None = None
-                ) -> torch.Tensor:
-        """Place and run the rows' new tokens (their KV lands in the pool) -> next-token logits (M, V)."""
+    def prefill(self, rows: list, sequences: list[list[int]], inputs: list[list[int]] | None = None, *,
+                before_forward: Callable[[torch.Tensor], None] = lambda mask: None) -> torch.Tensor:
+        """Place and run the rows' new tokens (their KV lands in the pool) -> next-token logits (M, V).
+        before_forward(prompt_mask) is told, just before the forward, which positions of its input are the rows'
+        prompt tokens: (M, Q) of the new tokens (causal LM, left-padded), or (M, S) of the encoder's input (T5)."""
         news = [self._place(row, seq) for row, seq in zip(rows, sequences, strict=True)]
         width = max(len(seq) - start for seq, start in zip(sequences, news, strict=True))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -69,8 +72,9 @@ class PagedKV:
         step = Step(self.pool, slots.to(self.device), [len(s) - n for s, n in zip(sequences, news, strict=True)],
                     [runs(r.kv.table, r.kv.length, self.size) for r in rows])
         if self.is_seq2seq:
-            logits = self._seq2seq_prefill(rows, inputs, ids, step)
+            logits = self._seq2seq_prefill(rows, inputs, ids, step, before_forward)
         else:
+            before_forward(slots != PAD_SLOT)
             with torch.inference_mode(), paged(step):
                 out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                                  attention_mask=_NO_MASK, cache=PoolCache(), use_cache=True, logits_to_keep=1)
@@ -106,7 +110,8 @@ class PagedKV:
             for block, digest in zip(row.kv.table, self._hashes(row, sequence), strict=False):
                 self.blocks.register(block, digest)
 
-    def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step) -> torch.Tensor:
+    def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step,
+                         before_forward: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """Encoder over each row's input (right-padded), its cross-attention keys into the row's encoder blocks,
         then the decoder over the rows' new decoder tokens."""
         length = max(len(x) for x in inputs)
@@ -123,6 +128,7 @@ class PagedKV:
         step.cross_slots = cross_slots.to(self.device)
         step.cross_runs = [runs(r.kv.cross, r.kv.cross_length, self.size) for r in rows]
         cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
+        before_forward(mask.bool())
         with torch.inference_mode(), paged(step):
             out = self.model(input_ids=enc.to(self.device), attention_mask=mask.to(self.device),
                              decoder_input_ids=ids.to(self.device), decoder_attention_mask=_NO_MASK, cache=cache,

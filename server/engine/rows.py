@@ -58,6 +58,7 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or a stop string) | "length" | "cancelled"
     version: int | None = None  # the version of the task's adapter that produced it
     logprobs: list[TokenLogprob] | None = None  # params.logprobs set: one per generated token, a final EOS included
+    routing: dict[str, float] | None = None  # Arrow rows: each expert's mean weight over the prompt's tokens and layers
 
 
 @dataclass

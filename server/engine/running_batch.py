@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from . import output_step
+from . import arrow_rows, output_step
 from .adapter_slots import AdapterSlots
 from .beam_rows import BeamRow
 from .paged_kv import PagedKV
@@ -59,14 +59,26 @@ class RunningBatch:
         for row in joining:
             row.admitted = next(self._admitted)
         self.rows.extend(joining)
-        self._point_layers(start, len(self.rows))
         tokens = [self._prefill_tokens(row) for row in joining]
         inputs = [x for _, x in tokens] if self.decoder_start is not None else None
+        recorders: list[arrow_rows.RoutingRecorder] = []
+
+        def point(prompt_mask: torch.Tensor) -> None:  # the prefill's layout known: Arrow rows record their routing
+            recorder = arrow_rows.recorder_for([row.adapter for row in joining], prompt_mask)
+            if recorder is not None:
+                recorders.append(recorder)
+            self._point_layers(start, len(self.rows), recorder)
+
         try:
-            logits = self.kv.prefill(joining, [seq for seq, _ in tokens], inputs)
+            logits = self.kv.prefill(joining, [seq for seq, _ in tokens], inputs, before_forward=point)
         except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
             self.retire(set(joining))
             raise
+        finally:
+            if recorders:
+                arrow_rows.stop_recording(self.slots)
+        if recorders:
+            arrow_rows.record_routing(joining, recorders[0])
         return self._take(joining, logits, offset=start)
 
     def step(self) -> list[Row]:
@@ -140,9 +152,12 @@ class RunningBatch:
             order[hole] = match
         return order
 
-    def _point_layers(self, start: int, end: int) -> None:
-        """Layers run rows [start, end) of the batch: merged/shared when every row has one adapter, else the pool."""
+    def _point_layers(self, start: int, end: int, recorder: arrow_rows.RoutingRecorder | None = None) -> None:
+        """Layers run rows [start, end) of the batch: merged/shared when every row has one adapter, else the pool;
+        Arrow rows among them also route per token (arrow_rows.py)."""
         keys = [row.key for row in self.rows]
+        if arrow_rows.point(self.slots, [row.adapter for row in self.rows], keys, start, end, recorder):
+            return
         first = self.rows[0]
         if all(key == first.key for key in keys):
             mode = "merged" if self.merge_single_task else "shared"

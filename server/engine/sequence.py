@@ -79,6 +79,7 @@ class ActiveRow:
         self.key: Hashable | None = None
         self.kv = None  # its blocks in the KV pool while it runs (paged_kv.RowKV)
         self.admitted = 0  # when it joined the batch (newest rows are preempted first)
+        self.routing: dict[str, float] | None = None  # an Arrow row's routing over its prompt (arrow_rows.py)
         # what its caches may grow to: encoder positions (seq2seq) and decoder or causal positions
         self.encoder_positions = len(prompt_ids) if is_seq2seq else 0
         self.decoder_positions = (1 if is_seq2seq else len(prompt_ids)) + self.params.max_new_tokens
@@ -120,7 +121,7 @@ class ActiveRow:
     def completion(self) -> Completion:
         version = self.key.version if isinstance(self.key, AdapterKey) else None
         return Completion(self.text.final_text(self.tokens), len(self.prompt_ids), len(self.tokens),
-                          self.finish_reason or "cancelled", version, self.logprobs)
+                          self.finish_reason or "cancelled", version, self.logprobs, self.routing)
 
 
 @dataclass

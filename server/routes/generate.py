@@ -13,7 +13,7 @@ from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, 
 from ..security import ReadingKey
 from ..sse import generate_events
 from ..token_strings import TokenStrings, token_strings
-from .validation import Served, rows_of, sampling_params, task_and_texts, version_served
+from .validation import Served, mean_routing, rows_of, sampling_params, task_and_texts, version_served
 
 router = APIRouter(tags=["generate"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
@@ -42,7 +42,7 @@ def to_response(target: Served, completions: list[Completion], strings: TokenStr
     usage = Usage(prompt_tokens=sum(o.prompt_tokens for o in outputs),
                   completion_tokens=sum(o.completion_tokens for o in outputs))
     return GenerateResponse(task=target.name, version=version_served(target, completions[0].version), outputs=outputs,
-                            usage=usage)
+                            usage=usage, routing=mean_routing([c.routing for c in completions]))
 
 
 def _logprobs(completion: Completion, strings: TokenStrings | None) -> list[TokenLogprobOut] | None:

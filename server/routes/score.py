@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
+
+from adapter_store.arrow import ArrowSpec
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
 from ..security import ReadingKey
-from .validation import check_texts, invalid, task_and_texts, version_served
+from .validation import check_texts, invalid, mean_routing, task_and_texts, version_served
 
 router = APIRouter(tags=["score"])
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
@@ -24,8 +28,12 @@ async def score(body: ScoreRequest, engine: EngineDep, admission: AdmissionDep, 
             raise invalid("choices", f"{len(options)} choices; at most {settings.max_choices}")
         check_texts(options, f"choices.{i}" if isinstance(body.choices[0], list) else "choices", engine, settings)
     scored = await admission.score([ScoreRow(target.ref, t, c) for t, c in zip(texts, choices, strict=True)])
+    routing = None
+    if isinstance(target.ref, ArrowSpec):  # one more prefill per input, to report how its tokens were routed
+        found = await asyncio.to_thread(engine.explain_many, target.ref, texts)
+        routing = mean_routing([f.average for f in found])
     return ScoreResponse(task=target.name, version=version_served(target, scored[0].version),
-                         results=[_result(s.choices) for s in scored])
+                         results=[_result(s.choices) for s in scored], routing=routing)
 
 
 def _choices_per_input(choices: list[str] | list[list[str]], n_inputs: int) -> list[list[str]]:

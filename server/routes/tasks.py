@@ -1,4 +1,4 @@
-"""GET /tasks, GET /tasks/{name}, POST /tasks (a named mix), DELETE /tasks/{name} (adapted or composed),
+"""GET /tasks, GET /tasks/{name}, POST /tasks (a named mix or Arrow route), DELETE /tasks/{name} (adapted or composed),
 GET /tasks/{name}/lora (a PEFT LoRA zip)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..deps import EngineDep, SettingsDep, StoreDep
 from ..errors import ApiError, as_api_error
 from ..schemas import ComposeRequest, ErrorResponse, TaskList, TaskOut
 from ..security import MutatingKey, ReadingKey
-from .validation import invalid
+from .validation import arrow_spec, invalid
 
 router = APIRouter(tags=["tasks"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409)}
@@ -38,11 +38,19 @@ async def get_task(name: str, store: StoreDep) -> TaskOut:
 async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep, _: MutatingKey) -> TaskOut:
     """A named mix: persisted (atomic, versioned), listed with its recipe, servable, exportable, deletable. It is
     resolved from its members each time it is routed, so a member's new version reaches it; a member deleted
-    makes it fail with 409 until it is composed again without that member."""
+    makes it fail with 409 until it is composed again without that member. Or a named Arrow route (`route`):
+    persisted, versioned, listed, deletable the same way, served by routing each token (not exportable: it is
+    no single LoRA)."""
+    if (body.mix is None) == (body.route is None):
+        raise invalid("mix", "give either `mix` (a named mix) or `route` (a named Arrow route), not both or neither")
     try:
         engine.store.check_writable(body.name, overwrite=body.overwrite)
-        mix = engine.store.check_mix(body.mix, settings.max_mix_tasks)
-        info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
+        if body.route is not None:
+            spec = arrow_spec(engine, body.route, "route")
+            info = await asyncio.to_thread(engine.store.save_route, body.name, spec, overwrite=body.overwrite)
+        else:
+            mix = engine.store.check_mix(body.mix, settings.max_mix_tasks)
+            info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
     except MixError as exc:
         raise invalid(exc.field, str(exc)) from None
     except (TaskNameError, TaskConflictError, BrokenCompositionError) as exc:  # about `name`, not a request's task

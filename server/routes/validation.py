@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapter_store import MixError, TaskRef
+from adapter_store.arrow import ArrowError, ArrowSpec
 
 from ..engine import Engine, GenerateRow, SamplingParams
 from ..errors import ApiError
 from ..metrics import Metrics
-from ..schemas import GenerateRequest, MixSpec
+from ..schemas import ArrowRoute, GenerateRequest, MixSpec
 from ..settings import Settings
 
 
 @dataclass(frozen=True)
 class Served:
-    """What a request is served with: a task (its name and version now) or a mix (its canonical name)."""
+    """What a request is served with: a task (its name and version now), a mix or an Arrow route (its canonical
+    name)."""
 
-    ref: TaskRef
+    ref: TaskRef | ArrowSpec
     name: str
     version: int | None
 
@@ -26,9 +28,14 @@ def as_list(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
-def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec, field: str = "task") -> Served:
-    """The request's task (404 if unknown, 409 for a composition whose member is gone) or mix (422 naming the
-    field at fault), counted in metrics."""
+def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec | ArrowRoute,
+           field: str = "task") -> Served:
+    """The request's task (404 if unknown, 409 for a composition whose member is gone), mix or Arrow route (422
+    naming the field at fault), counted in metrics."""
+    if isinstance(task, ArrowRoute):
+        spec = arrow_spec(engine, task, field)
+        metrics.count_task("arrow")
+        return Served(spec, spec.name, None)
     if isinstance(task, MixSpec):
         try:
             mix = engine.store.check_mix(task.mix, settings.max_mix_tasks)
@@ -38,9 +45,31 @@ def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | Mix
         return Served(mix, mix.name, None)
     info = engine.store.task(task)
     metrics.count_task(info.name)
+    if info.route is not None:  # a named Arrow route
+        return Served(arrow_spec(engine, ArrowRoute(route="arrow", **dict(info.route)), field), info.name,
+                      info.version)
     if info.recipe is not None:
         engine.store.cache_key(task)  # its members are all there (else 409 now, not after queueing)
     return Served(info.name, info.name, info.version)
+
+
+def arrow_spec(engine: Engine, route: ArrowRoute, field: str = "task") -> ArrowSpec:
+    """The route as the engine takes it; 422 naming the field for a bad over / top_k / temperature, or a top_k
+    over the library's size."""
+    try:
+        spec = ArrowSpec(route.over, route.top_k, route.temperature)
+        engine.check_arrow(spec)
+    except ArrowError as exc:
+        raise invalid(f"{field}.{exc.field}" if field else exc.field, str(exc)) from None
+    return spec
+
+
+def mean_routing(routings: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each expert's weight averaged over the rows that report one (None: no Arrow row)."""
+    found = [r for r in routings if r]
+    if not found:
+        return None
+    return {expert: sum(r[expert] for r in found) / len(found) for expert in found[0]}
 
 
 def version_served(target: Served, ran: int | None) -> int | None:
@@ -49,7 +78,7 @@ def version_served(target: Served, ran: int | None) -> int | None:
     return None if target.version is None else ran or target.version
 
 
-def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec,
+def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec | ArrowRoute,
                    inputs: str | list[str], field: str = "inputs", task_field: str = "task"
                    ) -> tuple[Served, list[str]]:
     """The request's task or mix (see `served`) and its inputs as a checked list."""
@@ -111,6 +140,6 @@ def sampling_params(body: GenerateRequest, settings: Settings, grammar: str | No
                           logprobs=body.logprobs, grammar=grammar)
 
 
-def rows_of(task: TaskRef, texts: list[str], params: SamplingParams) -> list[GenerateRow]:
+def rows_of(task: TaskRef | ArrowSpec, texts: list[str], params: SamplingParams) -> list[GenerateRow]:
     """One engine row per input text."""
     return [GenerateRow(task, text, params, index=i) for i, text in enumerate(texts)]

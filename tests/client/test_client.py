@@ -131,6 +131,17 @@ def test_a_mix_goes_where_a_task_name_goes_and_its_answer_has_no_version():
     assert streamed.body(0) == {"task": {"mix": mix}, "inputs": "hello", "ignore_eos": True, "stream": True}
 
 
+def test_an_arrow_route_goes_where_a_task_name_goes_and_its_answer_has_the_routing():
+    route = {"route": "arrow", "over": "skills", "top_k": 2, "temperature": 1.0}
+    answer = {**MIXED, "task": "arrow(over=skills,top_k=2,temperature=1)", "version": None,
+              "routing": {"skill-0": 0.75, "skill-1": 0.25}}
+    recorder = Recorder(httpx.Response(200, json=answer))
+    with sync_client(recorder) as mhr:
+        generated = mhr.generate(route, "hello")
+    assert recorder.body(0) == {"task": route, "inputs": "hello"}
+    assert generated.routing == {"skill-0": 0.75, "skill-1": 0.25}
+
+
 def test_generation_length_options_are_sent_only_when_given():
     recorder = Recorder(httpx.Response(200, json=GENERATED))
 
