@@ -18,8 +18,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapter_store import skill_space
-
 from ..engine import Engine, ShuttingDown
 from .data import Example
 from .methods import METHODS
@@ -215,7 +213,7 @@ class JobManager:
         if config.init == "retrieve":
             start = retrieve(self.engine, examples, config.retrieve_k)
             job.result = start.as_dict()
-            method.start_from(skill_space.weights(self.engine.store, start.mix))
+            method.start_from(self.engine.store.skill_weights(start.mix))
         result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
                        on_progress=on_progress)
         job.stopped_early = result.stopped_early
