@@ -71,6 +71,14 @@ class AdapterStore:
         """UnknownTaskError (404) or BrokenTaskError (409, naming the file)."""
         return self.registry.task(name)
 
+    def listing(self) -> list[TaskInfo]:
+        """Every task, the broken ones last (kind "broken", with their reason)."""
+        return [*self.tasks(), *(broken.info() for broken in self.broken_tasks())]
+
+    def describe(self, name: str) -> TaskInfo:
+        """The task's TaskInfo, a broken one's too; UnknownTaskError."""
+        return self.registry.describe(name)
+
     def check_writable(self, name: str, *, overwrite: bool = False) -> None:
         """May a task of this name be written? TaskNameError: not a valid name, or reserved (__mu__);
         TaskConflictError: a pretrained task, or an existing one and `overwrite` is off."""

@@ -81,6 +81,17 @@ class TaskRegistry:
         with self.lock:
             return sorted(self._broken.values())
 
+    def describe(self, name: str) -> TaskInfo:
+        """The task's TaskInfo, a broken one's too (kind "broken", with its reason); UnknownTaskError."""
+        try:
+            return self.task(name)
+        except BrokenTaskError:
+            with self.lock:
+                broken = self._broken.get(name)
+            if broken is None:  # fixed meanwhile
+                return self.task(name)
+            return broken.info()
+
     def task(self, name: str) -> TaskInfo:
         """UnknownTaskError: no such task (checked on disk first, shared); BrokenTaskError: its file is unusable."""
         if name == MU_TASK:

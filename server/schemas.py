@@ -94,17 +94,19 @@ class ScoreResponse(BaseModel):
 
 class TaskOut(BaseModel):
     name: str
-    kind: Literal["pretrained", "adapted", "composed", "mu"]
+    kind: Literal["pretrained", "adapted", "composed", "mu", "broken"]
     version: int
     method: str
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
+    reason: str | None = Field(None, description="a broken task's: its file and what is wrong with it")
 
     @classmethod
     def of(cls, info) -> TaskOut:
         return cls(name=info.name, kind=info.kind, version=info.version, method=info.method, row=info.row,
-                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None)
+                   created=info.created, mix=dict(info.recipe) if info.recipe is not None else None,
+                   reason=info.reason)
 
 
 class ComposeRequest(StrictModel):

@@ -235,10 +235,15 @@ class JobManager:
 
     # ---- records on disk ----------------------------------------------------------------
     def _save(self, job: AdaptJob) -> None:
+        """Write the job's record. A folder that refuses it (full disk, read-only) costs only the record: this
+        server keeps reporting the job from memory (other servers sharing the store do not see it)."""
         with self._write_lock:
             if self.shared:
                 job.owner, job.heartbeat = self.owner, time.time()
-            self._records.save(asdict(job))
+            try:
+                self._records.save(asdict(job))
+            except OSError as exc:
+                log.warning("cannot write the record of job %s in %s: %s", job.id, self.jobs_dir, exc)
 
     def _load_records(self) -> None:
         """Not shared: the records of an earlier run; what it left queued or running it interrupted. Shared: the

@@ -21,5 +21,6 @@ async def readyz(request: Request):
     if engine is None:
         return JSONResponse({"status": "loading", **error_body("unavailable", "still loading")}, status_code=503)
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
+            "broken_tasks": [broken._asdict() for broken in engine.store.broken_tasks()],
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch."),
             "memory": engine.memory.as_dict()}
