@@ -195,12 +195,12 @@ def read_adapted_file(path: Path, inventory: Inventory) -> tuple[TaskInfo, dict[
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """The header metadata and each tensor's shape."""
+    """The header metadata and each tensor's shape. OSError for an I/O error (the file's content may be fine)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except FileNotFoundError:
+    except OSError:
         raise
     except Exception as exc:
         raise InventoryError(path, f"cannot read safetensors header ({exc})") from exc

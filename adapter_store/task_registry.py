@@ -239,15 +239,22 @@ class TaskRegistry:
         if name in self._pretrained:  # the pretrained task stays served
             log.warning("ignoring %s: an adapted task has the name of a pretrained task", path)
             return
-        self._forget(name)
         try:
             info, meta = persistence.read_adapted_file(path, self.inventory)
         except FileNotFoundError:  # deleted since the listing: the next look says so
+            self._forget(name)
             now.pop(name)
             return
         except InventoryError as exc:
             self.mark_broken(name, exc)
             return
+        except OSError as exc:  # an I/O error, not the file's content: keep what was known, read it at the next look
+            log.warning("cannot read %s now (%s); looking again later", path, exc)
+            now.pop(name)
+            if name in self._seen:
+                now[name] = self._seen[name]
+            return
+        self._forget(name)
         if meta["format"] in ("routing", "composition") and meta["fingerprint"] != self.inventory.fingerprint:
             log.warning("skipping adapted task %r: its routing was learnt for inventory %s, not %s",
                         name, meta["fingerprint"], self.inventory.fingerprint)

@@ -2,6 +2,7 @@
 deleted tasks within refresh_s, versions keep counting up across writers, and a store that is the folder's only
 writer (refresh_s None) reads it once, as before."""
 
+import errno
 import os
 import shutil
 import time
@@ -142,3 +143,19 @@ def test_a_miss_for_a_name_that_cannot_be_a_file_touches_no_path(folder):
     reader = AdapterStore.open(folder, refresh_s=60)
     with pytest.raises(UnknownTaskError):
         reader.task("../inv/adapter_model")
+
+
+def test_an_io_error_reading_a_header_keeps_the_known_version_and_is_read_again(folder, monkeypatch):
+    writer, reader = AdapterStore.open(folder, refresh_s=0), AdapterStore.open(folder, refresh_s=0)
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    assert reader.task("t").version == 1
+    writer.save_routing("t", "mhr-z", random_logits(writer, 1))
+    read = persistence.read_adapted_file
+
+    def failing(*_):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(persistence, "read_adapted_file", failing)
+    assert reader.task("t").version == 1 and reader.broken_tasks() == []  # not forgotten, not broken
+    monkeypatch.setattr(persistence, "read_adapted_file", read)
+    assert reader.task("t").version == 2
