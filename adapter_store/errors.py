@@ -44,7 +44,12 @@ class TaskConflictError(StoreError):
 
 
 class BrokenCompositionError(StoreError):
-    """A composed task names a task that no longer exists (or itself, through other compositions)."""
+    """A composed task names a task that no longer exists or is broken (or itself, through other compositions).
+    `name`: the task or mix asked for (so a batch of several fails only its rows)."""
+
+    def __init__(self, message: str, name: str | None = None):
+        self.name = name
+        super().__init__(message)
 
 
 class BrokenTaskError(StoreError):

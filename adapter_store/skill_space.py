@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import routing
-from .errors import BrokenCompositionError, UnknownTaskError
+from .errors import BrokenCompositionError, BrokenTaskError, UnknownTaskError
 from .mix import Mix, MixError, TaskRef
 from .registry import AdapterKey, TaskInfo
 from .task_registry import TaskRegistry
 
 Recipe = Sequence[tuple[str, float]]
+AGAIN = "compose it again without it (POST /tasks with overwrite) or delete it"
 LogitsOf = Callable[[str], "list[torch.Tensor] | None"]
 
 
@@ -66,10 +67,14 @@ class SkillSpace:
         return total
 
     def _member(self, owner: str, task: str, seen: tuple[str, ...]) -> TaskInfo:
+        asked = seen[0] if seen else owner  # the task or mix a request named
         if task == owner or task in seen:
-            raise BrokenCompositionError(f"{owner!r} contains itself (through {task!r})")
+            raise BrokenCompositionError(f"{owner!r} contains itself (through {task!r})", asked)
         try:
             return self.registry.task(task)
         except UnknownTaskError:
-            raise BrokenCompositionError(f"{owner!r} uses task {task!r}, which no longer exists; compose it again "
-                                         "without it (POST /tasks with overwrite) or delete it") from None
+            raise BrokenCompositionError(f"{owner!r} uses task {task!r}, which no longer exists; {AGAIN}",
+                                         asked) from None
+        except BrokenTaskError as exc:
+            raise BrokenCompositionError(f"{owner!r} uses task {task!r}, whose file is broken ({exc.file}: "
+                                         f"{exc.reason}); {AGAIN}", asked) from None

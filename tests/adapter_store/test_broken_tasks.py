@@ -9,7 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapter_store import AdapterStore, BrokenTaskError, TaskConflictError, UnknownTaskError, persistence
+from adapter_store import (
+    AdapterStore,
+    BrokenCompositionError,
+    BrokenTaskError,
+    TaskConflictError,
+    UnknownTaskError,
+    persistence,
+)
 from tests.adapter_store.helpers import random_logits, same_adapter
 from tests.factories import T5_TARGETS, make_inventory, tiny_t5
 
@@ -135,3 +142,14 @@ def test_a_composition_file_is_checked_too(store):
     _rewrite(store.adapted_dir / "recipe.safetensors", recipe="[1, 2]")  # JSON, but not {task: weight}
     [broken] = AdapterStore.open(store.inventory.folder).broken_tasks()
     assert broken.name == "recipe" and "recipe" in broken.reason
+
+
+def test_a_composition_whose_member_is_broken_is_refused_naming_the_members_file(store):
+    store.save_composition("uses-bad", store.check_mix({"bad": 1.0, "task-0": 1.0}))
+    store.save_composition("outer", store.check_mix({"uses-bad": 1.0}))
+    _truncate(store)
+    reopened = AdapterStore.open(store.inventory.folder)
+    for task in ("uses-bad", "outer"):
+        with pytest.raises(BrokenCompositionError, match="bad.safetensors") as caught:
+            reopened.adapter(task)
+        assert caught.value.name == task  # the task asked for: a batch fails only its rows

@@ -9,7 +9,7 @@ import pytest
 
 from adapter_store import InventoryError
 from server.app import create_app
-from tests.server.conftest import await_job, bundle_settings, serving
+from tests.server.conftest import await_job, bundle_settings, send_together, serving
 
 EXAMPLES = [{"input": f"in {i}", "target": "out"} for i in range(8)]
 
@@ -45,7 +45,9 @@ async def _broken(t5_bundle, tmp_path):
             error = refused.json()["error"]
             assert error["type"] == "broken_task" and "bad.safetensors" in error["message"]
         assert (await http.get("/tasks/bad/lora")).status_code == 409
-        assert (await http.post("/generate", json={"task": "alpha", "inputs": "abc"})).status_code == 200
+        together = [{"task": task, "inputs": f"abc {i}"} for i, task in enumerate(["alpha", "bad", "beta"] * 2)]
+        responses, _ = await send_together(http, together)
+        assert [r.status_code for r in responses] == [200, 409, 200] * 2  # only the broken task's rows fail
 
         again = (await http.post("/adapt", json={"task": "bad", "examples": EXAMPLES, "steps": 2})).json()
         assert again["error"]["type"] == "conflict"  # it exists: overwrite it
