@@ -111,6 +111,10 @@ class TaskRegistry:
                 raise self._broken[name].error()
             return self._tasks.get(name)
 
+    def _exists(self, name: str) -> bool:
+        with self.lock:
+            return name in self._tasks or name in self._broken
+
     def meta(self, name: str) -> dict[str, str]:
         """An adapted task's header metadata (UnknownTaskError if another process deleted it meanwhile)."""
         with self.lock:
@@ -124,6 +128,8 @@ class TaskRegistry:
         TaskConflictError: a pretrained task, or an adapted, composed or broken one and `overwrite` is off."""
         validate_task_name(name)
         self.fresh()
+        if self.shared and not self._exists(name):
+            self.look_at(name)  # a miss is not answered from a stale view
         with self.lock:
             info = self._tasks.get(name)
             broken = name in self._broken

@@ -159,3 +159,11 @@ def test_an_io_error_reading_a_header_keeps_the_known_version_and_is_read_again(
     assert reader.task("t").version == 1 and reader.broken_tasks() == []  # not forgotten, not broken
     monkeypatch.setattr(persistence, "read_adapted_file", read)
     assert reader.task("t").version == 2
+
+
+def test_a_name_another_store_just_took_is_a_conflict_at_once(folder):
+    writer, reader = AdapterStore.open(folder, refresh_s=60), AdapterStore.open(folder, refresh_s=60)
+    reader.tasks()
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    with pytest.raises(TaskConflictError, match="already exists"):
+        reader.check_writable("t")
