@@ -116,18 +116,18 @@ def main() -> None:
     parser.add_argument("--inventory", type=Path, default=DEMO / "inventory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as adapted, tempfile.TemporaryDirectory() as spare, \
-            disk_that_fills(Path(spare)) as (faults_dir, faults_disk), ThreadPoolExecutor(2) as starting:
+            disk_that_fills(Path(spare)) as disk, ThreadPoolExecutor(2) as starting:
         port, faults_port = free_port(), free_port()
         soaked = starting.submit(start_server, args.model, args.inventory, Path(adapted), port, None,
                                  extra_env={"MHR_ADAPT_MAX_QUEUED": "1000", "MHR_MAX_BATCH_SIZE": "32"})
-        faulty = starting.submit(start_server, args.model, args.inventory, faults_dir, faults_port, None,
-                                 extra_env=SERVER_ENV)
+        faulty = starting.submit(start_server, args.model, args.inventory, disk.folder, faults_port, None,
+                                 extra_env=SERVER_ENV, max_file_bytes=disk.max_file_bytes)
         proc, faults_proc = both(soaked, faulty)
         base, faults_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{faults_port}"
         try:
             tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
             soak = Soak(base, tasks, args.seconds, seed=0)
-            faults = FaultPhase(faults_base, faults_dir, [t for t in tasks if t != "__mu__"])
+            faults = FaultPhase(faults_base, disk, [t for t in tasks if t != "__mu__"])
             start = time.monotonic()
             asyncio.run(soak.run(args.clients, faults))
             elapsed = time.monotonic() - start
@@ -146,7 +146,7 @@ def main() -> None:
         "p99_ms": round(1e3 * lat[int(0.99 * (len(lat) - 1))], 1), "server_peak_rss_mb": round(rss, 1),
         "adapt_jobs": dict(jobs),
         "failed_jobs": [{"task": j["task"], "error": j["error"]} for j in all_jobs if j["state"] == "failed"][:5],
-        "faults_disk": faults_disk, **faults.result(),
+        **faults.result(),
     }
     print(json.dumps(result, indent=1))
     sys.exit(1 if soak.errors or jobs["failed"] or not faults.passed() else 0)

@@ -1,15 +1,16 @@
 """The soak's fault phase: faults a user meets, on a second server process while the soak runs.
 
 That server shares nothing with the soaked one but the model files. Its adapted folder is a real small filesystem
-(a 1 MiB tmpfs, mounted when we may: root) that is filled up before one adaptation job writes to it — the job must
-end failed, naming the folder. A composed task's file there is then truncated on disk: the server runs with
-shared_store, so it looks at the folder again and that task answers 409 (broken_task) while every other task keeps
-answering 200. Where mounting is not permitted (not root), the folder is made read-only with chmod instead (which
-binds a non-root process).
+(a 1 MiB tmpfs, mounted when we may: root with CAP_SYS_ADMIN) that is filled up before one adaptation job writes to it
+— the job must end failed, naming the folder. Where mounting is not permitted, the server process may write no file
+over 4 KiB instead (RLIMIT_FSIZE: a composed task's file fits, an adapted task's does not; the write fails with EFBIG,
+root included). A composed task's file there is then truncated on disk: the server runs with shared_store, so it
+looks at the folder again and that task answers 409 (broken_task) while every other task keeps answering 200.
 
-    faults = FaultPhase(base, folder, tasks)       # the folder from disk_that_fills(), the server already up
-    await faults.run(deadline)                    # during the soak
-    faults.result()                               # {"faults_5xx": 0, "faults_other_tasks_failed": 0, ...}
+    with disk_that_fills(parent) as disk:          # disk.folder, disk.how, disk.max_file_bytes (for start_server)
+        faults = FaultPhase(base, disk, tasks)     # the server started on disk.folder
+        await faults.run(deadline)                 # during the soak
+        faults.result()                            # {"faults_5xx": 0, "faults_other_tasks_failed": 0, ...}
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,45 +31,56 @@ import httpx
 COMPOSED = "faults-composed"
 SERVER_ENV = {"MHR_SHARED_STORE": "1"}  # looks at its folder again: a file changed on disk is seen
 CLIENTS = 2
+FILE_LIMIT_BYTES = 4096  # without a mount: larger than a composed task's file or a job record, smaller than a task's
+
+
+@dataclass(frozen=True)
+class Disk:
+    folder: Path
+    mounted: bool
+
+    @property
+    def how(self) -> str:
+        return "tmpfs 1 MiB, filled" if self.mounted else f"no mount permitted: file size limit {FILE_LIMIT_BYTES} B"
+
+    @property
+    def max_file_bytes(self) -> int | None:
+        return None if self.mounted else FILE_LIMIT_BYTES
+
+    def fill(self) -> None:
+        """Write a filler file until the tmpfs is full (nothing to do under a file size limit)."""
+        if not self.mounted:
+            return
+        fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
-def disk_that_fills(parent: Path) -> Iterator[tuple[Path, str]]:
-    """(folder, how it is limited): a 1 MiB tmpfs at parent/"adapted" (root), else a plain folder made read-only
-    later by `FaultPhase.break_disk`."""
+def disk_that_fills(parent: Path) -> Iterator[Disk]:
+    """A 1 MiB tmpfs at parent/"adapted" if mounting is permitted, else a plain folder there."""
     folder = parent / "adapted"
     folder.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
                              capture_output=True).returncode == 0
     try:
-        yield folder, "tmpfs 1 MiB, filled" if mounted else "chmod 0555 (no mount permitted)"
+        yield Disk(folder, mounted)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(folder)], check=False)
-        else:
-            folder.chmod(0o755)
-
-
-def fill(folder: Path) -> None:
-    """Write a filler file until the filesystem is full; a folder that is not a mount point is made read-only."""
-    if not os.path.ismount(folder):
-        folder.chmod(0o555)
-        return
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    finally:
-        os.close(fd)
 
 
 class FaultPhase:
-    def __init__(self, base: str, folder: Path, tasks: list[str]):
+    def __init__(self, base: str, disk: Disk, tasks: list[str]):
         self.base = base
-        self.folder = folder
+        self.disk = disk
+        self.folder = disk.folder
         self.tasks = tasks  # pretrained tasks of the fault server: they must keep answering
         self.statuses: Counter[str] = Counter()  # "other 200", "broken 409", ...
         self.fivexx: list[str] = []
@@ -78,7 +91,7 @@ class FaultPhase:
         async with httpx.AsyncClient(base_url=self.base, timeout=120) as http:
             composed = await http.post("/tasks", json={"name": COMPOSED, "mix": dict.fromkeys(self.tasks[:2], 1)})
             self._count("setup", composed)
-            fill(self.folder)
+            self.disk.fill()
             self.job = await self._failing_job(http)
             path = self.folder / f"{COMPOSED}.safetensors"
             os.truncate(path, path.stat().st_size // 2)  # needs no room, and a file's own mode allows it
@@ -115,6 +128,7 @@ class FaultPhase:
     def result(self) -> dict:
         error = self.job.get("error") or ""
         return {
+            "faults_disk": self.disk.how,
             "faults_5xx": len(self.fivexx),
             "faults_other_tasks_failed": len(self.other_failed),
             "faults_adapt_job": self.job.get("state"),
