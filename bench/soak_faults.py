@@ -29,8 +29,11 @@ from pathlib import Path
 import httpx
 
 COMPOSED = "faults-composed"
-SERVER_ENV = {"MHR_SHARED_STORE": "1"}  # looks at its folder again: a file changed on disk is seen
+# shared_store: it looks at its folder again, so a file changed on disk is seen. One torch thread and paced clients:
+# a second busy torch process on the soak's cores would measure oversubscription, not the soak.
+SERVER_ENV = {"MHR_SHARED_STORE": "1", "MHR_THREADS": "1"}
 CLIENTS = 2
+PACE_S = 0.2  # each fault client sends a request at most this often
 FILE_LIMIT_BYTES = 4096  # without a mount: larger than a composed task's file or a job record, smaller than a task's
 
 
@@ -113,8 +116,10 @@ class FaultPhase:
         i = worker
         while time.monotonic() < deadline:
             task = COMPOSED if i % 3 == 0 else self.tasks[i % len(self.tasks)]
+            paced = asyncio.create_task(asyncio.sleep(PACE_S))
             response = await http.post("/generate", json={"task": task, "inputs": f"fault {i}", "max_new_tokens": 8})
             self._count("broken" if task == COMPOSED else "other", response)
+            await paced
             i += CLIENTS
 
     def _count(self, what: str, response: httpx.Response) -> None:
