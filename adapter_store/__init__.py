@@ -5,8 +5,10 @@ from .cache import AdapterCache, CacheStats
 from .config import InventoryConfig
 from .errors import (
     BrokenCompositionError,
+    BrokenTaskError,
     InventoryError,
     StoreError,
+    StoreWriteError,
     TaskConflictError,
     TaskNameError,
     UnknownTaskError,
@@ -18,9 +20,11 @@ from .model_check import check_model
 from .names import MU_TASK, TASK_NAME_PATTERN, validate_task_name
 from .registry import AdapterKey, TaskInfo
 from .store import AdapterStore
+from .task_registry import BrokenTask
 
 __all__ = [
-    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "BrokenCompositionError", "Mix", "MixError",
+    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "BrokenCompositionError", "BrokenTask",
+    "BrokenTaskError", "Mix", "MixError", "StoreWriteError",
     "TaskRef", "AdapterStore", "CacheStats", "Inventory",
     "InventoryConfig", "InventoryError", "LayerGroup", "ModuleGroup", "StoreError", "TaskAdapter",
     "TaskConflictError", "TaskInfo", "TaskNameError", "UnknownTaskError", "check_model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -43,4 +44,35 @@ class TaskConflictError(StoreError):
 
 
 class BrokenCompositionError(StoreError):
-    """A composed task names a task that no longer exists (or itself, through other compositions)."""
+    """A composed task names a task that no longer exists or is broken (or itself, through other compositions).
+    `name`: the task or mix asked for (so a batch of several fails only its rows)."""
+
+    def __init__(self, message: str, name: str | None = None):
+        self.name = name
+        super().__init__(message)
+
+
+class BrokenTaskError(StoreError):
+    """The task's file in the adapted folder cannot be served (truncated, wrong shapes, bad metadata): it answers
+    409 naming the file until the file is written again or the task deleted."""
+
+    def __init__(self, name: str, file: str, reason: str):
+        self.name = name
+        self.file = file
+        self.reason = reason
+        super().__init__(f"task {name!r} is broken: {file}: {reason}; adapt or compose it again with overwrite, or "
+                         "delete it")
+
+
+class StoreWriteError(StoreError):
+    """A folder the store writes to refused the write (full disk, read-only, ...): nothing partial was left."""
+
+    def __init__(self, folder: str | Path, error: OSError):
+        self.folder = str(folder)
+        self.errno = error.errno
+        self.reason = error.strerror or str(error)
+        super().__init__(f"cannot write to {self.folder}: {self.reason}")
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .adapter import TaskAdapter
 from .inventory import PEFT_PREFIX
+from .persistence import writing_to
 
 
 def lora_config(adapter: TaskAdapter, task_type: str | None, base_model: str | None) -> dict:
@@ -53,16 +54,17 @@ def export_peft_lora(adapter: TaskAdapter, out_dir: str | Path, *, task_type: st
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
-    try:
-        save_file(lora_tensors(adapter), staging / "adapter_model.safetensors")
-        config = lora_config(adapter, task_type, base_model)
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writing_to(out_dir.parent):  # full disk, read-only: StoreWriteError naming the folder, nothing left
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+        try:
+            save_file(lora_tensors(adapter), staging / "adapter_model.safetensors")
+            config = lora_config(adapter, task_type, base_model)
+            (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return out_dir

@@ -32,7 +32,8 @@ class Mix:
     @classmethod
     def of(cls, weights: Mapping[str, float], max_tasks: int = MAX_MIX_TASKS) -> Mix:
         """Validate and normalise {task: weight}: weights ≥ 0 and finite, not all zero, at most max_tasks entries.
-        Zero weights are dropped."""
+        Only proportions count: {a: 3e307, b: 1e307} is {a: 3, b: 1}. Zero weights are dropped, and so are weights
+        that are zero next to the largest one (below it by more than a double's range, e.g. 1e-20 next to 1e308)."""
         if not weights:
             raise MixError("a mix needs at least one task")
         if len(weights) > max_tasks:
@@ -41,10 +42,7 @@ class Mix:
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) \
                     or weight < 0:
                 raise MixError(f"the weight of {task!r} must be a finite number ≥ 0, not {weight!r}", f"mix.{task}")
-        total = sum(weights.values())
-        if total <= 0:
-            raise MixError("the weights of a mix must not all be zero")
-        return cls(tuple(sorted((task, w / total) for task, w in weights.items() if w > 0)))
+        return cls(tuple(sorted(normalised(weights).items())))
 
     @property
     def name(self) -> str:
@@ -53,6 +51,17 @@ class Mix:
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.members)
+
+
+def normalised(weights: Mapping[str, float]) -> dict[str, float]:
+    """Weights (finite, ≥ 0) scaled to sum to 1, the zero ones left out. Divided by the largest first, so no sum
+    overflows (1e308 + 1e308) and tiny weights keep their proportions (1e-308, subnormals)."""
+    largest = max(float(w) for w in weights.values())
+    if largest <= 0:
+        raise MixError("the weights of a mix must not all be zero")
+    scaled = {task: float(w) / largest for task, w in weights.items()}  # each in [0, 1], the largest exactly 1
+    total = sum(scaled.values())  # in [1, len(weights)]: finite
+    return {task: s / total for task, s in scaled.items() if s > 0}
 
 
 TaskRef = str | Mix  # what a row asks to be served with: a task's name, or a mix

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,13 +28,13 @@ from typing import NamedTuple
 
 import safetensors.torch
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import arrow
 from .adapter import TaskAdapter
-from .errors import InventoryError, TaskNameError
-from .inventory import ModuleGroup
+from .errors import InventoryError, StoreWriteError, TaskNameError
+from .inventory import Inventory, ModuleGroup
 from .names import validate_task_name
 from .registry import TaskInfo
 
@@ -55,19 +56,39 @@ class Signature(NamedTuple):
 
 
 def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=path.parent)
-    os.close(fd)
+    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder. StoreWriteError
+    naming the folder if it refuses (full disk, read-only): then nothing is left and an older `path` is intact."""
+    with writing_to(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+@contextmanager
+def writing_to(folder: Path) -> Iterator[None]:
+    """Turn an OSError of a write into StoreWriteError naming the folder (a missing file stays FileNotFoundError).
+    safetensors reports a failed write as its own error wrapping the OSError's text: that counts too."""
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except FileNotFoundError:
         raise
-    _fsync_dir(path.parent)
+    except OSError as exc:
+        raise StoreWriteError(folder, exc) from exc
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))  # e.g. "No space left on device (os error 28)"
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise StoreWriteError(folder, OSError(code, os.strerror(code))) from exc
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,8 +121,9 @@ def _mtime(path: Path) -> float:
 @contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on the folder (flock on `<folder>/.lock`) against other processes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing_to(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -139,6 +161,11 @@ def task_path(folder: Path, name: str) -> Path:
     return folder / (validate_task_name(name) + SUFFIX)
 
 
+def remove_task_file(folder: Path, name: str) -> None:
+    with writing_to(folder):
+        task_path(folder, name).unlink(missing_ok=True)
+
+
 def write_adapted(folder: Path, info: TaskInfo, fmt: str, tensors: dict[str, torch.Tensor], fingerprint: str,
                   rank: int, **extra: str) -> None:
     metadata = {
@@ -152,36 +179,31 @@ def write_composition(folder: Path, info: TaskInfo, fingerprint: str, rank: int)
     write_adapted(folder, info, "composition", {}, fingerprint, rank, recipe=json.dumps(dict(info.recipe)))
 
 
-def read_adapted_headers(folder: Path) -> dict[str, tuple[TaskInfo, dict[str, str]]]:
-    """Name -> (TaskInfo, header metadata) for every adapted or composed task; reads headers only."""
-    found = {}
-    for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
-        if path.name.startswith(TEMP_PREFIX):  # another process's write in progress (a shared folder)
-            continue
-        found[path.name[: -len(SUFFIX)]] = read_adapted_header(path)
-    return found
-
-
-def read_adapted_header(path: Path) -> tuple[TaskInfo, dict[str, str]]:
-    """One adapted or composed task's TaskInfo and header metadata (FileNotFoundError if it is gone)."""
+def read_adapted_file(path: Path, inventory: Inventory) -> tuple[TaskInfo, dict[str, str]]:
+    """One adapted or composed task's TaskInfo and header metadata, the file checked from its header alone (no
+    tensor data read): name, metadata, recipe, and each tensor's key and shape against the inventory. InventoryError
+    naming the file (and key) if anything is wrong; FileNotFoundError if it is gone."""
     name = path.name[: -len(SUFFIX)]
     try:
         validate_task_name(name)
     except TaskNameError as exc:
         raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
-    meta = _read_metadata(path)
+    meta, shapes = _read_header(path)
     recipe = _recipe(path, meta) if meta["format"] == "composition" else None
     route = arrow.read_route(path, meta) if meta["format"] == "arrow" else None
+    _check_shapes(path, shapes, expected_shapes(path, meta, inventory))
     kind = "composed" if recipe is not None or route is not None else "adapted"
-    return TaskInfo(name, kind, int(meta["version"]), meta["method"], created=float(meta["created"]),
-                    recipe=recipe, route=route), meta
+    return TaskInfo(name, kind, _number(path, meta, "version", int), meta["method"],
+                    created=_number(path, meta, "created", float), recipe=recipe, route=route), meta
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The header metadata and each tensor's shape. OSError for an I/O error (the file's content may be fine)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-    except FileNotFoundError:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except OSError:
         raise
     except Exception as exc:
         raise InventoryError(path, f"cannot read safetensors header ({exc})") from exc
@@ -190,7 +212,34 @@ def _read_metadata(path: Path) -> dict[str, str]:
             raise InventoryError(path, "missing header metadata", key=key)
     if meta["format"] not in ("routing", "lora", "composition", "arrow"):
         raise InventoryError(path, f"unknown format {meta['format']!r}", key="format")
-    return meta
+    return meta, shapes
+
+
+def _number(path: Path, meta: dict[str, str], key: str, kind: type) -> int | float:
+    try:
+        return kind(meta[key])
+    except ValueError:
+        raise InventoryError(path, f"not a number: {meta[key]!r}", key=key) from None
+
+
+def expected_shapes(path: Path, meta: dict[str, str], inventory: Inventory) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor a file of this format holds for the inventory."""
+    if meta["format"] == "routing":
+        width = inventory.config.n_splits * inventory.config.n_skills
+        return {name + LOGITS_SUFFIX: (width,) for name in inventory.module_names}
+    if meta["format"] == "lora":
+        rank = _number(path, meta, "rank", int)
+        return {key: shape for name, (d_in, d_out) in inventory.module_shapes.items()
+                for key, shape in ((name + LORA_A_SUFFIX, (d_in, rank)), (name + LORA_B_SUFFIX, (rank, d_out)))}
+    return {}
+
+
+def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    for key, shape in expected.items():
+        if key not in found:
+            raise InventoryError(path, "missing key", key=key)
+        if found[key] != shape:
+            raise InventoryError(path, f"expected shape {shape}, found {found[key]}", key=key)
 
 
 def _recipe(path: Path, meta: dict[str, str]) -> tuple[tuple[str, float], ...]:
@@ -205,6 +254,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (small) adapted-task file; one read, ~4x faster than a get_tensor per key."""
     try:
         return safetensors.torch.load(path.read_bytes())
+    except FileNotFoundError:
+        raise
     except Exception as exc:
         raise InventoryError(path, f"cannot read safetensors data ({exc})") from exc
 

@@ -11,7 +11,7 @@ from .errors import InventoryError, TaskNameError
 from .names import MU_TASK, validate_task_name
 
 TASKS_FILE = "tasks.json"
-TaskKind = Literal["pretrained", "adapted", "composed", "mu"]
+TaskKind = Literal["pretrained", "adapted", "composed", "mu", "broken"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class TaskInfo:
     created: float | None = None  # unix time an adapted or composed task was written
     recipe: tuple[tuple[str, float], ...] | None = None  # a composed task's members and their weights
     route: tuple[tuple[str, object], ...] | None = None  # a named Arrow task's route (arrow.ArrowSpec fields)
+    reason: str | None = None  # a broken task's: its file and what is wrong with it
 
 
 MU_INFO = TaskInfo(MU_TASK, "mu", 1, "mu")

@@ -25,7 +25,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapter_store import AdapterCache, AdapterStore, skill_space  # noqa: E402
+from adapter_store import AdapterCache, AdapterStore  # noqa: E402
 from bench.serving_http import free_port, start_server  # noqa: E402
 from demo.tasks import HELDOUT_TASKS, examples  # noqa: E402
 from server.adapt import METHODS, Example, TrainConfig  # noqa: E402
@@ -56,7 +56,7 @@ def adapt_one(engine: Engine, method: str, task: str, steps: int, warm: bool = F
                          validation_fraction=0.0, max_seconds=600)
     start = time.perf_counter()
     if warm:
-        trainer.start_from(skill_space.weights(engine.store, retrieve(engine, shots, k=3).mix))
+        trainer.start_from(engine.store.skill_weights(retrieve(engine, shots, k=3).mix))
     train(engine, trainer, shots, config, cancelled=lambda: False, on_progress=lambda p: None)
     seconds = time.perf_counter() - start
     with torch.no_grad():

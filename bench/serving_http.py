@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
+import resource
 import socket
 import statistics
 import subprocess
@@ -37,14 +39,19 @@ def free_port() -> int:
 
 
 def start_server(model: Path, inventory: Path, adapted: Path, port: int, threads: int | None,
-                 extra_env: dict[str, str] | None = None, device: str = "cpu") -> subprocess.Popen:
+                 extra_env: dict[str, str] | None = None, device: str = "cpu",
+                 max_file_bytes: int | None = None) -> subprocess.Popen:
+    """A server process, once it answers /readyz. max_file_bytes: the process may write no file larger (RLIMIT_FSIZE;
+    Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
     env = {**os.environ, "MHR_MODEL": str(model), "MHR_INVENTORY": str(inventory), "MHR_ADAPTED_DIR": str(adapted),
            "MHR_PORT": str(port), "MHR_DEVICE": device, "MHR_MAX_BATCH_SIZE": "32", "MHR_MAX_BATCH_WAIT_MS": "5",
            "MHR_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
     if threads:
         env["MHR_THREADS"] = str(threads)
     env.update(extra_env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env)
+    limit = None if max_file_bytes is None else functools.partial(
+        resource.setrlimit, resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env, preexec_fn=limit)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

@@ -3,8 +3,12 @@ against a real uvicorn server process (the demo bundle unless --model/--inventor
 request counts, errors (any non-2xx or transport error), latency percentiles, the server's peak RSS and
 the adaptation jobs by final state (after waiting for the ones still queued or running).
 
+Meanwhile a fault phase (soak_faults.py) runs on a second server process: an adaptation job on a full disk, a
+composed task whose file is corrupted on disk (409), other tasks served throughout; its keys start with faults_.
+
     .venv/bin/python bench/soak.py [--clients 64] [--seconds 60]
-Exit status 1 if any request failed or any adaptation job ended failed.
+Exit status 1 if any request failed or any adaptation job ended failed, or if the fault phase saw a 5xx, another
+task failing, or its faults not reported as they should be (job failed naming the folder, the broken task 409).
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ import asyncio
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serving_http import free_port, start_server  # noqa: E402
+from bench.soak_faults import SERVER_ENV, FaultPhase, disk_that_fills  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
 
@@ -84,10 +91,21 @@ class Soak:
             if not ok:
                 self.errors.append(detail)
 
-    async def run(self, clients: int) -> None:
+    async def run(self, clients: int, faults: FaultPhase) -> None:
         limits = httpx.Limits(max_connections=clients + 8)
         async with httpx.AsyncClient(base_url=self.base, timeout=120, limits=limits) as http:
-            await asyncio.gather(*(self.client(http) for _ in range(clients)))
+            await asyncio.gather(faults.run(self.deadline), *(self.client(http) for _ in range(clients)))
+
+
+def both(first: Future, second: Future) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Both servers once started; if one could not start, the other is stopped."""
+    try:
+        return first.result(), second.result()
+    except BaseException:
+        for started in (first, second):
+            if started.exception() is None:
+                started.result().kill()
+        raise
 
 
 def main() -> None:
@@ -97,23 +115,29 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO / "model")
     parser.add_argument("--inventory", type=Path, default=DEMO / "inventory")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as adapted:
-        port = free_port()
-        proc = start_server(args.model, args.inventory, Path(adapted), port, None,
-                            extra_env={"MHR_ADAPT_MAX_QUEUED": "1000", "MHR_MAX_BATCH_SIZE": "32"})
-        base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as adapted, tempfile.TemporaryDirectory() as spare, \
+            disk_that_fills(Path(spare)) as disk, ThreadPoolExecutor(2) as starting:
+        port, faults_port = free_port(), free_port()
+        soaked = starting.submit(start_server, args.model, args.inventory, Path(adapted), port, None,
+                                 extra_env={"MHR_ADAPT_MAX_QUEUED": "1000", "MHR_MAX_BATCH_SIZE": "32"})
+        faulty = starting.submit(start_server, args.model, args.inventory, disk.folder, faults_port, None,
+                                 extra_env=SERVER_ENV, max_file_bytes=disk.max_file_bytes)
+        proc, faults_proc = both(soaked, faulty)
+        base, faults_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{faults_port}"
         try:
             tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
             soak = Soak(base, tasks, args.seconds, seed=0)
+            faults = FaultPhase(faults_base, disk, [t for t in tasks if t != "__mu__"])
             start = time.monotonic()
-            asyncio.run(soak.run(args.clients))
+            asyncio.run(soak.run(args.clients, faults))
             elapsed = time.monotonic() - start
             rss = peak_rss_mb(proc.pid)
             all_jobs = settled_jobs(base)
             jobs = Counter(j["state"] for j in all_jobs)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            for server in (proc, faults_proc):
+                server.terminate()
+                server.wait(timeout=60)
     lat = sorted(soak.latencies)
     result = {
         "clients": args.clients, "seconds": round(elapsed, 1), "requests": sum(soak.counts.values()),
@@ -122,9 +146,10 @@ def main() -> None:
         "p99_ms": round(1e3 * lat[int(0.99 * (len(lat) - 1))], 1), "server_peak_rss_mb": round(rss, 1),
         "adapt_jobs": dict(jobs),
         "failed_jobs": [{"task": j["task"], "error": j["error"]} for j in all_jobs if j["state"] == "failed"][:5],
+        **faults.result(),
     }
     print(json.dumps(result, indent=1))
-    sys.exit(1 if soak.errors or jobs["failed"] else 0)
+    sys.exit(1 if soak.errors or jobs["failed"] or not faults.passed() else 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from ._client import AsyncClient, Client
 from .exceptions import (
     ApiError,
     BadRequest,
+    BrokenTask,
     Conflict,
     ExportError,
     Forbidden,
@@ -17,6 +18,7 @@ from .exceptions import (
     NotFound,
     Overloaded,
     ServerError,
+    StorageError,
     TransportError,
     Unauthorized,
     UnknownTask,
@@ -26,6 +28,7 @@ from .exceptions import (
 )
 from .models import (
     AdaptJob,
+    BrokenTaskInfo,
     ChoiceScore,
     GenerateResponse,
     Output,
@@ -42,8 +45,9 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptJob", "ApiError", "AsyncClient", "BadRequest", "ChoiceScore", "Client", "Conflict", "ExportError",
-    "Forbidden", "GenerateResponse", "MhrError", "NotFound", "Output", "Overloaded", "Readiness", "ScoreResponse",
-    "ScoreResult", "ServerError", "StreamEvent", "TaskInfo", "TokenLogprob", "TopToken", "TransportError",
-    "Unauthorized", "UnknownTask", "Usage", "ValidationError", "WaitTimeout", "raise_for_error",
+    "AdaptJob", "ApiError", "AsyncClient", "BadRequest", "BrokenTask", "BrokenTaskInfo", "ChoiceScore", "Client",
+    "Conflict", "ExportError", "Forbidden", "GenerateResponse", "MhrError", "NotFound", "Output", "Overloaded",
+    "Readiness", "ScoreResponse", "ScoreResult", "ServerError", "StorageError", "StreamEvent", "TaskInfo",
+    "TokenLogprob", "TopToken", "TransportError", "Unauthorized", "UnknownTask", "Usage", "ValidationError",
+    "WaitTimeout", "raise_for_error",
 ]

@@ -134,8 +134,9 @@ def cmd_tasks(mhr: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(tasks)
     elif tasks:
-        rows = [[t.name, t.kind, str(t.version), t.method, mix_text(t.mix) if t.mix else ""] for t in tasks]
-        _table([["NAME", "KIND", "VERSION", "METHOD", "MIX"]] + rows)
+        rows = [[t.name, t.kind, str(t.version), t.method, mix_text(t.mix) if t.mix else (t.reason or "")]
+                for t in tasks]
+        _table([["NAME", "KIND", "VERSION", "METHOD", "MIX"]] + rows)  # a broken task: its reason under MIX
     return 0
 
 

@@ -12,8 +12,10 @@
         ├── NotFound              404
         │   └── UnknownTask       404 with type "unknown_task"
         ├── Conflict              409
+        │   └── BrokenTask        409 with type "broken_task": the task's file on the server is unusable
         ├── Overloaded            503 (.retry_after: seconds from the Retry-After header, or None)
         └── ServerError           other 5xx
+            └── StorageError      507 "storage_full", 503 "storage_unavailable": the server cannot write
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class Conflict(ApiError):
     """409: e.g. the task exists already (adapt with overwrite=True) or is pretrained (cannot be deleted)."""
 
 
+class BrokenTask(Conflict):
+    """409: the task's file on the server is corrupt or truncated (the message names it); adapt or compose the task
+    again with overwrite, or delete it."""
+
+
 class Overloaded(ApiError):
     """503: the server is busy, loading or shutting down; try again after ``.retry_after`` seconds."""
 
@@ -101,9 +108,15 @@ class ServerError(ApiError):
     """5xx other than 503: a bug or a broken inventory on the server."""
 
 
+class StorageError(ServerError):
+    """507 (type "storage_full": the server's disk is full) or 503 (type "storage_unavailable": its folder is
+    read-only or failing); the message names the folder. Nothing partial was written."""
+
+
 _BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 413: BadRequest, 422: ValidationError, 401: Unauthorized,
                                          403: Forbidden, 404: NotFound, 409: Conflict, 503: Overloaded}
-_BY_TYPE: dict[str, type[ApiError]] = {"unknown_task": UnknownTask}
+_BY_TYPE: dict[str, type[ApiError]] = {"unknown_task": UnknownTask, "broken_task": BrokenTask,
+                                       "storage_full": StorageError, "storage_unavailable": StorageError}
 
 
 def parse_retry_after(value: str | None) -> float | None:

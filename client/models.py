@@ -92,13 +92,19 @@ class ScoreResponse(Model):
 
 class TaskInfo(Model):
     name: str
-    kind: str  # "pretrained" | "adapted" | "composed" | "mu"
+    kind: str  # "pretrained" | "adapted" | "composed" | "mu" | "broken"
     version: int
     method: str
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = None  # a composed task's recipe: its tasks and their normalised weights
     route: dict | None = None  # a named Arrow task's route: {"over", "top_k", "temperature"}
+    reason: str | None = None  # a broken task's: its file on the server and what is wrong with it
+
+    @property
+    def broken(self) -> bool:
+        """True for a task whose file on the server cannot be served (see ``reason``)."""
+        return self.kind == "broken"
 
 
 class AdaptJob(Model):
@@ -135,12 +141,21 @@ class AdaptJob(Model):
         return None if self.result is None else self.result.get("mix")
 
 
+class BrokenTaskInfo(Model):
+    """A task /readyz reports broken: its file on the server and why."""
+
+    name: str
+    file: str
+    reason: str
+
+
 class Readiness(Model):
     """GET /readyz: ``status`` is "ready" (with the other fields) or "loading"."""
 
     status: str
     inventory: str | None = None
     tasks: int | None = None
+    broken_tasks: list[BrokenTaskInfo] = []  # files in the adapted folder that cannot be served
     device: str | None = None
     dtype: str | None = None
 

@@ -13,8 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store import (
     BrokenCompositionError,
+    BrokenTaskError,
     InventoryError,
     MixError,
+    StoreWriteError,
     TaskConflictError,
     TaskNameError,
     UnknownTaskError,
@@ -53,6 +55,9 @@ TRANSLATIONS: dict[type[BaseException], Callable[..., ApiError]] = {
                                          "task"),
     TaskConflictError: lambda e: ApiError(409, "conflict", str(e), "task"),
     BrokenCompositionError: lambda e: ApiError(409, "broken_composition", str(e), "task"),
+    BrokenTaskError: lambda e: ApiError(409, "broken_task", str(e), "task"),
+    StoreWriteError: lambda e: ApiError(507, "storage_full", str(e)) if e.disk_full
+    else ApiError(503, "storage_unavailable", str(e), headers={"Retry-After": "30"}),
     MixError: lambda e: ApiError(422, "validation_error", f"{e.field}: {e}", e.field),
     JobConflictError: lambda e: ApiError(409, "conflict", str(e), e.field),
     TaskNameError: lambda e: ApiError(422, "validation_error", f"task: {e}", "task"),
@@ -106,7 +111,7 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 async def _translated(_: Request, exc: Exception) -> JSONResponse:
     error = as_api_error(exc)
-    if error.status >= 500 and error.type != "unavailable" and error.type != "overloaded":
+    if error.status >= 500 and error.type not in ("unavailable", "overloaded"):
         log.error("%s: %s", error.type, exc, exc_info=error.type == "internal_error")
     return error_response(error.status, error.type, error.message, error.field, error.headers)
 

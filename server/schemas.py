@@ -142,19 +142,20 @@ class ScoreResponse(BaseModel):
 
 class TaskOut(BaseModel):
     name: str
-    kind: Literal["pretrained", "adapted", "composed", "mu"]
+    kind: Literal["pretrained", "adapted", "composed", "mu", "broken"]
     version: int
     method: str
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
     route: dict[str, object] | None = Field(None, description="a named Arrow task's route: over, top_k, temperature")
+    reason: str | None = Field(None, description="a broken task's: its file and what is wrong with it")
 
     @classmethod
     def of(cls, info) -> TaskOut:
         return cls(name=info.name, kind=info.kind, version=info.version, method=info.method, row=info.row,
                    created=info.created, mix=dict(info.recipe) if info.recipe is not None else None,
-                   route=dict(info.route) if info.route is not None else None)
+                   route=dict(info.route) if info.route is not None else None, reason=info.reason)
 
 
 class ComposeRequest(StrictModel):

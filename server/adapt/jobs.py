@@ -18,8 +18,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapter_store import skill_space
-
 from ..engine import Engine, ShuttingDown
 from .data import Example
 from .methods import METHODS
@@ -215,7 +213,7 @@ class JobManager:
         if config.init == "retrieve":
             start = retrieve(self.engine, examples, config.retrieve_k)
             job.result = start.as_dict()
-            method.start_from(skill_space.weights(self.engine.store, start.mix))
+            method.start_from(self.engine.store.skill_weights(start.mix))
         result = train(self.engine, method, examples, config, cancelled=lambda: job.id in self._cancel,
                        on_progress=on_progress)
         job.stopped_early = result.stopped_early
@@ -237,10 +235,15 @@ class JobManager:
 
     # ---- records on disk ----------------------------------------------------------------
     def _save(self, job: AdaptJob) -> None:
+        """Write the job's record. A folder that refuses it (full disk, read-only) costs only the record: this
+        server keeps reporting the job from memory (other servers sharing the store do not see it)."""
         with self._write_lock:
             if self.shared:
                 job.owner, job.heartbeat = self.owner, time.time()
-            self._records.save(asdict(job))
+            try:
+                self._records.save(asdict(job))
+            except OSError as exc:
+                log.warning("cannot write the record of job %s in %s: %s", job.id, self.jobs_dir, exc)
 
     def _load_records(self) -> None:
         """Not shared: the records of an earlier run; what it left queued or running it interrupted. Shared: the

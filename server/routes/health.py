@@ -25,5 +25,6 @@ async def readyz(request: Request):
           "blocks_cached": loop.kv_blocks_cached, "preempted_rows": loop.preempted_rows,
           "prefix_cache_hit_blocks": loop.prefix_cache_hits}
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
+            "broken_tasks": [broken._asdict() for broken in engine.store.broken_tasks()],
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch."),
             "memory": engine.memory.as_dict(), "kv": kv}

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from adapter_store import AdapterStore, BrokenCompositionError, MixError, TaskConflictError, TaskNameError
+from adapter_store.persistence import writing_to
 
 from ..deps import EngineDep, SettingsDep, StoreDep
 from ..errors import ApiError, as_api_error
@@ -21,17 +22,17 @@ from ..security import MutatingKey, ReadingKey
 from .validation import arrow_spec, invalid
 
 router = APIRouter(tags=["tasks"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 503, 507)}
 
 
 @router.get("/tasks", response_model=TaskList, dependencies=ReadingKey)
 async def list_tasks(store: StoreDep) -> TaskList:
-    return TaskList(tasks=[TaskOut.of(info) for info in store.tasks()])
+    return TaskList(tasks=[TaskOut.of(info) for info in store.listing()])
 
 
 @router.get("/tasks/{name}", response_model=TaskOut, responses=ERRORS, dependencies=ReadingKey)
 async def get_task(name: str, store: StoreDep) -> TaskOut:
-    return TaskOut.of(store.task(name))
+    return TaskOut.of(store.describe(name))
 
 
 @router.post("/tasks", status_code=201, response_model=TaskOut, responses={**ERRORS, 422: {"model": ErrorResponse}})
@@ -62,8 +63,8 @@ async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep
 
 @router.delete("/tasks/{name}", response_model=TaskOut, responses=ERRORS)
 async def delete_task(name: str, engine: EngineDep, _: MutatingKey) -> TaskOut:
-    """Delete an adapted or composed task (its file and cached adapters); pretrained tasks and __mu__ are refused
-    (409)."""
+    """Delete an adapted, composed or broken task (its file and cached adapters); pretrained tasks and __mu__ are
+    refused (409)."""
     info = await asyncio.to_thread(engine.store.delete, name)
     engine.forget_task(name)
     return TaskOut.of(info)
@@ -80,7 +81,7 @@ async def export_lora(name: str, store: StoreDep, _: MutatingKey) -> Response:
 
 
 def zipped_lora(store: AdapterStore, name: str) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
+    with writing_to(Path(tempfile.gettempdir())), tempfile.TemporaryDirectory() as tmp:
         folder = store.export_lora(name, Path(tmp) / name)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -109,3 +109,28 @@ def test_compositions_persist_resolve_their_members_and_refuse_cycles(store):
     assert store.task("ac").version == 1  # nothing written
     store.delete("nested")
     store.delete("ac")
+
+
+def _same(first, second):
+    return all(torch.allclose(a1, a2, rtol=1e-6, atol=0) and torch.allclose(b1, b2, rtol=1e-6, atol=0)
+               for (_, a1, b1), (_, a2, b2) in zip(first.layers(), second.layers(), strict=True))
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e-308, 5e-324, 1e-320], ids=["huge", "tiny", "smallest subnormal",
+                                                                         "subnormal"])
+def test_only_proportions_count_at_any_scale(store, scale):
+    even = Mix.of({"a": scale, "c": scale})
+    assert even.members == (("a", 0.5), ("c", 0.5)) and even.name == "mix(a=0.5,c=0.5)"
+    assert _same(store.adapter(even), store.adapter(Mix.of({"a": 1, "c": 1})))
+
+
+def test_huge_weights_in_proportion_give_the_small_numbers_mix(store):
+    huge = Mix.of({"a": 1.5e308, "b": 0.5e308})
+    assert huge.as_dict() == pytest.approx({"a": 0.75, "b": 0.25})
+    assert _same(store.adapter(huge), store.adapter(Mix.of({"a": 3, "b": 1})))
+
+
+def test_a_weight_that_is_zero_next_to_the_largest_is_dropped_as_a_zero_is(store):
+    assert Mix.of({"a": 1e308, "b": 1e-20}) == Mix.of({"a": 1.0}) == Mix.of({"a": 1.0, "b": 0})
+    kept = Mix.of({"a": 1.0, "b": 5e-324})  # tiny, but representable next to 1: kept, in proportion
+    assert [task for task, _ in kept.members] == ["a", "b"] and 0 < kept.as_dict()["b"] < 1e-300

@@ -2,6 +2,7 @@
 deleted tasks within refresh_s, versions keep counting up across writers, and a store that is the folder's only
 writer (refresh_s None) reads it once, as before."""
 
+import errno
 import os
 import shutil
 import time
@@ -113,3 +114,56 @@ def test_shared_store_leaves_a_live_writers_temp_file_alone(folder):
     os.utime(old, (an_hour_ago, an_hour_ago))
     AdapterStore.open(folder, refresh_s=0.25)
     assert fresh.exists() and not old.exists()
+
+
+def test_a_task_written_inside_the_readers_refresh_window_is_found_not_unknown(folder):
+    """The cluster's 404 for a task that existed: a replica answered a lookup from its last look at the folder,
+    taken just before another replica wrote the task. A miss looks at the name's file first."""
+    writer, reader = AdapterStore.open(folder, refresh_s=60), AdapterStore.open(folder, refresh_s=60)
+    assert "t" not in {info.name for info in reader.tasks()}  # the reader's look: fresh for the next 60 s
+    changed = []
+    reader.on_change(changed.append)
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    assert reader.task("t").version == 1 and changed == ["t"]
+    assert same_adapter(reader.adapter("t"), writer.adapter("t"))
+
+
+def test_a_task_deleted_inside_the_readers_refresh_window_is_unknown_when_read(folder):
+    writer, reader = AdapterStore.open(folder, refresh_s=60), AdapterStore.open(folder, refresh_s=60)
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    assert reader.task("t").version == 1
+    writer.delete("t")
+    with pytest.raises(UnknownTaskError):  # not an unreadable-file error: its file is gone
+        reader.adapter("t")
+    with pytest.raises(UnknownTaskError):
+        reader.task("t")
+
+
+def test_a_miss_for_a_name_that_cannot_be_a_file_touches_no_path(folder):
+    reader = AdapterStore.open(folder, refresh_s=60)
+    with pytest.raises(UnknownTaskError):
+        reader.task("../inv/adapter_model")
+
+
+def test_an_io_error_reading_a_header_keeps_the_known_version_and_is_read_again(folder, monkeypatch):
+    writer, reader = AdapterStore.open(folder, refresh_s=0), AdapterStore.open(folder, refresh_s=0)
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    assert reader.task("t").version == 1
+    writer.save_routing("t", "mhr-z", random_logits(writer, 1))
+    read = persistence.read_adapted_file
+
+    def failing(*_):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(persistence, "read_adapted_file", failing)
+    assert reader.task("t").version == 1 and reader.broken_tasks() == []  # not forgotten, not broken
+    monkeypatch.setattr(persistence, "read_adapted_file", read)
+    assert reader.task("t").version == 2
+
+
+def test_a_name_another_store_just_took_is_a_conflict_at_once(folder):
+    writer, reader = AdapterStore.open(folder, refresh_s=60), AdapterStore.open(folder, refresh_s=60)
+    reader.tasks()
+    writer.save_routing("t", "mhr-z", random_logits(writer, 0))
+    with pytest.raises(TaskConflictError, match="already exists"):
+        reader.check_writable("t")

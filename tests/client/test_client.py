@@ -11,6 +11,7 @@ import client._client as client_module
 from client import (
     AsyncClient,
     BadRequest,
+    BrokenTask,
     Client,
     Conflict,
     ExportError,
@@ -19,13 +20,14 @@ from client import (
     NotFound,
     Overloaded,
     ServerError,
+    StorageError,
     TransportError,
     Unauthorized,
     UnknownTask,
     ValidationError,
     WaitTimeout,
 )
-from client.models import TaskInfo
+from client.models import Readiness, TaskInfo
 from tests.client.fakes import (
     COMPOSED,
     GENERATED,
@@ -210,7 +212,8 @@ def test_api_key_is_sent_as_bearer_token():
     (400, "bad_request", BadRequest), (413, "too_large", BadRequest), (422, "validation_error", ValidationError),
     (401, "unauthorized", Unauthorized), (403, "forbidden", Forbidden), (404, "unknown_job", NotFound),
     (404, "unknown_task", UnknownTask), (409, "conflict", Conflict), (500, "internal_error", ServerError),
-    (502, "http_error", ServerError),
+    (502, "http_error", ServerError), (409, "broken_task", BrokenTask), (507, "storage_full", StorageError),
+    (503, "storage_unavailable", StorageError),
 ])
 def test_error_statuses_map_to_exceptions(status, type_, cls):
     recorder = Recorder(error(status, type_, "it failed", field="inputs"))
@@ -352,3 +355,15 @@ def test_an_unexpected_success_body_is_an_mhr_error():
     with sync_client(Recorder(httpx.Response(200, text="<html>proxy</html>"))) as mhr, \
             pytest.raises(MhrError, match="unexpected answer to GET /tasks"):
         mhr.tasks()
+
+
+def test_a_broken_task_and_the_readiness_that_lists_it_parse():
+    broken = {"name": "bad", "kind": "broken", "version": 0, "method": "unknown",
+              "reason": "/srv/adapted/bad.safetensors: cannot read safetensors header"}
+    info = TaskInfo.model_validate(broken)
+    assert info.broken and info.reason.startswith("/srv/adapted/bad.safetensors")
+    assert not TaskInfo.model_validate({**broken, "kind": "adapted", "reason": None}).broken
+    ready = Readiness.model_validate({"status": "ready", "tasks": 3, "broken_tasks": [
+        {"name": "bad", "file": "/srv/adapted/bad.safetensors", "reason": "truncated"}]})
+    assert [b.file for b in ready.broken_tasks] == ["/srv/adapted/bad.safetensors"]
+    assert Readiness.model_validate({"status": "loading"}).broken_tasks == []

@@ -23,7 +23,7 @@ def test_task_listing(client):
     tasks = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
     assert set(tasks) == {"__mu__", "alpha", "beta", "gamma"}
     assert tasks["beta"] == {"name": "beta", "kind": "pretrained", "version": 1, "method": "routed", "row": 1,
-                             "created": None, "mix": None, "route": None}
+                             "created": None, "mix": None, "route": None, "reason": None}
     assert client.get("/tasks/gamma").json()["row"] == 2
 
 

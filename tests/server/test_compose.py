@@ -169,3 +169,11 @@ def test_starting_from_a_mix_gives_its_routing_weights(folder, method):
         p = torch.sigmoid(z.view(*w.shape))
         torch.testing.assert_close(p / p.sum(-1, keepdim=True), w, rtol=1e-4, atol=1e-6)
     assert torch.sigmoid(logits_for(torch.tensor([0.0, 1.0]))).min() > 0
+
+
+@pytest.mark.parametrize("weight", [1e308, 1e-308])
+def test_a_mix_of_huge_or_tiny_equal_weights_is_served_as_half_and_half(client, weight):
+    body = {"task": {"mix": {"alpha": weight, "beta": weight}}, "inputs": "abc", "max_new_tokens": 6}
+    served = client.post("/generate", json=body)
+    assert served.status_code == 200 and served.json()["task"] == "mix(alpha=0.5,beta=0.5)"
+    assert served.json() == client.post("/generate", json={**body, "task": {"mix": {"alpha": 1, "beta": 1}}}).json()

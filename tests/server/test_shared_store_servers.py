@@ -109,3 +109,22 @@ async def _a_job_whose_server_died_is_failed_for_everyone(t5_bundle, tmp_path):
         states = {j["id"]: j["state"] for j in (await a.get("/adapt")).json()["jobs"]}
         assert states == {"dead": "failed", "alive": "running"}
     assert json.loads((adapted / ".jobs" / "dead.json").read_text())["state"] == "running"  # readers never write
+
+
+def test_a_task_another_server_just_wrote_is_served_not_404_inside_the_refresh_window(t5_bundle, tmp_path):
+    asyncio.run(_just_written(t5_bundle, tmp_path))
+
+
+async def _just_written(t5_bundle, tmp_path):
+    """The cluster's 404 for an existing task, without Ray: b looks at the folder (GET /tasks), a writes a task,
+    b is asked for it before its next look is due (store_refresh_s 60 here, 0.25 s by default)."""
+    shared = bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted", shared_store=True)
+    slow = shared.model_copy(update={"store_refresh_s": 60.0})
+    async with serving(create_app(shared)) as a, serving(create_app(slow)) as b:
+        assert (await b.get("/tasks")).status_code == 200  # b's look: fresh for 60 s
+        job = (await a.post("/adapt", json={"task": "kept", "examples": EXAMPLES, "steps": 2})).json()
+        assert (await await_job(a, job["id"]))["state"] == "succeeded"
+        probe = {"task": "kept", "inputs": ["abc", "hello"], "max_new_tokens": 6}
+        served = await b.post("/generate", json=probe)
+        assert served.status_code == 200, served.text
+        assert served.json() == (await a.post("/generate", json=probe)).json()
