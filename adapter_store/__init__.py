@@ -17,13 +17,13 @@ from .export import export_peft_lora
 from .inventory import Inventory, ModuleGroup
 from .mix import Mix, MixError, TaskRef
 from .model_check import check_model
-from .names import MU_TASK, TASK_NAME_PATTERN, validate_task_name
+from .names import BASE_TASK, MU_TASK, TASK_NAME_PATTERN, validate_task_name
 from .registry import AdapterKey, TaskInfo
 from .store import AdapterStore
 from .task_registry import BrokenTask
 
 __all__ = [
-    "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "BrokenCompositionError", "BrokenTask",
+    "BASE_TASK", "MU_TASK", "TASK_NAME_PATTERN", "AdapterCache", "AdapterKey", "BrokenCompositionError", "BrokenTask",
     "BrokenTaskError", "Mix", "MixError", "StoreWriteError",
     "TaskRef", "AdapterStore", "CacheStats", "Inventory",
     "InventoryConfig", "InventoryError", "LayerGroup", "ModuleGroup", "StoreError", "TaskAdapter",

@@ -8,6 +8,7 @@ from .errors import TaskNameError
 
 TASK_NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
 MU_TASK = "__mu__"  # reserved: the μ adapter (uniform weights over the skills)
+BASE_TASK = "__base__"  # reserved: the backbone alone, no adapter
 
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 
@@ -22,4 +23,6 @@ def validate_task_name(name: object) -> str:
         )
     if name == MU_TASK:
         raise TaskNameError(f"task name {MU_TASK!r} is reserved for the μ adapter")
+    if name == BASE_TASK:
+        raise TaskNameError(f"task name {BASE_TASK!r} is reserved for the backbone with no adapter")
     return name

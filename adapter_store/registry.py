@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from .errors import InventoryError, TaskNameError
-from .names import MU_TASK, validate_task_name
+from .names import BASE_TASK, MU_TASK, validate_task_name
 
 TASKS_FILE = "tasks.json"
-TaskKind = Literal["pretrained", "adapted", "composed", "mu", "broken"]
+TaskKind = Literal["pretrained", "adapted", "composed", "mu", "base", "broken"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TaskInfo:
 
 
 MU_INFO = TaskInfo(MU_TASK, "mu", 1, "mu")
+BASE_INFO = TaskInfo(BASE_TASK, "base", 1, "none")  # the backbone alone: an adapter of zeros, never routed
 
 
 class AdapterKey(NamedTuple):

@@ -42,6 +42,9 @@ class SkillSpace:
             return [routing.uniform_weights(len(g.names), cfg.n_splits, cfg.n_skills) for g in self.inventory.groups]
         if info.recipe is not None:
             return self._mixed(ref, info.recipe, seen)
+        if info.kind == "base":
+            raise MixError(f"task {ref!r} is the backbone with no adapter: it has no skill weights, so it cannot join "
+                           "a skill-space mix", f"mix.{ref}")
         if info.route is not None:
             raise MixError(f"task {ref!r} is an Arrow route (each token routed over a library): it has no skill "
                            "weights, so it cannot join a skill-space mix", f"mix.{ref}")

@@ -23,12 +23,12 @@ import torch
 
 from . import arrow, persistence, routing
 from .adapter import TaskAdapter
-from .errors import InventoryError, UnknownTaskError
+from .errors import InventoryError, TaskConflictError, UnknownTaskError
 from .export import export_peft_lora
 from .inventory import Inventory
 from .lru import BytesLRU
 from .mix import MAX_MIX_TASKS, Mix, MixError, TaskRef
-from .names import validate_task_name
+from .names import BASE_TASK, validate_task_name
 from .registry import AdapterKey, TaskInfo
 from .skill_space import SkillSpace
 from .task_registry import BrokenTask, TaskRegistry
@@ -128,7 +128,9 @@ class AdapterStore:
         found: dict[TaskRef, TaskAdapter] = {}
         weighted: dict[TaskRef, list[torch.Tensor]] = {}
         for ref in dict.fromkeys(refs):
-            if self._is_plain_lora(ref):
+            if ref == BASE_TASK:
+                found[ref] = self._zero_adapter()
+            elif self._is_plain_lora(ref):
                 found[ref] = self._stored_lora(ref)
             else:
                 weighted[ref] = self.skills.weights(ref)
@@ -136,6 +138,12 @@ class AdapterStore:
             per_group = [torch.stack(w) for w in zip(*weighted.values(), strict=True)]  # [(U, L, H, K), ...]
             found.update(zip(weighted, routing.adapters_from_weights(self.inventory, per_group), strict=True))
         return [found[ref] for ref in refs]
+
+    def _zero_adapter(self) -> TaskAdapter:
+        """The bare backbone's adapter: A and B of zeros for every module (y = base(x) exactly)."""
+        r = self.inventory.config.r
+        return TaskAdapter.from_layers({name: (torch.zeros(d_in, r), torch.zeros(r, d_out))
+                                        for name, (d_in, d_out) in self.inventory.module_shapes.items()}, r)
 
     def adapter_for_logits(self, logits: list[torch.Tensor]) -> TaskAdapter:
         """Routed adapter for logits given per module group, [(L, H*K), ...] (used while adapting)."""
@@ -228,6 +236,8 @@ class AdapterStore:
 
     # ---- export ----------------------------------------------------------------------------
     def export_lora(self, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        if name == BASE_TASK:
+            raise TaskConflictError(f"task {BASE_TASK!r} is the backbone with no adapter: there is nothing to export")
         cfg = self.inventory.config
         return export_peft_lora(self.adapter(name), out_dir, task_type=cfg.task_type,
                                 base_model=cfg.base_model_name_or_path, overwrite=overwrite)

@@ -26,8 +26,8 @@ from typing import NamedTuple
 from . import persistence
 from .errors import BrokenTaskError, InventoryError, TaskConflictError, TaskNameError, UnknownTaskError
 from .inventory import Inventory
-from .names import MU_TASK, validate_task_name
-from .registry import MU_INFO, TaskInfo, read_pretrained_tasks
+from .names import BASE_TASK, MU_TASK, validate_task_name
+from .registry import BASE_INFO, MU_INFO, TaskInfo, read_pretrained_tasks
 
 log = logging.getLogger(__name__)
 WRITABLE = ("adapted", "composed")  # kinds a client may overwrite or delete
@@ -71,10 +71,10 @@ class TaskRegistry:
 
     # ---- lookups -----------------------------------------------------------------------------------
     def tasks(self) -> list[TaskInfo]:
-        """Every servable task, μ first (broken ones: `broken()`)."""
+        """Every servable task, μ and the bare backbone first (broken ones: `broken()`)."""
         self.fresh()
         with self.lock:
-            return [MU_INFO, *self._tasks.values()]
+            return [MU_INFO, BASE_INFO, *self._tasks.values()]
 
     def broken(self) -> list[BrokenTask]:
         self.fresh()
@@ -96,6 +96,8 @@ class TaskRegistry:
         """UnknownTaskError: no such task (checked on disk first, shared); BrokenTaskError: its file is unusable."""
         if name == MU_TASK:
             return MU_INFO
+        if name == BASE_TASK:
+            return BASE_INFO
         self.fresh()
         found = self._known(name)
         if found is None and self.shared:

@@ -92,7 +92,7 @@ class ScoreResponse(Model):
 
 class TaskInfo(Model):
     name: str
-    kind: str  # "pretrained" | "adapted" | "composed" | "mu" | "broken"
+    kind: str  # "pretrained" | "adapted" | "composed" | "mu" | "base" | "broken"
     version: int
     method: str
     row: int | None = None

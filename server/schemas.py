@@ -142,7 +142,7 @@ class ScoreResponse(BaseModel):
 
 class TaskOut(BaseModel):
     name: str
-    kind: Literal["pretrained", "adapted", "composed", "mu", "broken"]
+    kind: Literal["pretrained", "adapted", "composed", "mu", "base", "broken"]
     version: int
     method: str
     row: int | None = None

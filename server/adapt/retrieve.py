@@ -38,7 +38,8 @@ class Retrieved:
 def candidate_tasks(engine: Engine) -> list[str]:
     """Every task with skill weights: pretrained, routing-adapted, composed, and __mu__ (not plain-LoRA tasks)."""
     store = engine.store
-    return [t.name for t in store.tasks() if t.kind != "adapted" or store.routing_logits(t.name) is not None]
+    return [t.name for t in store.tasks() if t.kind in ("pretrained", "mu") or t.recipe is not None
+            or (t.kind == "adapted" and store.routing_logits(t.name) is not None)]
 
 
 def retrieve(engine: Engine, examples: list[Example], k: int) -> Retrieved:

@@ -18,6 +18,8 @@ import itertools
 
 import torch
 
+from adapter_store import BASE_TASK
+
 from . import arrow_rows, output_step
 from .adapter_slots import AdapterSlots
 from .beam_rows import BeamRow
@@ -159,6 +161,11 @@ class RunningBatch:
         if arrow_rows.point(self.slots, [row.adapter for row in self.rows], keys, start, end, recorder):
             return
         first = self.rows[0]
+        if all(key == first.key for key in keys) and getattr(first.key, "task", None) == BASE_TASK:
+            if self.slots.applied != ("base",):  # the backbone alone: no adapter work at all
+                self.slots.clear()
+                self.slots.applied = ("base",)
+            return
         if all(key == first.key for key in keys):
             mode = "merged" if self.merge_single_task else "shared"
             if self.slots.applied != (mode, first.key):

@@ -43,7 +43,7 @@ def _close(first, second):
 
 def test_default_names_kinds_and_versions(store):
     tasks = {t.name: t for t in store.tasks()}
-    assert set(tasks) == {MU_TASK, "task-0", "task-1", "task-2"}
+    assert set(tasks) == {MU_TASK, "__base__", "task-0", "task-1", "task-2"}
     assert tasks["task-1"].kind == "pretrained" and tasks["task-1"].row == 1 and tasks["task-1"].version == 1
     assert tasks[MU_TASK].kind == "mu"
     with pytest.raises(UnknownTaskError):

@@ -21,7 +21,8 @@ def test_health_and_readiness(client):
 
 def test_task_listing(client):
     tasks = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
-    assert set(tasks) == {"__mu__", "alpha", "beta", "gamma"}
+    assert set(tasks) == {"__mu__", "__base__", "alpha", "beta", "gamma"}
+    assert tasks["__base__"]["kind"] == "base"
     assert tasks["beta"] == {"name": "beta", "kind": "pretrained", "version": 1, "method": "routed", "row": 1,
                              "created": None, "mix": None, "route": None, "reason": None}
     assert client.get("/tasks/gamma").json()["row"] == 2

@@ -178,3 +178,23 @@ def test_an_adapter_cache_of_another_dtype_is_refused_at_construction(bundle):
     store = AdapterStore.open(folder / "inventory")
     with pytest.raises(ValueError, match="adapter cache holds torch.bfloat16"):
         Engine(load_model(folder / "model", device="cpu"), store, AdapterCache(10**8, dtype=torch.bfloat16))
+
+
+def test_base_task_is_the_backbone_alone_in_any_batch(bundle):
+    """`__base__` serves the backbone with no adapter: alone (layers cleared) and beside adapted rows (zeros)."""
+    kind, _, base, _, engine = bundle
+    tokenizer = engine.tokenizer
+
+    def plain(text):
+        batch = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            out = base.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = out if kind == "t5" else out[:, batch["input_ids"].shape[1]:]
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
+    alone = engine.generate([GenerateRow("__base__", TEXTS[0], GREEDY)])[0].text
+    mixed = engine.generate([GenerateRow("task-1", TEXTS[1], GREEDY), GenerateRow("__base__", TEXTS[0], GREEDY)])
+    assert alone == mixed[1].text == plain(TEXTS[0])
+    assert mixed[0].text == engine.generate([GenerateRow("task-1", TEXTS[1], GREEDY)])[0].text
+    with pytest.raises(Exception, match="nothing to export"):
+        engine.store.export_lora("__base__", "/tmp/never-written")
