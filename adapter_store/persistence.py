@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import arrow
+from . import arrow_spec
 from .adapter import TaskAdapter
 from .errors import InventoryError, StoreWriteError, TaskNameError
 from .inventory import Inventory, ModuleGroup
@@ -190,7 +190,7 @@ def read_adapted_file(path: Path, inventory: Inventory) -> tuple[TaskInfo, dict[
         raise InventoryError(path, f"adapted task file with an invalid name ({exc})") from exc
     meta, shapes = _read_header(path)
     recipe = _recipe(path, meta) if meta["format"] == "composition" else None
-    route = arrow.read_route(path, meta) if meta["format"] == "arrow" else None
+    route = arrow_spec.read_route(path, meta) if meta["format"] == "arrow" else None
     _check_shapes(path, shapes, expected_shapes(path, meta, inventory))
     kind = "composed" if recipe is not None or route is not None else "adapted"
     return TaskInfo(name, kind, _number(path, meta, "version", int), meta["method"],

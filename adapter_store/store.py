@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import arrow, persistence, routing
+from . import arrow_spec, persistence, routing
 from .adapter import TaskAdapter
 from .errors import InventoryError, TaskConflictError, UnknownTaskError
 from .export import export_peft_lora
@@ -210,15 +210,15 @@ class AdapterStore:
             persistence.write_composition(self.adapted_dir, info, self.fingerprint, self.inventory.config.r)
             return self.registry.register(info, "composition", self.inventory.config.r)
 
-    def save_route(self, name: str, spec: arrow.ArrowSpec, *, overwrite: bool = False) -> TaskInfo:
+    def save_route(self, name: str, spec: arrow_spec.ArrowSpec, *, overwrite: bool = False) -> TaskInfo:
         """Persist a named Arrow route (kind "composed", method "arrow"): served by routing each token (arrow.py)."""
         validate_task_name(name)
         with self.registry.writing():
             self.check_writable(name, overwrite=overwrite)
             info = TaskInfo(name, "composed", self.registry.next_version(name), "arrow", created=time.time(),
-                            route=arrow.route_of(spec))
+                            route=arrow_spec.route_of(spec))
             persistence.write_adapted(self.adapted_dir, info, "arrow", {}, self.fingerprint, self.inventory.config.r,
-                                      route=arrow.route_header(spec))
+                                      route=arrow_spec.route_header(spec))
             return self.registry.register(info, "arrow", self.inventory.config.r)
 
     def _save(self, name: str, method: str, fmt: str, tensors: dict, rank: int, overwrite: bool) -> TaskInfo:
