@@ -1,7 +1,7 @@
 """Where head-of-line time goes: an 8-token request alone and behind 4 long generations, measured on the engine
 in-process (no HTTP, one Python thread submitting) and through a server process (HTTP, SSE streams). Prints one
 JSON object. (On an H200 this split found cuDNN attention's per-length plans: engine 11x, HTTP 8.4x; see
-server/engine/kv_cache.py avoid_per_length_attention_plans.)
+server/engine/paged_attention.py avoid_per_length_attention_plans.)
 
     .venv/bin/python bench/hol_engine.py [--device cuda] [--n 10]
 """

@@ -87,3 +87,20 @@ def test_cuda_serving_loop_turns_off_per_length_cudnn_attention(t5_bundle):
     """cuDNN attention plans per key length; the loop's caches grow every step (82 vs 10 ms per step, H200)."""
     engine_on(t5_bundle, "cuda", "float32")
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_cuda_small_kv_pool_preempts_and_answers_as_a_roomy_one(t5_bundle):
+    """The KV pool on the card: a pool of a few blocks preempts rows (computed again later) and every answer
+    equals a roomy pool's."""
+    def on_gpu(**options):
+        loaded = load_model(t5_bundle / "model", device="cuda", dtype="float32")
+        return Engine(loaded, AdapterStore.open(t5_bundle / "inventory"),
+                      AdapterCache(10**8, loaded.device, loaded.dtype), **options)
+
+    rows = [GenerateRow(("alpha", "beta", "gamma")[i % 3], f"input {i}", SamplingParams(max_new_tokens=40,
+                                                                                        ignore_eos=True))
+            for i in range(8)]
+    small, roomy = on_gpu(max_batch_tokens=128), on_gpu()
+    assert [c.text for c in small.generate(rows)] == [c.text for c in roomy.generate(rows)]
+    assert small.loop.batch.preemptions > 0 and small.loop.batch.kv.blocks.used == 0
+    assert small.loop.batch.kv.pool.keys[0].device.type == "cuda"
