@@ -37,7 +37,8 @@ def build_engine(settings: Settings) -> Engine:
                     longest_row=settings.max_input_tokens + settings.max_new_tokens + 1,
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
                     memory_limit_bytes=settings.memory_limit_bytes, kv_block_size=settings.kv_block_size,
-                    kv_cache_bytes=settings.kv_cache_bytes, prefix_cache=settings.prefix_cache)
+                    kv_cache_bytes=settings.kv_cache_bytes, prefix_cache=settings.prefix_cache,
+                    prefill_chunk=settings.prefill_chunk)
     store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,

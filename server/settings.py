@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(None, ge=1, description="the KV pool's size in bytes (instead of "
                                        "max_batch_tokens positions)")
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per block of the KV pool")
+    prefill_chunk: int | None = Field(512, ge=1, description="a causal LM's prompt longer than this is prefilled "
+                                      "this many tokens per iteration, so running rows keep decoding between its "
+                                      "chunks (null: at once)")
     prefix_cache: bool = Field(True, description="a prompt whose leading blocks were computed before under the same "
                                "adapter version skips them (causal LMs)")
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")

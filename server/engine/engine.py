@@ -46,6 +46,7 @@ DEFAULT_BATCH_TOKENS = 16384
 MAX_ARROW_ROUTES = 8  # Arrow routes (over, top_k, temperature) kept ready; rows running keep theirs regardless
 DEFAULT_LONGEST_ROW = 512 + 256 + 1  # the default max_input_tokens + max_new_tokens + a decoder start
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_PREFILL_CHUNK = 512  # a causal LM's longer prompt is prefilled in chunks of this many tokens
 
 
 class Engine:
@@ -55,7 +56,7 @@ class Engine:
                  prepack_weights: bool | None = None, memory_fraction: float = 0.9,
                  memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None,
                  kv_block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_bytes: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
         fails where it cannot), False. max_batch_tokens: the KV pool's positions (kv_cache_bytes, where given,
         sets them instead); longest_row: the positions of one row of the longest input and output (the pool is
@@ -90,7 +91,8 @@ class Engine:
         avoid_per_length_attention_plans(loaded.device)
         batch = RunningBatch(self._paged_kv(kv_block_size, prefix_cache), self.slots, eos_ids=self.eos_ids,
                              merge_single_task=self.merge_single_task,
-                             decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None)
+                             decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None,
+                             prefill_chunk=prefill_chunk)
         self.loop = Scheduler(batch, Policy(max_rows=max_batch_size),
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
                               make_rows=RowMaker(loaded.tokenizer, loaded.is_seq2seq, self.eos_ids, max_batch_size))

@@ -54,22 +54,28 @@ class PagedKV:
         return self.blocks.blocks_for(sequence) + self.blocks.blocks_for(inputs)
 
     def prefill(self, rows: list, sequences: list[list[int]], inputs: list[list[int]] | None = None, *,
-                before_forward: Callable[[torch.Tensor], None] = lambda mask: None) -> torch.Tensor:
-        """Place and run the rows' new tokens (their KV lands in the pool) -> next-token logits (M, V).
+                limit: int | None = None, before_forward: Callable[[torch.Tensor], None] = lambda mask: None
+                ) -> torch.Tensor:
+        """Place new rows and run their tokens not yet in the pool (their KV lands there) -> the logits after each
+        row's last computed token (M, V). limit: at most this many tokens per row (a long prompt in chunks: call
+        again for the rest; a row is complete when row.kv.length == len(its sequence)).
         before_forward(prompt_mask) is told, just before the forward, which positions of its input are the rows'
         prompt tokens: (M, Q) of the new tokens (causal LM, left-padded), or (M, S) of the encoder's input (T5)."""
-        news = [self._place(row, seq) for row, seq in zip(rows, sequences, strict=True)]
-        width = max(len(seq) - start for seq, start in zip(sequences, news, strict=True))
+        starts = [row.kv.length if getattr(row, "kv", None) else self._place(row, seq)
+                  for row, seq in zip(rows, sequences, strict=True)]
+        ends = [len(seq) if limit is None else min(len(seq), start + limit)
+                for seq, start in zip(sequences, starts, strict=True)]
+        width = max(end - start for start, end in zip(starts, ends, strict=True))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         slots = torch.full((len(rows), width), PAD_SLOT, dtype=torch.long)
-        for i, (row, seq, start) in enumerate(zip(rows, sequences, news, strict=True)):
-            count = len(seq) - start
-            ids[i, width - count:] = torch.tensor(seq[start:])
-            positions[i, width - count:] = torch.arange(start, len(seq))
-            slots[i, width - count:] = torch.tensor(slots_of(row.kv.table, range(start, len(seq)), self.size))
-            row.kv.length = len(seq)
-        step = Step(self.pool, slots.to(self.device), [len(s) - n for s, n in zip(sequences, news, strict=True)],
+        for i, (row, seq, start, end) in enumerate(zip(rows, sequences, starts, ends, strict=True)):
+            count = end - start
+            ids[i, width - count:] = torch.tensor(seq[start:end])
+            positions[i, width - count:] = torch.arange(start, end)
+            slots[i, width - count:] = torch.tensor(slots_of(row.kv.table, range(start, end), self.size))
+            row.kv.length = end
+        step = Step(self.pool, slots.to(self.device), [end - start for start, end in zip(starts, ends, strict=True)],
                     [runs(r.kv.table, r.kv.length, self.size) for r in rows])
         if self.is_seq2seq:
             logits = self._seq2seq_prefill(rows, inputs, ids, step, before_forward)
@@ -80,8 +86,14 @@ class PagedKV:
                                  attention_mask=_NO_MASK, cache=PoolCache(), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
         for row, seq in zip(rows, sequences, strict=True):
-            self._register(row, seq)
+            if row.kv.length == len(seq):
+                self._register(row, seq)
         return logits
+
+    def place(self, row, sequence: list[int]) -> None:
+        """Give a row its blocks now, to compute its tokens later (a prompt prefilled in chunks): MemoryError when
+        the pool is short."""
+        self._place(row, sequence)
 
     def _place(self, row, sequence: list[int]) -> int:
         """Give a new row its blocks (leading ones from the prefix cache when they hold the same tokens under the
@@ -95,7 +107,8 @@ class PagedKV:
             self.blocks.release(hits)
             raise MemoryError("the KV pool has too few free blocks for this row")  # the policy admits within them
         kv.table += fresh
-        return len(hits) * self.size
+        kv.length = len(hits) * self.size  # what the prefix cache gave; the rest is computed
+        return kv.length
 
     def _hashes(self, row, sequence: list[int]) -> list[int]:
         """The prefix hashes of the sequence's full blocks (chained: each names all tokens before it)."""

@@ -32,20 +32,29 @@ Row = ActiveRow | BeamRow  # what the batch needs of both is the same: job, inde
 
 class RunningBatch:
     def __init__(self, kv: PagedKV, slots: AdapterSlots, *, eos_ids: frozenset[int], merge_single_task: bool,
-                 decoder_start: int | None):
-        """decoder_start: a seq2seq model's decoder start token (None for a causal LM)."""
+                 decoder_start: int | None, prefill_chunk: int | None = None):
+        """decoder_start: a seq2seq model's decoder start token (None for a causal LM). prefill_chunk: a causal LM's
+        prompt longer than this is prefilled this many tokens per iteration, so the running rows keep decoding
+        between its chunks (None: at once)."""
         self.kv = kv
         self.slots = slots
         self.eos_ids = eos_ids
         self.merge_single_task = merge_single_task
         self.decoder_start = decoder_start
         self.rows: list[Row] = []
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[Row] = []  # admitted rows whose long prompts are still being prefilled, oldest first
         self.preempted: list[Row] = []  # rows the last step had to preempt (the scheduler queues them again)
         self.preemptions = 0
         self._admitted = itertools.count()
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def occupied(self) -> int:
+        """Rows admitted: decoding, or still prefilling a long prompt."""
+        return len(self.rows) + len(self.prefilling)
 
     def blocks_to_join(self, row: Row) -> int:
         """KV blocks a waiting row takes when it joins (before prefix-cache hits)."""
@@ -55,11 +64,14 @@ class RunningBatch:
     def admit(self, joining: list[Row]) -> list[Row]:
         """Prefill the joining rows (adapters already set on them; a beam group's rows all together) and append
         them; return those that ended at their first token."""
+        for row in joining:
+            row.admitted = next(self._admitted)
+        joining = self._defer_long_prompts(joining)
+        if not joining:
+            return []
         start = len(self.rows)
         tail = self.slots.pool.resident[start: start + len(joining)]
         joining = [joining[i] for i in assign_positions(tail, [row.key for row in joining])]
-        for row in joining:
-            row.admitted = next(self._admitted)
         self.rows.extend(joining)
         tokens = [self._prefill_tokens(row) for row in joining]
         inputs = [x for _, x in tokens] if self.decoder_start is not None else None
@@ -83,6 +95,39 @@ class RunningBatch:
             arrow_rows.record_routing(joining, recorders[0])
         return self._take(joining, logits, offset=start)
 
+    def _defer_long_prompts(self, joining: list[Row]) -> list[Row]:
+        """Rows whose prompts are prefilled in chunks get their blocks now and wait in `prefilling`; the others."""
+        long = [row for row in joining if self._chunked(row)]
+        try:
+            for row in long:
+                self.kv.place(row, self._prefill_tokens(row)[0])
+        except MemoryError:
+            for row in long:
+                self.kv.release(row)
+            raise
+        self.prefilling += long
+        return [row for row in joining if row not in long]
+
+    def _chunked(self, row: Row) -> bool:
+        return (self.prefill_chunk is not None and self.decoder_start is None and isinstance(row, ActiveRow)
+                and not arrow_rows.is_arrow(row.adapter) and len(self._prefill_tokens(row)[0]) > self.prefill_chunk)
+
+    def advance_prefill(self) -> list[Row]:
+        """The next chunk of the oldest long prompt, in a forward of its own with its adapter alone (the running
+        rows' layers are pointed again at their next step). A row whose prompt is complete joins the running rows;
+        return the rows that ended at their first token."""
+        if not self.prefilling:
+            return []
+        row = self.prefilling[0]
+        sequence = self._prefill_tokens(row)[0]
+        with self.slots.activate([row.adapter], key=row.key):
+            logits = self.kv.prefill([row], [sequence], limit=self.prefill_chunk)
+        if row.kv.length < len(sequence):
+            return []
+        self.prefilling.pop(0)
+        self.rows.append(row)
+        return self._take([row], logits, offset=len(self.rows) - 1)
+
     def step(self) -> list[Row]:
         """One decoding step for every row; return the rows that ended (`preempted` says who had to leave)."""
         self.preempted = self._preempt(self.kv.make_room(sorted(self.rows, key=lambda r: r.admitted)))
@@ -98,6 +143,10 @@ class RunningBatch:
             return
         for row in leaving:
             self.kv.release(row)
+        self.prefilling = [row for row in self.prefilling if row not in leaving]
+        leaving = {row for row in leaving if row in self.rows}
+        if not leaving:
+            return
         order = self._compacted_order(leaving)
         self.rows = [self.rows[i] for i in order]
         if not self.rows:  # nothing running: the layers go back to the bare backbone
@@ -105,9 +154,9 @@ class RunningBatch:
 
     def clear(self) -> None:
         """Forget every row (after a failed forward): blocks freed, the layers back to the bare backbone."""
-        for row in self.rows:
+        for row in [*self.rows, *self.prefilling]:
             self.kv.release(row)
-        self.rows = []
+        self.rows, self.prefilling = [], []
         self.slots.clear()
 
     def _prefill_tokens(self, row: Row) -> tuple[list[int], list[int] | None]:

@@ -111,7 +111,7 @@ class Scheduler:
         with self._cv:
             waiting = len(self._waiting)
         blocks = self.batch.kv.blocks
-        return LoopStats(len(self.batch), waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
+        return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
                          blocks.block_size, self.batch.preemptions, blocks.prefix_hits)
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -130,7 +130,7 @@ class Scheduler:
 
     def _busy(self) -> bool:
         with self._cv:
-            return bool(self._waiting or self._calls or self._background or self.scores or len(self.batch))
+            return bool(self._waiting or self._calls or self._background or self.scores or self.batch.occupied)
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -155,11 +155,11 @@ class Scheduler:
             if rows is None:
                 break
             waiting.append(RowCost(sum(self.batch.blocks_to_join(row) for row in rows), len(rows)))
-        return LoopView(len(self.batch), waiting, self.batch.kv.blocks.available(), len(self._calls),
+        return LoopView(self.batch.occupied, waiting, self.batch.kv.blocks.available(), len(self._calls),
                         int(bool(self.scores)), len(self._background), time.monotonic())
 
     def _has_work(self) -> bool:
-        if self._waiting or self._calls or self.scores or len(self.batch):
+        if self._waiting or self._calls or self.scores or self.batch.occupied:
             return True
         return bool(self._background) and self.policy.background_wait(self._view()) <= 0
 
@@ -176,6 +176,7 @@ class Scheduler:
         self._drop_cancelled()
         if plan.admit:
             self._admit(plan)
+        self._finish(self.batch.advance_prefill())
         if plan.decode and len(self.batch):
             ended = self.batch.step()
             self._requeue(self.batch.preempted)
@@ -261,7 +262,7 @@ class Scheduler:
             self._waiting.extendleft(reversed(list(entries.values())))
 
     def _drop_cancelled(self) -> None:
-        gone = {row for row in self.batch.rows if row.job.cancelled.is_set()}
+        gone = {row for row in [*self.batch.rows, *self.batch.prefilling] if row.job.cancelled.is_set()}
         for row in gone:
             row.job.abandon()
         self.batch.retire(gone)
@@ -275,7 +276,7 @@ class Scheduler:
 
     # ---- failures ------------------------------------------------------------------------------
     def _fail_running(self, exc: BaseException) -> None:
-        for row in self.batch.rows:
+        for row in [*self.batch.rows, *self.batch.prefilling]:
             row.job.fail(exc)
         self.batch.clear()
 

@@ -351,3 +351,29 @@ def test_a_shared_prefix_is_computed_once_per_adapter_version_and_decodes_the_sa
     assert engine.generate(mine)[0].text == again.text and blocks.prefix_hits == hits + 5  # v2's own blocks
     for e in (engine, uncached, fresh):
         e.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode_and_decodes_the_same(tmp_path):
+    save_bundle(tmp_path, "llama")
+    chunked, whole = engine_for(tmp_path, prefill_chunk=16), engine_for(tmp_path, prefill_chunk=None)
+    long = GenerateRow("task-1", "a long prompt, many chunks of it " * 3, SamplingParams(max_new_tokens=8))
+    short = GenerateRow("task-2", "short", SamplingParams(max_new_tokens=30, ignore_eos=True))
+    batch, chunks_beside_decoding = chunked.loop.batch, []
+    real_advance = batch.advance_prefill
+
+    def advance():  # each chunk: how many rows were decoding beside it
+        if batch.prefilling:
+            chunks_beside_decoding.append(len(batch.rows))
+        return real_advance()
+
+    batch.advance_prefill = advance
+    running = chunked.submit_generate([short])
+    while chunked.stats().running_rows == 0:
+        time.sleep(0.001)
+    got = chunked.generate([long])[0]
+    assert got.text == whole.generate([long])[0].text  # 100 tokens in 7 chunks: the same text
+    assert running.future.result(timeout=60)[0].text == whole.generate([short])[0].text
+    assert len(chunks_beside_decoding) == 7 and all(chunks_beside_decoding), "chunks did not interleave with decoding"
+    assert chunked.loop.batch.kv.blocks.used == 0
+    chunked.close()
+    whole.close()
