@@ -132,47 +132,59 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
     cross = module._mhr_cross
+    rows = step.cross_runs if cross else step.runs
+    if query.shape[2] == 1:
+        return _decode(module, query, step, rows, scaling, None if cross else module._mhr_bias), None
     bias = None if cross else module._mhr_bias
-    pool_keys, pool_values = step.pool.keys[module.layer_idx], step.pool.values[module.layer_idx]
-    cast = pool_keys.dtype != query.dtype
     width = query.shape[2]
     outs = []
-    for row, runs in enumerate(step.cross_runs if cross else step.runs):
-        if len(runs) == 1:  # the usual case: one view of the pool, no copy
-            keys, values = pool_keys[:, runs[0][0]: runs[0][1]], pool_values[:, runs[0][0]: runs[0][1]]
-        else:
-            keys, values = step.pool.read(module.layer_idx, runs)  # (Hkv, L, d)
-        if cast:
-            keys, values = keys.to(query.dtype), values.to(query.dtype)
+    for row, runs in enumerate(rows):
+        keys, values = _row_keys(step.pool, module.layer_idx, runs, query.dtype)  # (Hkv, L, d)
         count = width if cross else step.queries[row]
-        q = query[row, :, width - count:] if count < width else query[row]  # (Hq, q, d)
+        q = query[row, :, width - count:]  # (Hq, q, d)
         mask = _mask(bias, count, keys.shape[1], q.dtype, causal=not cross)
-        if count == 1:
-            outs.append(_one_query(q, keys, values, mask, scaling))
-        else:
-            outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
-                                                       enable_gqa=True))
-    if all(out.shape[1] == width for out in outs):
-        return torch.stack(outs).transpose(1, 2), None  # (N, Q, Hq, d)
+        outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True))
     padded = query.new_zeros(query.shape)  # rows with fewer real queries: their padded positions stay 0
     for row, out in enumerate(outs):
         padded[row, :, width - out.shape[1]:] = out
-    return padded.transpose(1, 2), None
+    return padded.transpose(1, 2), None  # (N, Q, Hq, d)
 
 
-def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-               scale: float | None) -> torch.Tensor:
-    """A decoding step's attention for one row, as three small kernels (SDPA's dispatch costs ~3x more at these
-    sizes on a CPU): q (Hq, 1, d) over keys and values (Hkv, L, d), query heads grouped onto their kv head."""
-    heads, length, dim = keys.shape
-    grouped = q.reshape(heads, -1, dim)  # (Hkv, g, d)
+def _row_keys(pool: KVPool, layer: int, runs: list[tuple[int, int]], dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's keys and values (Hkv, L, d): a view of the pool when its runs are one."""
+    if len(runs) == 1:
+        keys, values = pool.keys[layer][:, runs[0][0]: runs[0][1]], pool.values[layer][:, runs[0][0]: runs[0][1]]
+    else:
+        keys, values = pool.read(layer, runs)
+    if keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
+    return keys, values
+
+
+def _decode(module, query: torch.Tensor, step: Step, rows: list, scale: float | None, bias: _T5Bias | None
+            ) -> torch.Tensor:
+    """A decoding step (one query per row): per row three small kernels, bmm-softmax-bmm (SDPA's dispatch costs
+    ~3x more at these sizes on a CPU), its query heads grouped onto their key-value head. query (N, Hq, 1, d) ->
+    (N, 1, Hq, d)."""
+    count, heads_q, _, dim = query.shape
     scale = dim ** -0.5 if scale is None else scale
-    if bias is None:
-        scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)  # (Hkv, g, L)
-    else:  # T5: no GQA, the bias (H, 1, L) added to unscaled scores
-        scores = torch.baddbmm(bias, grouped, keys.transpose(1, 2), alpha=scale)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    return torch.bmm(weights, values).reshape(q.shape)  # (Hq, 1, d)
+    if scale != 1.0:
+        query = query * scale  # once for every row
+    outs = []
+    for row, runs in enumerate(rows):
+        keys, values = _row_keys(step.pool, module.layer_idx, runs, query.dtype)  # (Hkv, L, d)
+        grouped = query[row].view(keys.shape[0], -1, dim)  # (Hkv, g, d)
+        if bias is None:
+            scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, g, L)
+        else:  # T5: no grouped heads, its bias (H, 1, L) added to the scores
+            scores = torch.baddbmm(bias.last_query(keys.shape[1], query.dtype), grouped, keys.transpose(1, 2))
+        if scores.dtype == torch.float32:
+            weights = torch.softmax(scores, dim=-1)
+        else:
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        outs.append(torch.bmm(weights, values))  # (Hkv, g, d)
+    return torch.stack(outs).view(count, 1, heads_q, dim)
 
 
 def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:
