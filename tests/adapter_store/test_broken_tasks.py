@@ -18,14 +18,6 @@ from adapter_store import (
     persistence,
 )
 from tests.adapter_store.helpers import random_logits, same_adapter
-from tests.factories import T5_TARGETS, make_inventory, tiny_t5
-
-
-@pytest.fixture(scope="module")
-def inventory(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inv")
-    make_inventory(tiny_t5(), folder, task_type="SEQ_2_SEQ_LM", targets=T5_TARGETS, n_splits=2)
-    return folder
 
 
 @pytest.fixture
