@@ -127,7 +127,8 @@ def main() -> None:
         try:
             tasks = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
             soak = Soak(base, tasks, args.seconds, seed=0)
-            faults = FaultPhase(faults_base, disk, [t for t in tasks if t != "__mu__"])
+            pretrained = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"] if t["kind"] == "pretrained"]
+            faults = FaultPhase(faults_base, disk, pretrained)
             start = time.monotonic()
             asyncio.run(soak.run(args.clients, faults))
             elapsed = time.monotonic() - start

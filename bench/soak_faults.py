@@ -94,6 +94,9 @@ class FaultPhase:
         async with httpx.AsyncClient(base_url=self.base, timeout=120) as http:
             composed = await http.post("/tasks", json={"name": COMPOSED, "mix": dict.fromkeys(self.tasks[:2], 1)})
             self._count("setup", composed)
+            if composed.status_code != 201:
+                raise RuntimeError(f"the fault phase could not compose its task: {composed.status_code} "
+                                   f"{composed.text[:200]}")
             self.disk.fill()
             self.job = await self._failing_job(http)
             path = self.folder / f"{COMPOSED}.safetensors"
