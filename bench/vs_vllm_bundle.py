@@ -75,11 +75,15 @@ def visible_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 
 
 def sharpen_to(model: LlamaForCausalLM, allowed: list[int], factor: float = SHARPEN) -> None:
-    """Scale the (tied) output layer so greedy choices are decided by the weights, not float noise, and zero the rows
-    of every id not allowed (those ids never enter a prompt, so their zero input embeddings do not matter)."""
+    """Make greedy choices decided by the weights, not float noise (as tests/factories.sharpen), and zero the output
+    rows of every id not allowed (those ids never enter a prompt, so their zero input embeddings do not matter).
+
+    The output layer is tied to the input embeddings here, so the scale goes on the final norm's weight instead:
+    scaling the shared matrix would make every token's own embedding dominate the residual stream, and the model
+    would repeat its last input token forever."""
     with torch.no_grad():
+        model.model.norm.weight.mul_(factor)
         weight = model.get_output_embeddings().weight
-        weight.mul_(factor)
         keep = torch.zeros(weight.shape[0], dtype=torch.bool)
         keep[allowed] = True
         weight[~keep] = 0
