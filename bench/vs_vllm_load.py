@@ -41,8 +41,8 @@ def mixed_requests(models: list[str], n: int, tag: str, seed: int = 0) -> list[R
     return [Request(models[i % len(models)], prompt_for(i, tag), rng.randint(8, 256)) for i in range(n)]
 
 
-def shared_prefix(tag: str, n_words: int = 400) -> str:
-    """~512 tokens of made-up words (about 1.3 tokens per word with the bench tokenizer), different per tag."""
+def shared_prefix(tag: str, n_words: int = 245) -> str:
+    """~512 tokens of made-up words (about 2 tokens per word with the bench tokenizer), different per tag."""
     rng = random.Random(tag)
     return " ".join(rng.choice(WORDS) + rng.choice(WORDS) + str(rng.randint(0, 9)) for _ in range(n_words))
 

@@ -39,6 +39,10 @@ class Server:
         pids = [self.proc.pid, *descendants(self.proc.pid)]
         return round(sum(vm_hwm_kib(pid) for pid in pids) / 1024, 1)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server's process tree so far."""
+        return sum(cpu_ticks(pid) for pid in [self.proc.pid, *descendants(self.proc.pid)]) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         stop_group(self.proc)
 
@@ -68,6 +72,14 @@ def vm_hwm_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
