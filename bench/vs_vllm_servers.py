@@ -7,6 +7,7 @@ its API server, engine core and worker as separate processes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,15 +84,17 @@ def cpu_ticks(pid: int) -> int:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM to the process group this script started, SIGKILL to it if it has not exited after grace_s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to the process group this script started (the server and the processes it started), SIGKILL to
+    what is left of it after grace_s."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc.wait(timeout=30)
 
 
 def wait_ready(server: Server, url: str, started: float, timeout_s: float) -> None:
