@@ -147,11 +147,17 @@ def summarise(results: dict) -> dict:
 
 
 def compare_greedy(servers: dict[str, Server], task: str, n: int = 8, new_tokens: int = 32) -> dict:
+    """The task's greedy texts on both servers; also how many of vLLM's differ from its bare model's (equal texts
+    mean something only if the adapter changes them)."""
     requests = fixed_requests([task], n, new_tokens, "greedy")
     texts = {side: asyncio.run(greedy_texts(s.base_url, requests)) for side, s in servers.items()}
+    bare = asyncio.run(greedy_texts(servers["vllm"].base_url, fixed_requests([VLLM_BASE_NAME], n, new_tokens,
+                                                                             "greedy")))
     equal = [a == b for a, b in zip(texts["ours"], texts["vllm"], strict=True)]
+    changed = sum(a != b for a, b in zip(texts["vllm"], bare, strict=True))
     out = {"greedy_outputs_equal": all(equal), "greedy_equal_count": f"{sum(equal)}/{n}",
-           "greedy_task": task, "greedy_new_tokens": new_tokens}
+           "greedy_task": task, "greedy_new_tokens": new_tokens,
+           "greedy_task_differs_from_bare_model": f"{changed}/{n}"}
     if not all(equal):
         i = equal.index(False)
         out["greedy_first_mismatch"] = {"prompt": requests[i].prompt, "ours": texts["ours"][i],
