@@ -13,7 +13,9 @@ Scenarios (16 concurrent clients on /v1/completions, greedy, ignore_eos; bench/v
     mixed_lengths   max_tokens uniform in 8..256 (seeded), 16 tasks               ratio_mixed_lengths_vs_vllm
     shared_prefix   one task, a ~512-token prefix shared by every request         ratio_shared_prefix_vs_vllm
                     (vLLM: --enable-prefix-caching)
-A ratio is ours / vLLM's tokens per second, the median over rounds; within a round the two servers take turns
+A ratio is ours / vLLM's tokens per second, the median over rounds; ratio_*_per_cpu_s_vs_vllm compares tokens per
+CPU second of each server's process tree instead (steadier than wall time on a shared machine, and it counts the
+CPU an OpenMP spin-wait burns). Within a round the two servers take turns
 (which goes first alternates), and prompts change every round so vLLM's prefix cache never carries over a round.
 Also: TTFT p50 (each client's first request is streamed), ready-after-start seconds, peak RSS of each server's
 process tree, and greedy_outputs_equal (the same prompts on one task, texts compared).
@@ -117,8 +119,9 @@ def run_rounds(servers: dict[str, Server], tasks: list[str], base_models: dict[s
             for side in order:
                 requests = scenario_requests(scenario, side, tasks, base_models, f"r{r}", args)
                 other = servers[order[1] if side == order[0] else order[0]]
-                idle_before = other.cpu_seconds()
+                own_before, idle_before = servers[side].cpu_seconds(), other.cpu_seconds()
                 result = asyncio.run(run_load(servers[side].base_url, requests))
+                result["cpu_s"] = servers[side].cpu_seconds() - own_before
                 result["other_server_cpu_s"] = round(other.cpu_seconds() - idle_before, 2)
                 results[scenario][side].append(result)
                 log(f"round {r + 1}/{args.rounds} {scenario:14s} {side:5s} {result['tokens_per_s']:8.1f} tokens/s, "
@@ -132,13 +135,16 @@ def summarise(results: dict) -> dict:
         ours = [x["tokens_per_s"] for x in sides["ours"]]
         vllm = [x["tokens_per_s"] for x in sides["vllm"]]
         ratios = [a / b for a, b in zip(ours, vllm, strict=True)]
+        per_cpu = {side: statistics.median(x["tokens"] / x["cpu_s"] for x in runs) for side, runs in sides.items()}
         out[f"ratio_{scenario}_vs_vllm"] = round(statistics.median(ratios), 3)
+        out[f"ratio_{scenario}_per_cpu_s_vs_vllm"] = round(per_cpu["ours"] / per_cpu["vllm"], 3)
         detail[scenario] = {
             "ours_tokens_per_s": round(statistics.median(ours), 1),
             "vllm_tokens_per_s": round(statistics.median(vllm), 1),
             "ours_ttft_p50_ms": round(statistics.median(x["ttft_p50_ms"] for x in sides["ours"]), 1),
             "vllm_ttft_p50_ms": round(statistics.median(x["ttft_p50_ms"] for x in sides["vllm"]), 1),
             "round_ratios": [round(x, 3) for x in ratios],
+            "ours_tokens_per_cpu_s": round(per_cpu["ours"], 1), "vllm_tokens_per_cpu_s": round(per_cpu["vllm"], 1),
             "idle_server_cpu_s": {side: round(sum(x["other_server_cpu_s"] for x in runs), 2)
                                   for side, runs in (("ours_while_vllm_ran", sides["vllm"]),
                                                      ("vllm_while_ours_ran", sides["ours"]))},
