@@ -3,7 +3,8 @@
 The model: a random causal LM of SmolLM-135M's shape with 12 layers, a tokenizer trained here, a random MHR inventory
 (r=8, K=8, H=8, 16 tasks, every projection) served by ours, and its 16 tasks exported as plain PEFT LoRAs
 (AdapterStore.export_lora) served by vLLM with --enable-lora (bench/vs_vllm_bundle.py). Both servers run at once,
-float32, 16 rows (MHR_MAX_BATCH_SIZE / --max-num-seqs), every core (bench/vs_vllm_servers.py).
+float32, 16 rows (MHR_MAX_BATCH_SIZE / --max-num-seqs); ours on every core, vLLM bound as it binds by default
+(--vllm-bind; bench/vs_vllm_servers.py).
 
 Scenarios (16 concurrent clients on /v1/completions, greedy, ignore_eos; bench/vs_vllm_load.py):
     16_tasks        requests × 128 tokens, round robin over the 16 tasks          ratio_16_tasks_vs_vllm
@@ -66,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="max_tokens of the fixed-length scenarios (default 128)")
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores each server may use")
-    parser.add_argument("--vllm-bind", choices=("all", "auto"), default="all",
-                        help="all: vLLM's OpenMP threads on every core, as ours; auto: vLLM's default binding")
+    parser.add_argument("--vllm-bind", choices=("auto", "all"), default="auto",
+                        help="auto: vLLM's default binding (one core kept for its API server, the recommended CPU "
+                        "runtime); all: vLLM's OpenMP threads on every core, as ours")
     parser.add_argument("--label", default="", help="recorded in the JSON, e.g. 'contended'")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (bundle, both servers' logs)")

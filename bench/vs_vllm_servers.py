@@ -142,8 +142,8 @@ def start_ours(model: Path, inventory: Path, work: Path, threads: int, timeout_s
 
 def vllm_runtime_env(vllm_python: Path, threads: int, bind: str) -> dict[str, str]:
     """vLLM's recommended CPU runtime: its Intel OpenMP (libiomp5.so from the venv) and tcmalloc preloaded, the KV
-    cache size set, the OpenMP threads bound to cores (bind "all": every core, as ours uses; "auto": vLLM's
-    default, which keeps one core for its API server)."""
+    cache size set, the OpenMP threads bound to cores ("auto": vLLM's default, which keeps one core for its API
+    server and warns below that; "all": every core, as ours uses)."""
     preload = [p for p in TCMALLOC_PATHS if Path(p).exists()]
     iomp = Path(vllm_python).parent.parent / "lib" / "libiomp5.so"
     if iomp.exists():
