@@ -53,11 +53,10 @@ def prefix_requests(model: str, n: int, max_tokens: int, tag: str) -> list[Reque
 
 
 def payload(request: Request, stream: bool) -> dict:
-    body = {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
+    """No stream_options: our server refuses include_usage (extra fields are 422), so a streamed request counts
+    max_tokens on both sides."""
+    return {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
 
 
 async def streamed(http: httpx.AsyncClient, base: str, request: Request) -> tuple[float, int]:
