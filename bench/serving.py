@@ -161,14 +161,18 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
                    AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype), prepack_weights=False)
     random_tasks = add_random_tasks(store, args.cycle_tasks)
     task_ids = torch.tensor([i % n_tasks for i in range(BATCH)], device=loaded.device)
+    # every mode's torch work on the engine's loop thread: a second thread running torch (this one, for the HF
+    # baselines) keeps a second OpenMP team, and on 2 cores the loop's small per-row kernels then ran ~3-7x slower
+    # (the demo's 16 tasks: 3855 tokens/s before a baseline ran on this thread, 1223 after)
+    on_loop = engine.loop.call
     results, best = interleaved_tokens_per_s({
-        "bare": hf_generate(base, tok, texts, n),
-        "peft_16_tasks": hf_generate(peft_model, tok, texts, n, task_ids=task_ids),
+        "bare": lambda: on_loop(hf_generate(base, tok, texts, n)),
+        "peft_16_tasks": lambda: on_loop(hf_generate(peft_model, tok, texts, n, task_ids=task_ids)),
         "ours_1_task": engine_generate(engine, [sixteen[0]] * BATCH, texts, n),
         "ours_16_tasks": engine_generate(engine, sixteen, texts, n),
         # 16 new tasks per batch out of 1000: past 4 batches every batch misses the 64-entry cache 16 times
         "ours_1000_tasks_cache_64": cycling_run(engine, random_tasks, texts, n),
-        "ours_no_adapter": hf_generate(loaded.model, tok, texts, n),  # our wrapped backbone, no adapter active
+        "ours_no_adapter": lambda: on_loop(hf_generate(loaded.model, tok, texts, n)),  # wrapped, no adapter
         "ours_16_tasks_not_prepacked": engine_generate(plain, sixteen, texts, n),
     }, reps)
     stats = engine.cache.stats()

@@ -171,6 +171,29 @@ def _decode(module, query: torch.Tensor, step: Step, rows: list, scale: float | 
     scale = dim ** -0.5 if scale is None else scale
     if scale != 1.0:
         query = query * scale  # once for every row
+    with _one_thread():
+        outs = _decode_rows(module, query, step, rows, bias, dim)
+    return torch.stack(outs).view(count, 1, heads_q, dim)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Kernels this small lose more to waking an OpenMP team than they gain from it — far more once another thread
+    of the process has used torch (its team competes for the cores: 3-7x slower on 2 cores). Only this thread's
+    setting changes."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_rows(module, query: torch.Tensor, step: Step, rows: list, bias: _T5Bias | None, dim: int
+                 ) -> list[torch.Tensor]:
     outs = []
     for row, runs in enumerate(rows):
         keys, values = _row_keys(step.pool, module.layer_idx, runs, query.dtype)  # (Hkv, L, d)
@@ -184,7 +207,7 @@ def _decode(module, query: torch.Tensor, step: Step, rows: list, scale: float | 
         else:
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         outs.append(torch.bmm(weights, values))  # (Hkv, g, d)
-    return torch.stack(outs).view(count, 1, heads_q, dim)
+    return outs
 
 
 def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:
