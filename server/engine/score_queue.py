@@ -62,15 +62,6 @@ class Chunk:
 
     members: list[tuple[ScoreJob, int]]
 
-    def texts(self) -> list[str]:
-        return [job.pairs[i][0].text for job, i in self.members]
-
-    def choices(self) -> list[str]:
-        return [job.pairs[i][1] for job, i in self.members]
-
-    def tasks(self) -> list[str]:
-        return [job.pairs[i][0].task for job, i in self.members]
-
 
 class ScoreQueue:
     def __init__(self, chunk_pairs: int):
