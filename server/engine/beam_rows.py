@@ -2,7 +2,7 @@
 copies of the prompt, as generate does), decoding beside every other row. After each step the group's search
 (beam_search.py) names each beam's parent; the running batch then moves the caches to follow (`reorder`).
 
-    group = BeamGroup(job, index, prompt_ids, eos_ids, is_seq2seq)     group.rows: k BeamRows
+    group = BeamGroup(job, index, tokenizer, prompt_ids, eos_ids)     group.rows: k BeamRows
     step  = group.advance(log_probs)      (k, V) of its rows -> parents and tokens; group.search.done at the end
 """
 
@@ -28,8 +28,6 @@ class BeamRow:
         self.job = group.job
         self.index = group.index
         self.prompt_ids = group.prompt_ids
-        self.encoder_positions = group.encoder_positions
-        self.decoder_positions = group.decoder_positions
         self.last_token: int | None = None
         self.adapter: TaskAdapter | None = None
         self.key: Hashable | None = None
@@ -41,7 +39,7 @@ class BeamRow:
 
 
 class BeamGroup:
-    def __init__(self, job, index: int, tokenizer, prompt_ids: list[int], eos_ids: frozenset[int], is_seq2seq: bool):
+    def __init__(self, job, index: int, tokenizer, prompt_ids: list[int], eos_ids: frozenset[int]):
         self.job = job
         self.index = index
         self.row = job.rows[index]
@@ -49,8 +47,6 @@ class BeamGroup:
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.eos_ids = eos_ids
-        self.encoder_positions = len(prompt_ids) if is_seq2seq else 0
-        self.decoder_positions = (1 if is_seq2seq else len(prompt_ids)) + self.params.max_new_tokens
         self.search = BeamSearch(self.params.num_beams, self.params.max_new_tokens, eos_ids)
         self.rows = [BeamRow(self, beam) for beam in range(self.params.num_beams)]
         self._answered = False

@@ -95,7 +95,7 @@ class Engine:
                              prefill_chunk=prefill_chunk)
         self.loop = Scheduler(batch, Policy(max_rows=max_batch_size),
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
-                              make_rows=RowMaker(loaded.tokenizer, loaded.is_seq2seq, self.eos_ids, max_batch_size))
+                              make_rows=RowMaker(loaded.tokenizer, self.eos_ids, max_batch_size))
 
     def _paged_kv(self, block_size: int, prefix_cache: bool) -> PagedKV:
         """The KV pool the memory plan reserved, its block manager, and the model's attention pointed at it."""

@@ -152,11 +152,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def _row_keys(pool: KVPool, layer: int, runs: list[tuple[int, int]], dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A row's keys and values (Hkv, L, d): a view of the pool when its runs are one."""
-    if len(runs) == 1:
-        keys, values = pool.keys[layer][:, runs[0][0]: runs[0][1]], pool.values[layer][:, runs[0][0]: runs[0][1]]
-    else:
-        keys, values = pool.read(layer, runs)
+    """A row's keys and values (Hkv, L, d) in the query's dtype: a view of the pool when its runs are one."""
+    keys, values = pool.read(layer, runs)
     if keys.dtype != dtype:
         keys, values = keys.to(dtype), values.to(dtype)
     return keys, values

@@ -61,7 +61,7 @@ class PagedKV:
         again for the rest; a row is complete when row.kv.length == len(its sequence)).
         before_forward(prompt_mask) is told, just before the forward, which positions of its input are the rows'
         prompt tokens: (M, Q) of the new tokens (causal LM, left-padded), or (M, S) of the encoder's input (T5)."""
-        starts = [row.kv.length if getattr(row, "kv", None) else self._place(row, seq)
+        starts = [row.kv.length if getattr(row, "kv", None) else self.place(row, seq)
                   for row, seq in zip(rows, sequences, strict=True)]
         ends = [len(seq) if limit is None else min(len(seq), start + limit)
                 for seq, start in zip(sequences, starts, strict=True)]
@@ -90,14 +90,10 @@ class PagedKV:
                 self._register(row, seq)
         return logits
 
-    def place(self, row, sequence: list[int]) -> None:
-        """Give a row its blocks now, to compute its tokens later (a prompt prefilled in chunks): MemoryError when
-        the pool is short."""
-        self._place(row, sequence)
-
-    def _place(self, row, sequence: list[int]) -> int:
+    def place(self, row, sequence: list[int]) -> int:
         """Give a new row its blocks (leading ones from the prefix cache when they hold the same tokens under the
-        same adapter); return the first position still to compute (at least the last one is computed)."""
+        same adapter); return the first position still to compute (at least the last one is computed). Called by
+        prefill, or before it for a prompt prefilled in chunks. MemoryError when the pool is short."""
         kv = row.kv = getattr(row, "kv", None) or RowKV()
         hits = self.blocks.cached_prefix(self._hashes(row, sequence)[: (len(sequence) - 1) // self.size])
         kv.table = list(hits)

@@ -62,7 +62,7 @@ class ExplicitKey:
 class ActiveRow:
     """One input text from admission to its end."""
 
-    def __init__(self, job: GenerateJob, index: int, tokenizer, prompt_ids: list[int], is_seq2seq: bool):
+    def __init__(self, job: GenerateJob, index: int, tokenizer, prompt_ids: list[int]):
         self.job = job
         self.index = index
         self.row = job.rows[index]
@@ -80,9 +80,6 @@ class ActiveRow:
         self.kv = None  # its blocks in the KV pool while it runs (paged_kv.RowKV)
         self.admitted = 0  # when it joined the batch (newest rows are preempted first)
         self.routing: dict[str, float] | None = None  # an Arrow row's routing over its prompt (arrow_rows.py)
-        # what its caches may grow to: encoder positions (seq2seq) and decoder or causal positions
-        self.encoder_positions = len(prompt_ids) if is_seq2seq else 0
-        self.decoder_positions = (1 if is_seq2seq else len(prompt_ids)) + self.params.max_new_tokens
 
     @property
     def generated(self) -> int:
@@ -141,9 +138,8 @@ class WaitingRow:
 class RowMaker:
     """A waiting row -> its rows in the running batch: one ActiveRow, or a beam search's k BeamRows."""
 
-    def __init__(self, tokenizer, is_seq2seq: bool, eos_ids: frozenset[int], max_rows: int):
+    def __init__(self, tokenizer, eos_ids: frozenset[int], max_rows: int):
         self.tokenizer = tokenizer
-        self.is_seq2seq = is_seq2seq
         self.eos_ids = eos_ids
         self.max_rows = max_rows
 
@@ -152,7 +148,7 @@ class RowMaker:
         ids = row.prompt_ids or self.tokenizer(row.text)["input_ids"]
         beams = row.params.num_beams
         if beams == 1:
-            return [ActiveRow(entry.job, entry.index, self.tokenizer, ids, self.is_seq2seq)]
+            return [ActiveRow(entry.job, entry.index, self.tokenizer, ids)]
         if beams > self.max_rows:
             raise ValueError(f"num_beams: {beams} beams do not fit a batch of max_batch_size={self.max_rows} rows")
-        return BeamGroup(entry.job, entry.index, self.tokenizer, ids, self.eos_ids, self.is_seq2seq).rows
+        return BeamGroup(entry.job, entry.index, self.tokenizer, ids, self.eos_ids).rows
