@@ -1,6 +1,6 @@
 """The KV pool: every decoder layer's keys and values in one preallocated tensor each, cut into fixed-size blocks
-(block b holds slots b·S … b·S + S - 1, S = block_size). Block 0 is scratch: padded query positions write there and
-nothing ever reads it.
+(block b holds slots b·S … b·S + S - 1, S = block_size). Block 0 is scratch: padded query positions write there, and
+a decoding group reads it (masked) as padding.
 
     keys[layer], values[layer]:  (kv_heads, blocks · S, head_dim)
 A row's keys are the slots of its block table in order; consecutive blocks make one contiguous run, which attention
@@ -35,6 +35,8 @@ class KVPool:
         # are first written (the pool costs resident memory as it fills, not at start-up)
         self.keys = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        for tensor in (*self.keys, *self.values):  # scratch is read (masked) as padding: never NaN
+            tensor[:, :block_size] = 0
 
     @classmethod
     def for_model(cls, config, positions: int, block_size: int, dtype: torch.dtype, device: torch.device) -> KVPool:

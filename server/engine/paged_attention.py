@@ -7,8 +7,10 @@ its cache writes go to the pool and its attention reads each row's own positions
     with paged(step):     a forward of the serving loop: `step` (a Step) says, per row, where its new keys and
                           values go (slots) and which slot runs hold its keys (self-attention, and for T5 the
                           cross-attention over the row's own encoder output)
-Per row, attention is one SDPA call over its runs (a view when they are one run): no row reads another row's
-padding. Rows' queries are left-padded (the last `queries[b]` positions of the batch's query axis are real); a
+A prefill is one SDPA call per row over its runs (a view when they are one run); a decoding step is
+decode_attention.py's (rows of about the same length at once). No row reads another row's padding
+(a decoding group of rows of near lengths reads at most 5 % padding).
+Rows' queries are left-padded (the last `queries[b]` positions of the batch's query axis are real); a
 row's query i sits at position L - q + i of its L keys and sees keys up to it. T5's decoder adds its relative
 position bias per row (from the first layer's bias table, by distance) and does not scale the scores.
 """
@@ -27,7 +29,9 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kv_pool import KVPool
+from . import decode_attention
+from .decode_attention import LengthGroup
+from .kv_pool import KVPool, runs
 
 NAME = "mhr_paged"
 _current = threading.local()  # the Step of the forward running on this thread, if any
@@ -40,9 +44,29 @@ class Step:
     pool: KVPool
     slots: torch.Tensor  # (N, Q) where each query position's keys and values go (scratch for padding)
     queries: list[int]  # real query positions of each row (the last ones of the Q axis)
-    runs: list[list[tuple[int, int]]]  # self-attention: each row's slot runs, the new positions included
+    tables: list[list[int]]  # self-attention: each row's block table
+    lengths: list[int]  # and its key positions, the new ones included
     cross_slots: torch.Tensor | None = None  # T5 prefill: (N, S) where the encoder positions' keys go
-    cross_runs: list[list[tuple[int, int]]] = field(default_factory=list)  # T5: each row's encoder slot runs
+    cross_tables: list[list[int]] = field(default_factory=list)  # T5: each row's encoder blocks
+    cross_lengths: list[int] = field(default_factory=list)  # and its input length
+    _runs: dict[bool, list] = field(default_factory=dict)
+    _groups: dict[bool, tuple] = field(default_factory=dict)
+
+    def runs(self, cross: bool) -> list[list[tuple[int, int]]]:
+        """Each row's slot runs (consecutive blocks merged), self- or cross-attention."""
+        if cross not in self._runs:
+            tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
+            self._runs[cross] = [runs(table, length, self.pool.block_size)
+                                 for table, length in zip(tables, lengths, strict=True)]
+        return self._runs[cross]
+
+    def groups(self, cross: bool) -> tuple[list[LengthGroup], list[int]]:
+        """The rows' length groups for a decoding step, built once per forward for all layers."""
+        if cross not in self._groups:
+            tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
+            self._groups[cross] = decode_attention.length_groups(tables, lengths, self.pool.block_size,
+                                                                 self.pool.keys[0].device)
+        return self._groups[cross]
 
 
 @contextlib.contextmanager
@@ -132,14 +156,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
     cross = module._mhr_cross
-    rows = step.cross_runs if cross else step.runs
+    rows = step.runs(cross)
     if query.shape[2] == 1:
-        return _decode(module, query, step, rows, scaling, None if cross else module._mhr_bias), None
+        return _decode(module, query, step, cross, scaling, None if cross else module._mhr_bias), None
     bias = None if cross else module._mhr_bias
     width = query.shape[2]
     outs = []
-    for row, runs in enumerate(rows):
-        keys, values = _row_keys(step.pool, module.layer_idx, runs, query.dtype)  # (Hkv, L, d)
+    for row, row_runs in enumerate(rows):
+        keys, values = _row_keys(step.pool, module.layer_idx, row_runs, query.dtype)  # (Hkv, L, d)
         count = width if cross else step.queries[row]
         q = query[row, :, width - count:]  # (Hq, q, d)
         mask = _mask(bias, count, keys.shape[1], q.dtype, causal=not cross)
@@ -159,52 +183,15 @@ def _row_keys(pool: KVPool, layer: int, runs: list[tuple[int, int]], dtype: torc
     return keys, values
 
 
-def _decode(module, query: torch.Tensor, step: Step, rows: list, scale: float | None, bias: _T5Bias | None
+def _decode(module, query: torch.Tensor, step: Step, cross: bool, scale: float | None, bias: _T5Bias | None
             ) -> torch.Tensor:
-    """A decoding step (one query per row): per row three small kernels, bmm-softmax-bmm (SDPA's dispatch costs
-    ~3x more at these sizes on a CPU), its query heads grouped onto their key-value head. query (N, Hq, 1, d) ->
-    (N, 1, Hq, d)."""
+    """A decoding step (one query per row), decode_attention.py's: query (N, Hq, 1, d) -> (N, 1, Hq, d)."""
     count, heads_q, _, dim = query.shape
     scale = dim ** -0.5 if scale is None else scale
     if scale != 1.0:
         query = query * scale  # once for every row
-    with _one_thread():
-        outs = _decode_rows(module, query, step, rows, bias, dim)
-    return torch.stack(outs).view(count, 1, heads_q, dim)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Kernels this small lose more to waking an OpenMP team than they gain from it — far more once another thread
-    of the process has used torch (its team competes for the cores: 3-7x slower on 2 cores). Only this thread's
-    setting changes."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _decode_rows(module, query: torch.Tensor, step: Step, rows: list, bias: _T5Bias | None, dim: int
-                 ) -> list[torch.Tensor]:
-    outs = []
-    for row, runs in enumerate(rows):
-        keys, values = _row_keys(step.pool, module.layer_idx, runs, query.dtype)  # (Hkv, L, d)
-        grouped = query[row].view(keys.shape[0], -1, dim)  # (Hkv, g, d)
-        if bias is None:
-            scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, g, L)
-        else:  # T5: no grouped heads, its bias (H, 1, L) added to the scores
-            scores = torch.baddbmm(bias.last_query(keys.shape[1], query.dtype), grouped, keys.transpose(1, 2))
-        if scores.dtype == torch.float32:
-            weights = torch.softmax(scores, dim=-1)
-        else:
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        outs.append(torch.bmm(weights, values))  # (Hkv, g, d)
-    return outs
+    out = decode_attention.attend(step.pool, module.layer_idx, query.view(count, heads_q, dim), step, cross, bias)
+    return out.view(count, 1, heads_q, dim)
 
 
 def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:

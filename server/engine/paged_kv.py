@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 
 from .block_manager import BlockManager, prefix_hash
-from .kv_pool import SCRATCH_BLOCK, KVPool, runs, slots_of
+from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
 from .paged_attention import PoolCache, Step, paged
 
 PAD_SLOT = SCRATCH_BLOCK  # slot 0 of the scratch block
@@ -76,7 +76,7 @@ class PagedKV:
             slots[i, width - count:] = torch.tensor(slots_of(row.kv.table, range(start, end), self.size))
             row.kv.length = end
         step = Step(self.pool, slots.to(self.device), [end - start for start, end in zip(starts, ends, strict=True)],
-                    [runs(r.kv.table, r.kv.length, self.size) for r in rows])
+                    [r.kv.table for r in rows], [r.kv.length for r in rows])
         if self.is_seq2seq:
             logits = self._seq2seq_prefill(rows, inputs, ids, step, before_forward)
         else:
@@ -135,7 +135,7 @@ class PagedKV:
             row.kv.cross_length = len(x)
             cross_slots[i, : len(x)] = torch.tensor(slots_of(row.kv.cross, range(len(x)), self.size))
         step.cross_slots = cross_slots.to(self.device)
-        step.cross_runs = [runs(r.kv.cross, r.kv.cross_length, self.size) for r in rows]
+        step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
         cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
         before_forward(mask.bool())
         with torch.inference_mode(), paged(step):
@@ -182,15 +182,15 @@ class PagedKV:
         positions = torch.tensor([[r.kv.length] for r in rows])
         for row in rows:
             row.kv.length += 1
-        step = Step(self.pool, slots.to(self.device), [1] * len(rows),
-                    [runs(r.kv.table, r.kv.length, self.size) for r in rows])
+        step = Step(self.pool, slots.to(self.device), [1] * len(rows), [r.kv.table for r in rows],
+                    [r.kv.length for r in rows])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (N, 1)
         with torch.inference_mode(), paged(step):
             if not self.is_seq2seq:
                 out = self.model(input_ids=ids, position_ids=positions.to(self.device), attention_mask=_NO_MASK,
                                  cache=PoolCache(), use_cache=True)
                 return out.logits[:, -1]
-            step.cross_runs = [runs(r.kv.cross, r.kv.cross_length, self.size) for r in rows]
+            step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
             cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
             cache.is_updated = dict.fromkeys(range(self.layers), True)  # cross keys are in the pool already
             d_model = self.model.config.d_model

@@ -1,0 +1,153 @@
+"""A decoding step's attention: one query per row over that row's own keys in the KV pool.
+
+A step of many short rows is launch-bound (a loop of three small kernels per row costs more than the model's
+matmuls), so rows of about the same length go together:
+    grouped  rows whose lengths differ by little (padding at most PADDING_TOLERANCE of what the group reads) are
+             gathered into one (Hkv, n, L, d) tensor, the shorter ones padded with the scratch block and masked:
+             gather, matmul, softmax, matmul for the whole group. Rows of equal length (a batch that started
+             together) read no padding at all.
+    per_row  a row alone, or keys too large for a gather copy to pay (GATHER_MAX_ELEMENTS): three kernels over the
+             row's runs, a view of the pool when they are one.
+The same result either way (tests/server/engine/test_decode_attention.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .kv_pool import SCRATCH_BLOCK, KVPool
+
+PADDING_TOLERANCE = 0.05  # a group reads at most this share of padding positions
+GATHER_MAX_ELEMENTS = 1 << 20  # n · L · Hkv · d above this (4 MiB of float32): row by row, no copy
+
+
+@dataclass
+class LengthGroup:
+    """Rows decoded together: their key slots padded to the longest (scratch slots, masked)."""
+
+    rows: torch.Tensor  # (n,) their places in the batch
+    slots: torch.Tensor  # (n, L) each row's key slots, then scratch
+    distance: torch.Tensor  # (n, L) from the row's last position (its query) back to each key; < 0: padding
+    padded: bool  # some row is shorter than L
+
+    @property
+    def width(self) -> int:
+        return self.slots.shape[1]
+
+
+def length_groups(tables: list[list[int]], lengths: list[int], block_size: int, device: torch.device
+                  ) -> tuple[list[LengthGroup], list[int]]:
+    """Groups of two rows or more (longest first), and the rows left to go alone."""
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    groups: list[list[int]] = []
+    alone: list[int] = []
+    current: list[int] = []
+    total = 0  # of the current group's lengths; its width is its first (longest) row's
+    for row in order:
+        if current and 1 - (total + lengths[row]) / (lengths[current[0]] * (len(current) + 1)) > PADDING_TOLERANCE:
+            (groups.append(current) if len(current) > 1 else alone.extend(current))
+            current, total = [], 0
+        current.append(row)
+        total += lengths[row]
+    (groups.append(current) if len(current) > 1 else alone.extend(current))
+    return [_group(members, tables, lengths, block_size, device) for members in groups], alone
+
+
+def _group(members: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
+           device: torch.device) -> LengthGroup:
+    width = max(lengths[row] for row in members)
+    blocks = -(-width // block_size)
+    table = torch.tensor([tables[row][:blocks] + [SCRATCH_BLOCK] * (blocks - len(tables[row][:blocks]))
+                          for row in members])  # (n, B)
+    positions = torch.arange(width)
+    row_lengths = torch.tensor([lengths[row] for row in members])
+    slots = table[:, positions // block_size] * block_size + positions % block_size  # (n, L)
+    distance = row_lengths[:, None] - 1 - positions[None, :]  # (n, L)
+    padded = bool((row_lengths < width).any())
+    if padded:
+        slots = slots.masked_fill(distance < 0, SCRATCH_BLOCK * block_size)
+    return LengthGroup(torch.tensor(members, device=device), slots.to(device), distance.to(device), padded)
+
+
+def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bias) -> torch.Tensor:
+    """query (N, Hq, d), already scaled -> (N, Hq, d). `step`: the forward's paged_attention.Step (its rows' length
+    groups and runs, self- or cross-attention); `bias`: T5's relative bias (by_distance / last_query) or None."""
+    together, alone = step.groups(cross)
+    with _one_thread():
+        if not together:
+            return per_row(pool, layer, query, step.runs(cross), bias)
+        out = torch.empty_like(query)
+        for group in together:
+            if group.rows.shape[0] * group.width * pool.keys[layer].shape[0] * query.shape[2] > GATHER_MAX_ELEMENTS:
+                members = group.rows.tolist()
+                runs = step.runs(cross)
+                out[group.rows] = per_row(pool, layer, query[group.rows], [runs[row] for row in members], bias)
+            else:
+                out[group.rows] = grouped(pool, layer, query[group.rows], group, bias)
+        if alone:
+            runs = step.runs(cross)
+            out[alone] = per_row(pool, layer, query[alone], [runs[row] for row in alone], bias)
+    return out
+
+
+def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias) -> torch.Tensor:
+    """query (n, Hq, d) -> (n, Hq, d) over the group's padded slots."""
+    count, heads_q, dim = query.shape
+    flat = group.slots.view(-1)
+    keys = pool.keys[layer].index_select(1, flat)  # (Hkv, n·L, d)
+    heads_kv = keys.shape[0]
+    keys = keys.view(heads_kv, count, group.width, dim).to(query.dtype)  # (Hkv, n, L, d)
+    values = pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim).to(query.dtype)
+    grouped_q = query.view(count, heads_kv, -1, dim).transpose(0, 1)  # (Hkv, n, g, d)
+    scores = torch.matmul(grouped_q, keys.transpose(-1, -2))  # (Hkv, n, g, L)
+    if bias is not None:  # T5: (H, D) by distance -> (H, n, 1, L); its heads are not grouped (g = 1)
+        table = bias.by_distance(group.width)
+        scores = scores + table[:, group.distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
+    if group.padded:
+        scores = scores.masked_fill((group.distance < 0)[None, :, None, :], float("-inf"))
+    weights = _softmax(scores).to(values.dtype)
+    return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (n, Hq, d)
+
+
+def per_row(pool: KVPool, layer: int, query: torch.Tensor, runs: list[list[tuple[int, int]]], bias) -> torch.Tensor:
+    count, heads_q, dim = query.shape
+    outs = []
+    for row, row_runs in enumerate(runs):
+        keys, values = pool.read(layer, row_runs)  # (Hkv, L, d)
+        if keys.dtype != query.dtype:
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
+        grouped = query[row].view(keys.shape[0], -1, dim)  # (Hkv, g, d)
+        if bias is None:
+            scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, g, L)
+        else:  # T5: no grouped heads, its bias (H, 1, L) added to the scores
+            scores = torch.baddbmm(bias.last_query(keys.shape[1], query.dtype), grouped, keys.transpose(1, 2))
+        weights = _softmax(scores).to(values.dtype)
+        outs.append(torch.bmm(weights, values))  # (Hkv, g, d)
+    return torch.stack(outs).view(count, heads_q, dim)
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Over the last axis, in float32 (asking float32 of a float32 tensor costs a slower kernel)."""
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Kernels this small lose more to waking an OpenMP team than they gain from it — far more once another thread
+    of the process has used torch (its team competes for the cores: 3-7x slower on 2 cores). Only this thread's
+    setting changes."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
