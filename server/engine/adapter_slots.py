@@ -48,7 +48,7 @@ class AdapterSlots:
         self.pool.sync(adapters, keys)
         first = adapters[0]
         for g, group in enumerate(first.groups):
-            a, b = self.pool.rows(g, start, end)  # (L, n, d_in, r), (L, n, r, d_out)
+            a, b = self.pool.rows(g, start, end)  # Aᵀ (L, n, r, d_in), B (L, n, r, d_out)
             for i, name in enumerate(group.names):
                 self.layers[name].set_rows(a[i], b[i], first.scale)
         self.applied = ("rows", tuple(keys), start, end)
@@ -57,7 +57,7 @@ class AdapterSlots:
         _check_compatible(adapters)
         first = adapters[0]
         for g, group in enumerate(first.groups):
-            a, b = stacked(adapters, g)  # (L, n, d_in, r), (L, n, r, d_out)
+            a, b = stacked(adapters, g)  # Aᵀ (L, n, r, d_in), B (L, n, r, d_out)
             for i, name in enumerate(group.names):
                 self.layers[name].set_rows(a[i], b[i], first.scale)
         self.applied = None

@@ -13,13 +13,12 @@ The same result either way (tests/server/engine/test_decode_attention.py).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .kv_pool import SCRATCH_BLOCK, KVPool
+from .threads import one_thread
 
 PADDING_TOLERANCE = 0.05  # a group reads at most this share of padding positions
 GATHER_MAX_ELEMENTS = 1 << 20  # n · L · Hkv · d above this (4 MiB of float32): row by row, no copy
@@ -77,7 +76,7 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     """query (N, Hq, d), already scaled -> (N, Hq, d). `step`: the forward's paged_attention.Step (its rows' length
     groups and runs, self- or cross-attention); `bias`: T5's relative bias (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
-    with _one_thread():
+    with one_thread():
         if not together:
             return per_row(pool, layer, query, step.runs(cross), bias)
         out = torch.empty_like(query)
@@ -135,19 +134,3 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     if scores.dtype == torch.float32:
         return torch.softmax(scores, dim=-1)
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Kernels this small lose more to waking an OpenMP team than they gain from it — far more once another thread
-    of the process has used torch (its team competes for the cores: 3-7x slower on 2 cores). Only this thread's
-    setting changes."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

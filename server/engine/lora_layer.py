@@ -1,6 +1,6 @@
 """A target nn.Linear wrapped once at load time so each forward adds each row's own task adapter.
 
-    rows mode:    y[i] = base(x[i]) + s (x[i] @ A[i]) @ B[i]    A (N, d_in, r), B (N, r, d_out), s = 1/r
+    rows mode:    y[i] = base(x[i]) + s (x[i] @ A[i]) @ B[i]    given Aᵀ (N, r, d_in), B (N, r, d_out), s = 1/r
     shared mode:  y    = base(x)    + s (x @ A) @ B             one adapter for the whole batch
     merged mode:  y    = x @ (W + s (A @ B)ᵀ)ᵀ + bias           one adapter, merged into a weight-sized
                                                                  buffer (W itself is never changed); kept
@@ -24,13 +24,14 @@ from torch import nn
 
 from .arrow_layer import ArrowRows, add_arrow
 from .prepack import pack_weight, packed_linear
+from .threads import one_thread
 
 
 @dataclass(slots=True)
 class Active:
     """What the coming batch adds; a plain object, so setting it per batch skips nn.Module.__setattr__."""
 
-    lora_a: torch.Tensor | None = None  # rows: (N, d_in, r); shared: (d_in, r)
+    lora_a: torch.Tensor | None = None  # rows: Aᵀ (N, r, d_in); shared: A (d_in, r)
     lora_b: torch.Tensor | None = None  # rows: (N, r, d_out); shared: (r, d_out)
     scale: float = 1.0  # the adapter's 1/r, applied as the alpha of the fused matmul
     per_row: bool = False
@@ -68,7 +69,7 @@ class BatchedLoraLinear(nn.Module):
         return self.base.out_features
 
     def set_rows(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-        """A (N, d_in, r) and B (N, r, d_out): one adapter per row of the coming batches."""
+        """Aᵀ (N, r, d_in) and B (N, r, d_out): one adapter per row of the coming batches (row_pool.py)."""
         self.active = Active(*self._in_weight_dtype(lora_a, lora_b), scale, per_row=True)
 
     def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
@@ -139,9 +140,11 @@ class BatchedLoraLinear(nn.Module):
             flat = x.reshape(-1, x.shape[-1])  # (N*T, d_in)
             out.view(-1, out.shape[-1]).addmm_(flat @ active.lora_a, active.lora_b, alpha=active.scale)
         elif active.lora_a is not None:
-            a, b = _rows(active, x.shape[0])
+            a_t, b = _rows(active, x.shape[0])
             x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
-            out3.baddbmm_(torch.bmm(x3, a), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row], in place
+            with one_thread():  # per-row products are small kernels (threads.py)
+                low = torch.bmm(a_t, x3.transpose(1, 2))  # (N, r, T)
+                out3.baddbmm_(low.transpose(1, 2), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row]
         if active.arrow:  # Arrow rows: per-token routing over a library (arrow_layer.py)
             add_arrow(out, x, active.arrow)
         return out

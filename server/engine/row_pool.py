@@ -1,14 +1,15 @@
 """Per-row adapter stacks that persist between decoding steps, so the running batch copies only adapters
 that are new at their position.
 
-The rows mode of the wrapped layers needs, per layer, A (N, d_in, r) and B (N, r, d_out) with row i's adapter
-at position i. Building those stacks costs a copy of N whole adapters (memory-bound: ~70 MB for 16 rows of a
-t5-small-sized inventory); the pool keeps them instead and remembers which adapter (by cache key) sits at each
-position. The scheduler decides where rows run (`assign_positions` helps it put a row where its adapter already
+The rows mode of the wrapped layers needs, per layer, Aᵀ (N, r, d_in) and B (N, r, d_out) with row i's adapter at
+position i (A transposed: a decoding step's x·A per row is then a product with contiguous rows of Aᵀ, 4-6x faster on
+a CPU than over A's columns). Building those stacks costs a copy of N whole adapters (memory-bound: ~70 MB for 16
+rows of a t5-small-sized inventory); the pool keeps them instead and remembers which adapter (by cache key) sits at
+each position. The scheduler decides where rows run (`assign_positions` helps it put a row where its adapter already
 is); `sync` then copies only into positions whose resident key differs.
 
-    pool (per module group):  A (L, S, d_in, r),  B (L, S, r, d_out)    S = the most rows seen so far (≤ max_rows)
-    layer i of the group, rows [start, end):  A[i, start:end], B[i, start:end]  -- contiguous views, no copy
+    pool (per module group):  Aᵀ (L, S, r, d_in),  B (L, S, r, d_out)    S = the most rows seen so far (≤ max_rows)
+    layer i of the group, rows [start, end):  Aᵀ[i, start:end], B[i, start:end]  -- contiguous views, no copy
 Forwards that are not the running batch (scoring, beam search, training) use their own stacks (`stacked`).
 """
 
@@ -45,7 +46,7 @@ def assign_positions(resident: Sequence[Hashable | None], keys: Sequence[Hashabl
 class RowPool:
     def __init__(self, max_rows: int = 64) -> None:
         self.max_rows = max_rows
-        self._a: list[torch.Tensor] = []  # per module group: (L, S, d_in, r)
+        self._a: list[torch.Tensor] = []  # per module group: Aᵀ (L, S, r, d_in)
         self._b: list[torch.Tensor] = []  # per module group: (L, S, r, d_out)
         self.resident: list[Hashable | None] = []  # cache key of the adapter at each position
         self.copies = 0  # adapters copied into the pool so far (a measure of reuse)
@@ -64,7 +65,7 @@ class RowPool:
                     self.resident[position] = key
 
     def rows(self, group: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of positions [start, end) of a group: A (L, n, d_in, r), B (L, n, r, d_out)."""
+        """Views of positions [start, end) of a group: Aᵀ (L, n, r, d_in), B (L, n, r, d_out)."""
         return self._a[group][:, start:end], self._b[group][:, start:end]
 
     def nbytes(self) -> int:
@@ -73,27 +74,27 @@ class RowPool:
     def _fit(self, adapter: TaskAdapter, n: int) -> None:
         """(Re)allocate when the layout, dtype or device changed or more rows are needed than the pool has."""
         fits = len(self._a) == len(adapter.groups) and all(
-            pool_a.shape[1] >= n and _same_layout(pool_a, g.lora_a) and _same_layout(pool_b, g.lora_b)
+            pool_a.shape[1] >= n and _same_layout(pool_a, g.lora_a.transpose(1, 2)) and _same_layout(pool_b, g.lora_b)
             for pool_a, pool_b, g in zip(self._a, self._b, adapter.groups, strict=True)
         )
         if fits:
             return
         size = min(max(n, len(self.resident)), self.max_rows)
         self._a, self._b = [], []  # free the old pool before allocating the new one
-        self._a = [_pool(g.lora_a, size) for g in adapter.groups]
+        self._a = [_pool(g.lora_a.transpose(1, 2), size) for g in adapter.groups]
         self._b = [_pool(g.lora_b, size) for g in adapter.groups]
         self.resident = [None] * size
 
     def _copy_in(self, position: int, adapter: TaskAdapter) -> None:
         for pool_a, pool_b, group in zip(self._a, self._b, adapter.groups, strict=True):
-            pool_a[:, position].copy_(group.lora_a)
+            pool_a[:, position].copy_(group.lora_a.transpose(1, 2))
             pool_b[:, position].copy_(group.lora_b)
         self.copies += 1
 
 
 def stacked(row_adapters: Sequence[TaskAdapter], group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's own stacks in row order, one copy: (L, d_in, r) x n -> (L, n, d_in, r); same for B."""
-    return (torch.stack([a.groups[group].lora_a for a in row_adapters], dim=1),
+    """A batch's own stacks in row order, one copy: A (L, d_in, r) x n -> Aᵀ (L, n, r, d_in); B (L, n, r, d_out)."""
+    return (torch.stack([a.groups[group].lora_a.transpose(1, 2) for a in row_adapters], dim=1),
             torch.stack([a.groups[group].lora_b for a in row_adapters], dim=1))
 
 

@@ -94,8 +94,8 @@ def test_arrow_rows_beside_plain_rows(library):
     weights = ArrowWeights.of(p, a, b, 1.0 / RANK)
     own_a, own_b = torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)
     x = torch.randn(2, 4, D_IN)
-    layer.set_rows(torch.stack([own_a, torch.zeros(D_IN, RANK)]), torch.stack([own_b, torch.zeros(RANK, D_OUT)]),
-                   1.0 / RANK)
+    layer.set_rows(torch.stack([own_a.t(), torch.zeros(RANK, D_IN)]), torch.stack([own_b, torch.zeros(RANK, D_OUT)]),
+                   1.0 / RANK)  # rows mode takes Aᵀ
     recorder = RoutingRecorder(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
     layer.active.arrow = [ArrowRows(weights, 3, rows=[1], name="l", recorder=recorder)]
     out = layer(x)

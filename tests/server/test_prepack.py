@@ -44,6 +44,8 @@ def test_prepacked_layer_equals_plain_layer_in_every_mode(mode):
     plain, packed = _layer(), _layer()
     assert packed.prepack(16) and packed.packed is not None
     a, b = _adapter(rows=3) if mode == "rows" else _adapter()
+    if mode == "rows":
+        a = a.transpose(1, 2).contiguous()  # rows mode takes Aᵀ (N, r, d_in)
     for layer in (plain, packed):
         if mode != "off":
             getattr(layer, f"set_{mode}")(a, b, 0.25)

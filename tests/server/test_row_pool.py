@@ -31,9 +31,9 @@ def test_sync_copies_only_adapters_new_at_their_position_and_every_position_hold
 
     def sync(keys):
         pool.sync([adapters[k] for k in keys], keys)
-        a, b = pool.rows(0, 0, len(keys))  # (L, n, d_in, r), (L, n, r, d_out)
+        a, b = pool.rows(0, 0, len(keys))  # Aᵀ (L, n, r, d_in), B (L, n, r, d_out)
         for position, key in enumerate(keys):
-            assert torch.equal(a[:, position], adapters[key].groups[0].lora_a)
+            assert torch.equal(a[:, position], adapters[key].groups[0].lora_a.transpose(1, 2))
             assert torch.equal(b[:, position], adapters[key].groups[0].lora_b)
 
     sync(["a", "b", "c"])
@@ -55,9 +55,9 @@ def test_rows_are_views_of_a_range_of_positions():
     pool, adapters = RowPool(), [adapter(float(v)) for v in range(1, 4)]
     pool.sync(adapters, ["a", "b", "c"])
     a, _ = pool.rows(0, 1, 3)
-    assert a.shape[1] == 2 and torch.equal(a[:, 0], adapters[1].groups[0].lora_a)
+    assert a.shape[1] == 2 and torch.equal(a[:, 0], adapters[1].groups[0].lora_a.transpose(1, 2))
     a[:, 0].zero_()  # a view: writes land in the pool
-    assert torch.equal(pool.rows(0, 1, 2)[0][:, 0], torch.zeros_like(adapters[1].groups[0].lora_a))
+    assert torch.equal(pool.rows(0, 1, 2)[0][:, 0], torch.zeros_like(adapters[1].groups[0].lora_a.transpose(1, 2)))
 
 
 def test_pool_follows_a_change_of_dtype():
@@ -73,4 +73,4 @@ def test_more_rows_than_the_cap_is_an_error_and_stacked_builds_own_stacks():
     with pytest.raises(ValueError, match="do not fit"):
         pool.sync(adapters, ["a", "b", "c"])
     a, b = stacked(adapters, 0)
-    assert a.shape[1] == 3 and all(torch.equal(a[:, i], adapters[i].groups[0].lora_a) for i in range(3))
+    assert a.shape[1] == 3 and all(torch.equal(a[:, i], adapters[i].groups[0].lora_a.transpose(1, 2)) for i in range(3))
