@@ -2,12 +2,14 @@
 costs over the model's own forward. Prints one JSON object.
 
     attention_padding_share        mixed lengths (max_new_tokens uniform 8..128, 32 rows through 16 slots): positions
-                                   read that are padding / all positions read, ours (per-row runs of the pool) and
-                                   what a right-aligned dense cache (the previous engine) reads on the same steps
+                                   read that are padding / all positions read, ours (decoding groups of rows of near
+                                   length, at most 5 % padding each) and what a right-aligned dense cache (the
+                                   previous engine) reads on the same steps
     prefix_shared_ttft_p50_ratio   64 requests of one task sharing a 512-token prefix, submitted together: time to
                                    first token p50 with the prefix cache off / on (a random Llama, 4 layers, d 256)
     step_overhead_vs_bare          one decoding step of 16 rows (16 distinct tasks) on a tiny Llama (d 64, 2 layers:
                                    compute ≈ 0): ours / a bare forward of the same model with a StaticCache
+                                   (step_overhead_base_vs_bare: the same with 16 `__base__` rows, no adapter)
     preempted_requests_failed      32 requests of 64 tokens into a pool of 20 blocks: failures (and preemptions)
 Run alone on the machine: `.venv/bin/python bench/engine_core.py` (`--quick`: fewer repetitions).
 """
@@ -44,19 +46,24 @@ def engine_for(folder: Path, **options) -> Engine:
 
 
 def padding_share(folder: Path, rows: int) -> dict:
-    """Positions each step's attention reads: ours (each row's runs: exactly its own positions, so padding read is
-    0 by construction; counted anyway) and a dense right-aligned cache's on the same steps (every row as wide as
-    the widest), at the first decoder layer's self-attention."""
+    """Positions each step's attention reads, at the first decoder layer's self-attention: ours (a prefill reads
+    each row's own runs; a decoding step reads each length group as wide as its longest row, at most 5 % padding,
+    and rows alone their own runs) and what a dense right-aligned cache (the previous engine) reads on the same
+    steps (every row as wide as the widest)."""
     engine = engine_for(folder, max_batch_size=16)
-    read, dense = [0], [0]
+    real, read, dense = [0], [0], [0]
     original = paged_attention._attention
 
     def counting(module, query, *args, **kwargs):
         step = paged_attention.current()
         if step is not None and module.layer_idx == 0 and not module._mhr_cross:
-            lengths = [sum(end - start for start, end in runs) for runs in step.runs]
-            read[0] += sum(lengths)
-            dense[0] += len(lengths) * max(lengths)
+            real[0] += sum(step.lengths)
+            dense[0] += len(step.lengths) * max(step.lengths)
+            if query.shape[2] == 1:
+                together, alone = step.groups(False)
+                read[0] += sum(g.width * len(g.rows) for g in together) + sum(step.lengths[r] for r in alone)
+            else:
+                read[0] += sum(step.lengths)
         return original(module, query, *args, **kwargs)
 
     paged_attention.AttentionInterface.register(paged_attention.NAME, counting)
@@ -66,9 +73,8 @@ def padding_share(folder: Path, rows: int) -> dict:
         max_new_tokens=n, ignore_eos=True)) for i, n in enumerate(lengths)])
     paged_attention.AttentionInterface.register(paged_attention.NAME, original)
     engine.close()
-    real = read[0]  # each row's runs hold exactly its positions (kv_pool.runs)
-    return {"attention_padding_share": round(1 - real / read[0], 4),
-            "attention_padding_share_dense_cache": round(1 - real / dense[0], 4)}
+    return {"attention_padding_share": round(1 - real[0] / read[0], 4),
+            "attention_padding_share_dense_cache": round(1 - real[0] / dense[0], 4)}
 
 
 def prefix_ttft(folder: Path, requests: int) -> dict:
@@ -105,16 +111,8 @@ def prefix_ttft(folder: Path, requests: int) -> dict:
 def step_overhead(folder: Path, reps: int) -> dict:
     from transformers import StaticCache
 
-    engine = engine_for(folder, max_batch_size=16)
-    batch = engine.loop.batch
-    rows = [GenerateRow(f"task-{i}", f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
-            for i in range(16)]
-    job = engine.submit_generate(rows)
-    while len(batch) < 16:
-        time.sleep(0.001)
-    ours = engine.loop.call(lambda: _time_steps(batch.step, reps))
-    job.cancel()
-    engine.close()
+    ours = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
+    ours_base = _our_step(folder, reps, ["__base__"] * 16)
     model = load_model(folder / "model", device="cpu").model  # the plain transformers model, no wrapped layers
     cache = StaticCache(config=model.config, max_cache_len=256)
     ids = torch.zeros((16, 1), dtype=torch.long)
@@ -131,8 +129,24 @@ def step_overhead(folder: Path, reps: int) -> dict:
             position[0] = 8
 
     theirs = _time_steps(bare, reps)
-    return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_bare": round(theirs * 1e3, 3),
-            "step_overhead_vs_bare": round(ours / theirs, 2)}
+    return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),
+            "step_ms_bare": round(theirs * 1e3, 3), "step_overhead_vs_bare": round(ours / theirs, 2),
+            "step_overhead_base_vs_bare": round(ours_base / theirs, 2)}
+
+
+def _our_step(folder: Path, reps: int, tasks: list[str]) -> float:
+    """Median time of the serving loop's decoding step, 16 rows of these tasks."""
+    engine = engine_for(folder, max_batch_size=16)
+    batch = engine.loop.batch
+    rows = [GenerateRow(task, f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
+            for i, task in enumerate(tasks)]
+    job = engine.submit_generate(rows)
+    while len(batch) < len(rows):
+        time.sleep(0.001)
+    seconds = engine.loop.call(lambda: _time_steps(batch.step, reps))
+    job.cancel()
+    engine.close()
+    return seconds
 
 
 def _time_steps(step, reps: int) -> float:
