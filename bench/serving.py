@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import string
@@ -155,10 +156,12 @@ def suite(model_dir: Path, inventory_dir: Path, adapted_dir: Path, args) -> dict
     texts, n, reps = inputs(BATCH), args.new_tokens, args.reps
     adapter_bytes = store.adapter(sixteen[0]).nbytes
     # as served: prepacked where supported
-    engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype))
+    engine = Engine(loaded, store, AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype),
+                    static_step=args.static_step)
     # the same engine without prepacked weights: the adapter path's own cost against the bare backbone
     plain = Engine(LoadedModel(copy.deepcopy(base), tok, loaded.is_seq2seq, loaded.device, loaded.dtype), store,
-                   AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype), prepack_weights=False)
+                   AdapterCache(64 * adapter_bytes, loaded.device, loaded.dtype), prepack_weights=False,
+                   static_step=args.static_step)
     random_tasks = add_random_tasks(store, args.cycle_tasks)
     task_ids = torch.tensor([i % n_tasks for i in range(BATCH)], device=loaded.device)
     # every mode's torch work on the engine's loop thread: a second thread running torch (this one, for the HF
@@ -206,16 +209,22 @@ def main() -> None:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the engines and the HTTP servers)")
+    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                        help="the static-shaped step captured as CUDA graphs (auto: as served, on with CUDA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and args.device.startswith("cuda"))
+    args.static_step = "cuda-graphs" if graphs else None
+    os.environ["MHR_CUDA_GRAPHS"] = "true" if graphs else "false"  # the HTTP servers' too
     args.reps = 3 if args.quick else 11
     args.new_tokens = 32  # the same work per round as the full run: --quick only runs fewer rounds
     args.cycle_tasks = 1000
     args.http_requests = 48 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
     args.mixed_requests = 96 if args.quick else 320
-    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    result = {"cuda_graphs": graphs,
+              "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -42,10 +42,11 @@ class AdapterSlots:
 
     def use_rows(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable], start: int = 0,
                  end: int | None = None) -> None:
-        """Pool position p holds adapters[p] for every p < len(adapters); the layers run rows [start, end)."""
+        """Pool position p holds adapters[p] for every p < len(adapters); the layers run rows [start, end) (end may
+        pass the adapters: padding rows of a static step, whatever their positions hold)."""
         end = len(adapters) if end is None else end
         _check_compatible(adapters)
-        self.pool.sync(adapters, keys)
+        self.pool.sync(adapters, keys, positions=end)
         first = adapters[0]
         for g, group in enumerate(first.groups):
             a, b = self.pool.rows(g, start, end)  # Aᵀ (L, n, r, d_in), B (L, n, r, d_out)
@@ -66,6 +67,11 @@ class AdapterSlots:
         for layer in self.layers.values():
             layer.clear()
         self.applied = None
+
+    def layout(self) -> tuple:
+        """Where each layer's adapter tensors are (addresses, shapes): a captured CUDA graph reads them there, so
+        it may be replayed only while this is unchanged."""
+        return tuple(layer.layout() for layer in self.layers.values())
 
     def layer_states(self) -> dict[str, object]:
         """What each layer holds now (rows or shared mode), to `restore` later without stacking again."""

@@ -134,3 +134,27 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     if scores.dtype == torch.float32:
         return torch.softmax(scores, dim=-1)
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+def static_tables(pool: KVPool, layer: int, query: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+                  bias) -> torch.Tensor:
+    """The static-shaped step's attention (static_step.py): query (B, Hq, d), already scaled; tables (B, W) block
+    tables padded with scratch; lengths (B,) -> (B, Hq, d). Every row reads W·S positions, those past its length
+    masked: shapes depend on (B, W) only and nothing is read back to the host, so the step can be captured. The
+    pool must hold finite values in every block (KVPool(zeroed=True)): masked positions weigh 0, and 0 · NaN is not
+    0."""
+    count, heads_q, dim = query.shape
+    width = tables.shape[1] * pool.block_size
+    heads_kv = pool.keys[layer].shape[0]
+    flat = tables.reshape(-1)
+    keys = pool.keys[layer].view(heads_kv, -1, pool.block_size, dim).index_select(1, flat)  # (Hkv, B·W, S, d)
+    values = pool.values[layer].view(heads_kv, -1, pool.block_size, dim).index_select(1, flat)
+    keys = keys.view(heads_kv, count, width, dim).to(query.dtype)  # (Hkv, B, L, d)
+    values = values.view(heads_kv, count, width, dim).to(query.dtype)
+    scores = torch.matmul(query.view(count, heads_kv, -1, dim).transpose(0, 1), keys.transpose(-1, -2))  # (Hkv,B,g,L)
+    distance = lengths[:, None] - 1 - torch.arange(width, device=lengths.device)[None, :]  # (B, L)
+    if bias is not None:  # T5: (H, D) by distance -> (H, B, 1, L); its heads are not grouped (g = 1)
+        scores = scores + bias.by_distance(width)[:, distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
+    scores = scores.masked_fill((distance < 0)[None, :, None, :], float("-inf"))
+    weights = _softmax(scores).to(values.dtype)
+    return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (B, Hq, d)

@@ -40,6 +40,7 @@ from .scheduler import LoopStats, Scheduler
 from .score_queue import ScoreJob
 from .scoring import prompt_logprobs, score_pairs
 from .sequence import GenerateJob, RowMaker
+from .static_step import StaticDecode
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 16384
@@ -56,13 +57,15 @@ class Engine:
                  prepack_weights: bool | None = None, memory_fraction: float = 0.9,
                  memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None,
                  kv_block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_bytes: int | None = None,
-                 prefix_cache: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
-        """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up
-        fails where it cannot), False. max_batch_tokens: the KV pool's positions (kv_cache_bytes, where given,
-        sets them instead); longest_row: the positions of one row of the longest input and output (the pool is
-        never clamped below it). memory: the device's figures (default: measured, with memory_limit_bytes in place
-        of the device's limit where given). A model the serving loop cannot decode stops start-up
-        (ModelLoadError naming its type and the supported ones)."""
+                 prefix_cache: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 static_step: str | None = None):
+        """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up fails
+        where it cannot), False. max_batch_tokens: the KV pool's positions (kv_cache_bytes, where given, sets them
+        instead); longest_row: the positions of one row of the longest input and output (the pool is never clamped
+        below it). memory: the device's figures (default: measured, with memory_limit_bytes in place of the device's
+        limit where given). static_step: decoding steps with static shapes (static_step.py): "eager" or "cuda-
+        graphs"; None: the paged step (shapes of the batch's own). A model the serving loop cannot decode stops
+        start-up (ModelLoadError naming its type and the supported ones)."""
         check_model(store.inventory, loaded.model)
         check_loop_supported(loaded.model, loaded.is_seq2seq)
         if (cache.device, cache.dtype) != (torch.device(loaded.device), loaded.dtype):
@@ -89,7 +92,7 @@ class Engine:
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
         self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
         avoid_per_length_attention_plans(loaded.device)
-        batch = RunningBatch(self._paged_kv(kv_block_size, prefix_cache), self.slots, eos_ids=self.eos_ids,
+        batch = RunningBatch(self._paged_kv(kv_block_size, prefix_cache, static_step), self.slots, eos_ids=self.eos_ids,
                              merge_single_task=self.merge_single_task,
                              decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None,
                              prefill_chunk=prefill_chunk)
@@ -97,14 +100,19 @@ class Engine:
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
                               make_rows=RowMaker(loaded.tokenizer, self.eos_ids, max_batch_size))
 
-    def _paged_kv(self, block_size: int, prefix_cache: bool) -> PagedKV:
+    def _paged_kv(self, block_size: int, prefix_cache: bool, static_step: str | None) -> PagedKV:
         """The KV pool the memory plan reserved, its block manager, and the model's attention pointed at it."""
         m = self.loaded
-        pool = KVPool.for_model(m.model.config, self.memory.kv_positions, block_size, m.dtype, m.device)
+        pool = KVPool.for_model(m.model.config, self.memory.kv_positions, block_size, m.dtype, m.device,
+                                zeroed=static_step is not None)
         install(m.model, m.is_seq2seq)
+        static = None
+        if static_step is not None:
+            static = StaticDecode(m.model, m.is_seq2seq, pool, torch.device(m.device), m.tokenizer.pad_token_id,
+                                  static_step, self.slots.layout)
         return PagedKV(m.model, m.is_seq2seq, m.device, pool, BlockManager(pool.blocks, block_size,
                                                                               prefix_cache=prefix_cache),
-                       m.tokenizer.pad_token_id)
+                       m.tokenizer.pad_token_id, static)
 
     def _demands(self, rows: int, positions: int, longest_row: int, prepack: bool | None, merge: bool | None
                  ) -> Demands:

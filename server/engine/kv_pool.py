@@ -27,23 +27,27 @@ def kv_layout(config) -> tuple[int, int, int]:
 
 class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, *, zeroed: bool = False):
+        """zeroed: every block starts at 0 (the static-shaped step reads whole blocks, masked past each row's
+        length, and needs finite values there). Otherwise uninitialised: nothing is read before it is written, and
+        on a CPU the pages are only committed as blocks are first written (the pool costs resident memory as it
+        fills, not at start-up)."""
         self.block_size = block_size
         self.blocks = blocks
         slots = blocks * block_size
-        # uninitialised: nothing is read before it is written, and on a CPU the pages are only committed as blocks
-        # are first written (the pool costs resident memory as it fills, not at start-up)
-        self.keys = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        make = torch.zeros if zeroed else torch.empty
+        self.keys = [make(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [make(kv_heads, slots, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         for tensor in (*self.keys, *self.values):  # scratch is read (masked) as padding: never NaN
             tensor[:, :block_size] = 0
 
     @classmethod
-    def for_model(cls, config, positions: int, block_size: int, dtype: torch.dtype, device: torch.device) -> KVPool:
+    def for_model(cls, config, positions: int, block_size: int, dtype: torch.dtype, device: torch.device, *,
+                  zeroed: bool = False) -> KVPool:
         """A pool of `positions` positions in blocks of `block_size`, plus the scratch block and one block of
         rounding (a T5 row's input and output each end in a partly filled block)."""
         layers, heads, head_dim = kv_layout(config)
-        return cls(layers, heads, head_dim, -(-positions // block_size) + 2, block_size, dtype, device)
+        return cls(layers, heads, head_dim, -(-positions // block_size) + 2, block_size, dtype, device, zeroed=zeroed)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """slots (N, Q) int64; keys and values (N, kv_heads, Q, head_dim) -> written at those slots."""

@@ -124,6 +124,15 @@ class BatchedLoraLinear(nn.Module):
     def clear(self) -> None:
         self.active = None
 
+    def layout(self) -> tuple:
+        """(mode, address and shape of each adapter tensor) of what the layer runs now."""
+        active = self.active
+        if active is None:
+            return ()
+        tensors = (active.lora_a, active.lora_b, active.merged)
+        return (active.per_row, active.merged_packed, bool(active.arrow),
+                *((t.data_ptr(), tuple(t.shape)) if t is not None else None for t in tensors))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active
         if active is not None and active.merged is not None:

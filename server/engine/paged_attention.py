@@ -34,6 +34,7 @@ from .decode_attention import LengthGroup
 from .kv_pool import KVPool, runs
 
 NAME = "mhr_paged"
+STATIC_KWARG = "mhr_static"  # a static-shaped step's inputs, passed down the model's kwargs to the cache and attention
 _current = threading.local()  # the Step of the forward running on this thread, if any
 
 
@@ -94,6 +95,10 @@ class PoolCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        static = kwargs.get("kwargs", {}).get(STATIC_KWARG)
+        if static is not None:  # a static-shaped decoding step (static_step.py): its slots came as an argument
+            static.pool.write(layer_idx, static.slots, key_states, value_states)
+            return key_states, value_states
         step = current()
         slots = step.cross_slots if self.cross else step.slots
         step.pool.write(layer_idx, slots, key_states, value_states)
@@ -151,6 +156,9 @@ def _is_cross(model, module) -> bool:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    static = kwargs.get(STATIC_KWARG)
+    if static is not None:
+        return _static_decode(module, query, static, scaling), None
     step = current()
     if step is None:
         return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -191,6 +199,20 @@ def _decode(module, query: torch.Tensor, step: Step, cross: bool, scale: float |
     if scale != 1.0:
         query = query * scale  # once for every row
     out = decode_attention.attend(step.pool, module.layer_idx, query.view(count, heads_q, dim), step, cross, bias)
+    return out.view(count, 1, heads_q, dim)
+
+
+def _static_decode(module, query: torch.Tensor, static, scale: float | None) -> torch.Tensor:
+    """A static-shaped decoding step (static_step.StaticInputs in the forward's kwargs): query (B, Hq, 1, d) ->
+    (B, 1, Hq, d) over the padded block tables it carries."""
+    count, heads_q, _, dim = query.shape
+    scale = dim ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        query = query * scale
+    cross = module._mhr_cross
+    tables, lengths = (static.cross_tables, static.cross_lengths) if cross else (static.tables, static.lengths)
+    out = decode_attention.static_tables(static.pool, module.layer_idx, query.view(count, heads_q, dim), tables,
+                                         lengths, None if cross else module._mhr_bias)
     return out.view(count, 1, heads_q, dim)
 
 

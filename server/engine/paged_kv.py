@@ -21,8 +21,10 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 
 from .block_manager import BlockManager, prefix_hash
+from .decoder_forward import decoder_forward
 from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
 from .paged_attention import PoolCache, Step, paged
+from .static_step import StaticDecode
 
 PAD_SLOT = SCRATCH_BLOCK  # slot 0 of the scratch block
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a prepared 4D mask: transformers builds none (we mask per row)
@@ -38,7 +40,9 @@ class RowKV:
 
 class PagedKV:
     def __init__(self, model, is_seq2seq: bool, device: torch.device, pool: KVPool, blocks: BlockManager,
-                 pad_id: int):
+                 pad_id: int, static: StaticDecode | None = None):
+        """static: the static-shaped decoding step, where configured (decode(..., static=True) runs it)."""
+        self.static = static
         self.model = model
         self.is_seq2seq = is_seq2seq
         self.device = device
@@ -176,29 +180,23 @@ class PagedKV:
         self.blocks.release([shared])
         kv.table[-1] = own
 
-    def decode(self, rows: list, tokens: list[int]) -> torch.Tensor:
-        """One token per row (its blocks made room for by make_room) -> logits (N, V)."""
+    def decode(self, rows: list, tokens: list[int], *, static: bool = False) -> torch.Tensor:
+        """One token per row (its blocks made room for by make_room) -> logits (N, V). static: through the
+        static-shaped step (static_step.py; the layers pointed at its padded rows)."""
+        if static:
+            return self.static.decode(rows, tokens)
         slots = torch.tensor([slots_of(r.kv.table, range(r.kv.length, r.kv.length + 1), self.size) for r in rows])
         positions = torch.tensor([[r.kv.length] for r in rows])
         for row in rows:
             row.kv.length += 1
         step = Step(self.pool, slots.to(self.device), [1] * len(rows), [r.kv.table for r in rows],
                     [r.kv.length for r in rows])
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (N, 1)
-        with torch.inference_mode(), paged(step):
-            if not self.is_seq2seq:
-                out = self.model(input_ids=ids, position_ids=positions.to(self.device), attention_mask=_NO_MASK,
-                                 cache=PoolCache(), use_cache=True)
-                return out.logits[:, -1]
+        if self.is_seq2seq:
             step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
-            cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
-            cache.is_updated = dict.fromkeys(range(self.layers), True)  # cross keys are in the pool already
-            d_model = self.model.config.d_model
-            encoder_shape = torch.zeros(1, 1, d_model, dtype=self.model.dtype, device=self.device).expand(
-                len(rows), 1, d_model)  # only its shape is read
-            out = self.model(encoder_outputs=(encoder_shape,), attention_mask=_NO_MASK, decoder_input_ids=ids,
-                             decoder_attention_mask=_NO_MASK, cache=cache, use_cache=True)
-            return out.logits[:, -1]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (N, 1)
+        with paged(step):
+            return decoder_forward(self.model, self.is_seq2seq, self.layers, ids, positions.to(self.device),
+                                   _NO_MASK)
 
     # ---- beams and release -------------------------------------------------------------------------
     def follow(self, rows: list, parents: list) -> None:

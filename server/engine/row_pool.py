@@ -51,10 +51,10 @@ class RowPool:
         self.resident: list[Hashable | None] = []  # cache key of the adapter at each position
         self.copies = 0  # adapters copied into the pool so far (a measure of reuse)
 
-    def sync(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable]) -> None:
+    def sync(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable], positions: int | None = None) -> None:
         """Make position p hold adapters[p] (named keys[p]) for every p < len(adapters), copying only where the
-        resident key differs."""
-        n = len(adapters)
+        resident key differs; the pool has at least `positions` positions (default: the adapters')."""
+        n = max(len(adapters), positions or 0)
         if n > self.max_rows:
             raise ValueError(f"{n} rows do not fit a row pool of {self.max_rows}")
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, written in and out of inference
@@ -99,9 +99,10 @@ def stacked(row_adapters: Sequence[TaskAdapter], group: int) -> tuple[torch.Tens
 
 
 def _pool(stacked_layers: torch.Tensor, size: int) -> torch.Tensor:
-    """(L, x, y) per-layer tensors -> an empty pool (L, size, x, y) of the same dtype and device."""
+    """(L, x, y) per-layer tensors -> a pool (L, size, x, y) of zeros, same dtype and device (a position no row
+    has used yet may run as a padding row: finite)."""
     layers, *matrix = stacked_layers.shape
-    return torch.empty(layers, size, *matrix, dtype=stacked_layers.dtype, device=stacked_layers.device)
+    return torch.zeros(layers, size, *matrix, dtype=stacked_layers.dtype, device=stacked_layers.device)
 
 
 def _same_layout(pool: torch.Tensor, layers: torch.Tensor) -> bool:

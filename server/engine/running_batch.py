@@ -26,6 +26,7 @@ from .beam_rows import BeamRow
 from .paged_kv import PagedKV
 from .row_pool import assign_positions
 from .sequence import ActiveRow
+from .static_step import row_bucket
 
 Row = ActiveRow | BeamRow  # what the batch needs of both is the same: job, index, key, adapter, last_token, kv
 
@@ -133,9 +134,18 @@ class RunningBatch:
         self.preempted = self._preempt(self.kv.make_room(sorted(self.rows, key=lambda r: r.admitted)))
         if not self.rows:
             return []
-        self._point_layers(0, len(self.rows))
-        logits = self.kv.decode(self.rows, [row.last_token for row in self.rows])  # (N, V)
+        static = self._static_width()
+        self._point_layers(0, len(self.rows), width=static)
+        logits = self.kv.decode(self.rows, [row.last_token for row in self.rows], static=static is not None)  # (N, V)
         return self._take(self.rows, logits)
+
+    def _static_width(self) -> int | None:
+        """The rows the static-shaped step runs (its bucket), where one is configured and takes this batch: not
+        with Arrow rows or beams (their layers depend on the batch's own layout)."""
+        if self.kv.static is None or any(isinstance(row, BeamRow) or arrow_rows.is_arrow(row.adapter)
+                                         for row in self.rows):
+            return None
+        return min(row_bucket(len(self.rows)), self.slots.pool.max_rows)
 
     def retire(self, leaving: set[Row]) -> None:
         """Drop rows from the batch and free their blocks; rows from the end fill the holes."""
@@ -203,9 +213,11 @@ class RunningBatch:
             order[hole] = match
         return order
 
-    def _point_layers(self, start: int, end: int, recorder: arrow_rows.RoutingRecorder | None = None) -> None:
+    def _point_layers(self, start: int, end: int, recorder: arrow_rows.RoutingRecorder | None = None, *,
+                      width: int | None = None) -> None:
         """Layers run rows [start, end) of the batch: merged/shared when every row has one adapter, else the pool;
-        Arrow rows among them also route per token (arrow_rows.py)."""
+        Arrow rows among them also route per token (arrow_rows.py). width: the pool's rows [start, width) instead
+        (the static step's padded rows)."""
         keys = [row.key for row in self.rows]
         if arrow_rows.point(self.slots, [row.adapter for row in self.rows], keys, start, end, recorder):
             return
@@ -223,5 +235,5 @@ class RunningBatch:
                 else:
                     self.slots.use_shared(first.adapter, first.key)
             return
-        if self.slots.applied != ("rows", tuple(keys), start, end):
-            self.slots.use_rows([row.adapter for row in self.rows], keys, start, end)
+        if self.slots.applied != ("rows", tuple(keys), start, width or end):
+            self.slots.use_rows([row.adapter for row in self.rows], keys, start, width or end)

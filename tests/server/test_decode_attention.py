@@ -74,7 +74,8 @@ def _scratch_nan_free(pool):
 def test_grouped_and_alone_equal_plain_attention(heads_q, heads_kv, lengths):
     dim = 8
     pool = _pool(heads_kv, dim, 40)
-    tables = [[1 + 5 * row + b for b in (0, 2, 1, 3)][: -(-n // BLOCK)] for row, n in enumerate(lengths)]  # out of order
+    tables = [[1 + 5 * row + b for b in (0, 2, 1, 3)][: -(-n // BLOCK)]  # blocks out of order
+              for row, n in enumerate(lengths)]
     query = torch.randn(len(lengths), heads_q, dim)
     expected = _reference(pool, query, tables, lengths)
     alone = decode_attention.attend(pool, 0, query, _Step(tables, lengths, grouped=False), False, None)

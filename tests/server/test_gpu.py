@@ -7,6 +7,7 @@ import torch
 
 from adapter_store import AdapterCache, AdapterStore
 from server.engine import Engine, GenerateRow, SamplingParams, ScoreRow, load_model
+from tests.factories import save_bundle
 
 pytestmark = pytest.mark.gpu
 
@@ -104,3 +105,28 @@ def test_cuda_small_kv_pool_preempts_and_answers_as_a_roomy_one(t5_bundle):
     assert [c.text for c in small.generate(rows)] == [c.text for c in roomy.generate(rows)]
     assert small.loop.batch.preemptions > 0 and small.loop.batch.kv.blocks.used == 0
     assert small.loop.batch.kv.pool.keys[0].device.type == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_cuda_graphs_step_equals_the_paged_step(kind, tmp_path):
+    """The static-shaped step captured as CUDA graphs (MHR_CUDA_GRAPHS): greedy rows of mixed tasks, the bare
+    backbone and μ, joining and leaving, equal the paged step's; graphs were captured and none turned off."""
+    save_bundle(tmp_path, kind)
+
+    def on_gpu(**options):
+        loaded = load_model(tmp_path / "model", device="cuda", dtype="float32")
+        return Engine(loaded, AdapterStore.open(tmp_path / "inventory"),
+                      AdapterCache(10**8, loaded.device, loaded.dtype), kv_block_size=4, **options)
+
+    tasks = ["task-0", "task-1", "task-2", "__base__", "task-0", "__mu__"]
+    rows = [GenerateRow(task, f"input number {i} " * (1 + i % 3), SamplingParams(max_new_tokens=5 + 4 * i,
+                                                                                ignore_eos=True))
+            for i, task in enumerate(tasks)]
+    single = [GenerateRow("task-1", text, SamplingParams(max_new_tokens=12)) for text in ("a", "bc", "def")]
+    graphs, paged = on_gpu(static_step="cuda-graphs"), on_gpu()
+    for batch in (rows, single):
+        assert [c.text for c in graphs.generate(batch)] == [c.text for c in paged.generate(batch)]
+    static = graphs.loop.batch.kv.static
+    assert static.mode == "cuda-graphs" and static.captures > 0 and static.steps > 0
+    graphs.close()
+    paged.close()

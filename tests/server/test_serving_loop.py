@@ -312,7 +312,8 @@ def test_a_failing_forward_fails_its_requests_and_the_loop_goes_on(tmp_path, mon
     with pytest.raises(RuntimeError, match="score broke"):
         engine.score([ScoreRow("task-0", "x", ["y"])])
     monkeypatch.setattr(engine_module, "score_pairs", real_score)
-    monkeypatch.setattr(PagedKV, "decode", lambda self, rows, tokens: (_ for _ in ()).throw(RuntimeError("step broke")))
+    monkeypatch.setattr(PagedKV, "decode",
+                        lambda self, rows, tokens, **_: (_ for _ in ()).throw(RuntimeError("step broke")))
     with pytest.raises(RuntimeError, match="step broke"):
         engine.generate([GenerateRow("task-0", "x", SamplingParams(max_new_tokens=4))])
     monkeypatch.setattr(PagedKV, "decode", real_step)
