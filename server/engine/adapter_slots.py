@@ -28,6 +28,7 @@ class AdapterSlots:
         self.layers: dict[str, BatchedLoraLinear] = wrap_linears(model, module_names)
         self.pool = RowPool(pool_rows)
         self.applied: Hashable | None = None  # what the layers hold now (None: nothing, or unknown)
+        self._layout: tuple | None = None  # (applied, layout()) last worked out
 
     # ---- the modes ------------------------------------------------------------------------------
     def use_merged(self, adapter: TaskAdapter, key: Hashable) -> None:
@@ -70,8 +71,10 @@ class AdapterSlots:
 
     def layout(self) -> tuple:
         """Where each layer's adapter tensors are (addresses, shapes): a captured CUDA graph reads them there, so
-        it may be replayed only while this is unchanged."""
-        return tuple(layer.layout() for layer in self.layers.values())
+        it may be replayed only while this is unchanged. Worked out again only when the layers were re-pointed."""
+        if self.applied is None or self._layout is None or self._layout[0] != self.applied:
+            self._layout = (self.applied, tuple(layer.layout() for layer in self.layers.values()))
+        return self._layout[1]
 
     def layer_states(self) -> dict[str, object]:
         """What each layer holds now (rows or shared mode), to `restore` later without stacking again."""

@@ -50,6 +50,7 @@ class BatchedLoraLinear(nn.Module):
         self._merged_key: Hashable | None = None  # whose merge the buffer holds (None: unknown, never reused)
         self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of base.weight, once prepacked
         self._rows_hint = 16
+        self._rows_cast: tuple[torch.Tensor, torch.Tensor] | None = None  # rows mode in another dtype: its buffers
 
     # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
     @property
@@ -70,7 +71,24 @@ class BatchedLoraLinear(nn.Module):
 
     def set_rows(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """Aᵀ (N, r, d_in) and B (N, r, d_out): one adapter per row of the coming batches (row_pool.py)."""
-        self.active = Active(*self._in_weight_dtype(lora_a, lora_b), scale, per_row=True)
+        self.active = Active(*self._rows_in_weight_dtype(lora_a, lora_b), scale, per_row=True)
+
+    def _rows_in_weight_dtype(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' adapters in the layer's dtype, copied into buffers of this layer that stay where they are (a
+        captured CUDA graph reads them there), grown only for more rows."""
+        dtype = self.base.weight.dtype
+        if lora_a.dtype == dtype:
+            return lora_a, lora_b
+        rows, held = lora_a.shape[0], self._rows_cast
+        if held is None or held[0].shape[0] < rows or held[0].shape[1:] != lora_a.shape[1:] \
+                or held[1].shape[1:] != lora_b.shape[1:]:
+            with torch.inference_mode(False), torch.no_grad():
+                held = self._rows_cast = (lora_a.new_empty(lora_a.shape, dtype=dtype),
+                                          lora_b.new_empty(lora_b.shape, dtype=dtype))
+        a, b = held[0][:rows], held[1][:rows]
+        a.copy_(lora_a)
+        b.copy_(lora_b)
+        return a, b
 
     def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         """A (d_in, r) and B (r, d_out) for every row."""
