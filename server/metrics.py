@@ -90,6 +90,8 @@ class _StateCollector:
                                   value=loop.preempted_rows)
         yield CounterMetricFamily("mhr_prefix_cache_hit_blocks", "prompt blocks taken from the prefix cache",
                                   value=loop.prefix_cache_hits)
+        yield CounterMetricFamily("mhr_encoder_cache_hits", "seq2seq rows whose encoder output came from the cache",
+                                  value=loop.encoder_cache_hits)
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
                                       "this many tokens per iteration, so running rows keep decoding between its "
                                       "chunks (null: at once)")
     prefix_cache: bool = Field(True, description="a prompt whose leading blocks were computed before under the same "
-                               "adapter version skips them (causal LMs)")
+                               "adapter version skips them (causal LMs); a seq2seq input encoded before under the "
+                               "same adapter version skips its encoder")
     cuda_graphs: bool | None = Field(None, description="decode with static shapes, each bucket of rows captured as a "
                                      "CUDA graph (null: on with a CUDA device; true needs one); a capture that fails "
                                      "or whose replay differs from the eager step turns graphs off, logged")

@@ -3,8 +3,9 @@ data). Block 0 is scratch and never handed out.
 
     used     refcount > 0: in some rows' block tables (a prompt's blocks shared by a prefix hit, beams' blocks)
     cached   refcount 0 but its content is a full prompt block under a known hash (prefix_hash): a later prompt with
-             the same adapter and the same leading tokens takes it instead of computing it again; evicted least
-             recently used first when blocks are needed
+             the same adapter and the same leading tokens takes it instead of computing it again (T5: a whole
+             encoder output, for the same adapter and input); evicted least recently used first when blocks are
+             needed
     free     nothing
 Allocation keeps a row's blocks consecutive where it can (the block after the row's last; a new row in the middle
 of the largest free run, leaving its neighbours room to grow), so attention reads each row as one view.
@@ -136,6 +137,17 @@ class BlockManager:
             found.append(block)
         self.share(found)
         self.prefix_hits += len(found)
+        return found
+
+    def cached_all(self, hashes: Sequence[int]) -> list[int]:
+        """Every block of these hashes, now held by the caller — or none ([]) if one is missing (a T5 encoder
+        output: all of it or nothing)."""
+        if not self.prefix_cache or not hashes:
+            return []
+        found = [self._by_hash.get(digest) for digest in hashes]
+        if None in found:
+            return []
+        self.share(found)
         return found
 
     def register(self, block: int, digest: int) -> None:

@@ -51,6 +51,7 @@ class PagedKV:
         self.pad_id = pad_id
         self.size = pool.block_size
         self.layers = len(pool.keys)
+        self.encoder_hits = 0  # T5 rows whose encoder output came from the cache
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:
@@ -65,7 +66,7 @@ class PagedKV:
         again for the rest; a row is complete when row.kv.length == len(its sequence)).
         before_forward(prompt_mask) is told, just before the forward, which positions of its input are the rows'
         prompt tokens: (M, Q) of the new tokens (causal LM, left-padded), or (M, S) of the encoder's input (T5)."""
-        starts = [row.kv.length if getattr(row, "kv", None) else self.place(row, seq)
+        starts = [row.kv.length if getattr(row, "kv", None) and row.kv.table else self.place(row, seq)
                   for row, seq in zip(rows, sequences, strict=True)]
         ends = [len(seq) if limit is None else min(len(seq), start + limit)
                 for seq, start in zip(sequences, starts, strict=True)]
@@ -118,6 +119,24 @@ class PagedKV:
             hashes.append(parent)
         return hashes
 
+    def reuse_encoder(self, row, inputs: list[int]) -> bool:
+        """T5: a row whose adapter encoded this same input before, its encoder blocks still cached, takes them
+        (shared) and will skip its encoder (prefill then runs the decoder alone: a batch of such rows only)."""
+        if not self.is_seq2seq:
+            return False
+        hits = self.blocks.cached_all(self._encoder_hashes(row, inputs))
+        if not hits:
+            return False
+        row.kv = RowKV(cross=hits, cross_length=len(inputs))
+        self.encoder_hits += 1
+        return True
+
+    def _encoder_hashes(self, row, inputs: list[int]) -> list[int]:
+        """Each encoder block's name: the adapter, the whole input (every block depends on all of it), its index."""
+        whole = hash(tuple(inputs))
+        return [prefix_hash(("encoder", whole, len(inputs), i), row.key, ())
+                for i in range(self.blocks.blocks_for(len(inputs)))]
+
     def _register(self, row, sequence: list[int]) -> None:
         if not self.is_seq2seq:  # T5's decoder positions start from one token: no prefix worth sharing
             for block, digest in zip(row.kv.table, self._hashes(row, sequence), strict=False):
@@ -125,14 +144,22 @@ class PagedKV:
 
     def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step,
                          before_forward: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        """Encoder over each row's input (right-padded), its cross-attention keys into the row's encoder blocks,
-        then the decoder over the rows' new decoder tokens."""
+        """Encoder over each row's input (right-padded), its cross-attention keys into the row's encoder blocks
+        (named for reuse_encoder), then the decoder over the rows' new decoder tokens. Rows whose encoder blocks
+        came from reuse_encoder (all of them, or none) run the decoder alone."""
         length = max(len(x) for x in inputs)
-        enc = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, x in enumerate(inputs):
+            mask[i, : len(x)] = 1
+        if rows[0].kv.cross:
+            step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
+            before_forward(mask.bool())
+            with paged(step):
+                return decoder_forward(self.model, True, self.layers, ids.to(self.device), None, _NO_MASK)
+        enc = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         cross_slots = torch.full((len(rows), length), PAD_SLOT, dtype=torch.long)
         for i, (row, x) in enumerate(zip(rows, inputs, strict=True)):
-            enc[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+            enc[i, : len(x)] = torch.tensor(x)
             row.kv.cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
             if row.kv.cross is None:
                 raise MemoryError("the KV pool has too few free blocks for this row's input")
@@ -146,6 +173,9 @@ class PagedKV:
             out = self.model(input_ids=enc.to(self.device), attention_mask=mask.to(self.device),
                              decoder_input_ids=ids.to(self.device), decoder_attention_mask=_NO_MASK, cache=cache,
                              use_cache=True)
+        for row, x in zip(rows, inputs, strict=True):
+            for block, digest in zip(row.kv.cross, self._encoder_hashes(row, x), strict=True):
+                self.blocks.register(block, digest)
         return out.logits[:, -1]
 
     # ---- decoding ---------------------------------------------------------------------------------

@@ -64,37 +64,58 @@ class RunningBatch:
 
     def admit(self, joining: list[Row]) -> list[Row]:
         """Prefill the joining rows (adapters already set on them; a beam group's rows all together) and append
-        them; return those that ended at their first token."""
+        them; return those that ended at their first token. T5 rows whose encoder output is cached (same adapter,
+        same input) are prefilled in a forward of their own, after the others, with no encoder."""
         for row in joining:
             row.admitted = next(self._admitted)
         joining = self._defer_long_prompts(joining)
         if not joining:
             return []
         start = len(self.rows)
-        tail = self.slots.pool.resident[start: start + len(joining)]
-        joining = [joining[i] for i in assign_positions(tail, [row.key for row in joining])]
-        self.rows.extend(joining)
-        tokens = [self._prefill_tokens(row) for row in joining]
+        parts = []
+        for part in self._encoder_reuse_split(joining):
+            tail = self.slots.pool.resident[len(self.rows): len(self.rows) + len(part)]
+            part = [part[i] for i in assign_positions(tail, [row.key for row in part])]
+            parts.append((len(self.rows), part))
+            self.rows.extend(part)
+        ordered = self.rows[start:]
+        try:
+            logits = torch.cat([self._prefill(part, first) for first, part in parts])
+        except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
+            self.retire(set(ordered))
+            raise
+        return self._take(ordered, logits, offset=start)
+
+    def _encoder_reuse_split(self, joining: list[Row]) -> list[list[Row]]:
+        """[rows to encode, rows whose encoder output the KV pool holds] (T5, Arrow rows always encoded), without
+        empty parts; [joining] for a causal LM."""
+        if self.decoder_start is None:
+            return [joining]
+        reused = {id(row) for row in joining if not arrow_rows.is_arrow(row.adapter)
+                  and self.kv.reuse_encoder(row, row.prompt_ids)}
+        parts = [[row for row in joining if id(row) not in reused], [row for row in joining if id(row) in reused]]
+        return [part for part in parts if part]
+
+    def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
+        """Prefill rows at batch positions [first, first + len(rows)) -> their logits (M, V)."""
+        tokens = [self._prefill_tokens(row) for row in rows]
         inputs = [x for _, x in tokens] if self.decoder_start is not None else None
         recorders: list[arrow_rows.RoutingRecorder] = []
 
         def point(prompt_mask: torch.Tensor) -> None:  # the prefill's layout known: Arrow rows record their routing
-            recorder = arrow_rows.recorder_for([row.adapter for row in joining], prompt_mask)
+            recorder = arrow_rows.recorder_for([row.adapter for row in rows], prompt_mask)
             if recorder is not None:
                 recorders.append(recorder)
-            self._point_layers(start, len(self.rows), recorder)
+            self._point_layers(first, first + len(rows), recorder)
 
         try:
-            logits = self.kv.prefill(joining, [seq for seq, _ in tokens], inputs, before_forward=point)
-        except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
-            self.retire(set(joining))
-            raise
+            logits = self.kv.prefill(rows, [seq for seq, _ in tokens], inputs, before_forward=point)
         finally:
             if recorders:
                 arrow_rows.stop_recording(self.slots)
         if recorders:
-            arrow_rows.record_routing(joining, recorders[0])
-        return self._take(joining, logits, offset=start)
+            arrow_rows.record_routing(rows, recorders[0])
+        return logits
 
     def _defer_long_prompts(self, joining: list[Row]) -> list[Row]:
         """Rows whose prompts are prefilled in chunks get their blocks now and wait in `prefilling`; the others."""

@@ -54,6 +54,7 @@ class LoopStats:
     kv_block_size: int = 0
     preempted_rows: int = 0  # rows preempted so far (computed again later)
     prefix_cache_hits: int = 0  # prompt blocks taken from the prefix cache instead of computed
+    encoder_cache_hits: int = 0  # T5 rows whose encoder output came from the cache instead of computed
 
 
 class Scheduler:
@@ -112,7 +113,7 @@ class Scheduler:
             waiting = len(self._waiting)
         blocks = self.batch.kv.blocks
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
-                         blocks.block_size, self.batch.preemptions, blocks.prefix_hits)
+                         blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""

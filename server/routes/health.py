@@ -23,7 +23,7 @@ async def readyz(request: Request):
     loop = engine.stats()
     kv = {"block_size": loop.kv_block_size, "blocks_total": loop.kv_blocks_total, "blocks_free": loop.kv_blocks_free,
           "blocks_cached": loop.kv_blocks_cached, "preempted_rows": loop.preempted_rows,
-          "prefix_cache_hit_blocks": loop.prefix_cache_hits}
+          "prefix_cache_hit_blocks": loop.prefix_cache_hits, "encoder_cache_hits": loop.encoder_cache_hits}
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
             "broken_tasks": [broken._asdict() for broken in engine.store.broken_tasks()],
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch."),

@@ -213,5 +213,10 @@ def test_kv_pool_blocks_show_in_readyz_and_metrics(printable_bundle, tmp_path):
                            ).status_code == 200
         values = scrape(client)
         assert metric(values, "mhr_kv_blocks_total") == kv["blocks_total"]
-        assert metric(values, "mhr_kv_blocks_free") == kv["blocks_total"]  # T5: nothing kept for a prefix
+        cached = metric(values, "mhr_kv_blocks_cached")  # T5: the input's encoder output, kept for reuse
+        assert cached >= 30 // 8 and metric(values, "mhr_kv_blocks_free") == kv["blocks_total"] - cached
         assert metric(values, "mhr_preempted_rows_total") == 0
+        assert client.post("/generate", json={"task": "alpha", "inputs": "x" * 30, "max_new_tokens": 4}
+                           ).status_code == 200
+        assert metric(scrape(client), "mhr_encoder_cache_hits_total") == 1
+        assert client.get("/readyz").json()["kv"]["encoder_cache_hits"] == 1
