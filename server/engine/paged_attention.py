@@ -65,8 +65,9 @@ class Step:
         """The rows' length groups for a decoding step, built once per forward for all layers."""
         if cross not in self._groups:
             tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
-            self._groups[cross] = decode_attention.length_groups(tables, lengths, self.pool.block_size,
-                                                                 self.pool.keys[0].device)
+            keys = self.pool.keys[0]
+            self._groups[cross] = decode_attention.length_groups(tables, lengths, self.pool.block_size, keys.device,
+                                                                 keys.shape[0] * keys.shape[2])
         return self._groups[cross]
 
 

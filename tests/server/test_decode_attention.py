@@ -25,7 +25,7 @@ class _Step:
     def groups(self, cross):
         if not self.grouped:
             return [], list(range(len(self.lengths)))
-        return decode_attention.length_groups(self.tables, self.lengths, BLOCK, torch.device("cpu"))
+        return decode_attention.length_groups(self.tables, self.lengths, BLOCK, torch.device("cpu"), 1)
 
 
 class _Bias:
@@ -100,7 +100,7 @@ def test_t5_bias_by_distance_in_groups():
 def test_groups_keep_padding_within_tolerance():
     lengths = [100, 99, 97, 60, 59, 10, 3]
     tables = [list(range(1, 27)) for _ in lengths]
-    groups, alone = decode_attention.length_groups(tables, lengths, BLOCK, torch.device("cpu"))
+    groups, alone = decode_attention.length_groups(tables, lengths, BLOCK, torch.device("cpu"), 1)
     members = [g.rows.tolist() for g in groups]
     assert members == [[0, 1, 2], [3, 4]]
     assert sorted(alone) == [5, 6]
@@ -108,3 +108,16 @@ def test_groups_keep_padding_within_tolerance():
         real = sum(lengths[r] for r in group.rows.tolist())
         assert 1 - real / (group.width * len(group.rows)) <= decode_attention.PADDING_TOLERANCE
         assert not group.padded or (group.slots[group.distance < 0] == 0).all()  # padding reads scratch only
+
+
+def test_groups_stay_within_the_gather_limit():
+    """On a CPU a group's gathered keys stay small (n · L · Hkv · d): rows of a real model's heads go in pairs or
+    alone, a toy model's all together."""
+    lengths = [100] * 16
+    tables = [list(range(1, 27)) for _ in lengths]
+    limit = decode_attention.GATHER_MAX_ELEMENTS["cpu"]
+    for per_position, most in ((2 * 16, 16), (8 * 64, limit // (8 * 64 * 100)), (32 * 128, 1)):
+        groups, alone = decode_attention.length_groups(tables, lengths, BLOCK, torch.device("cpu"), per_position)
+        assert max([len(g.rows) for g in groups] or [1]) == most
+        assert sum(len(g.rows) for g in groups) + len(alone) == 16
+        assert all(g.width * len(g.rows) * per_position <= limit for g in groups)
