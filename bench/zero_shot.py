@@ -9,11 +9,16 @@ Rows (exact match, greedy, fresh inputs as bench/adapt_quality.py draws them):
     prefixed.*                                   the same with the backbone's instruction prefix in the input
     zero_shot_tokens_per_s_vs_routed             16 rows of 32 new tokens: Arrow over skills (top_k 4) against
                                                  one routed task (merged weights) and 16 different routed tasks
-Variants: over skills / over tasks, top_k 1 / 2 / 4 / all, temperature 1 (and a few others). Every request runs
-through the engine's serving loop, as over HTTP. Prints one JSON object.
+                                                 (also Arrow routed once per request: ..._prompt)
+    prompt_route_identifies_task                 Arrow over tasks routed once from the prompt (all kept): how often
+                                                 the task weighted most (averaged over layers) is the input's own
+                                                 training task, plain and prefixed (chance: 1/24)
+Variants: over skills / over tasks, top_k 1 / 2 / 4 / all, temperature 1 (and a few others), per token and once per
+request from the prompt (granularity "prompt"). Every request runs through the engine's serving loop, as over HTTP.
+Prints one JSON object.
 
-    .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--variant tasks:all:100 ...] [--n-heldout 50]
-                                        [--n-train 20] [--threads 1]
+    .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--variant tasks:all:100[:prompt] ...]
+                                        [--n-heldout 50] [--n-train 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -45,8 +50,12 @@ VARIANTS: list[ArrowSpec] = [
     *(ArrowSpec("tasks", k, 1.0) for k in (1, 2, 4, None)),
     ArrowSpec("skills", None, 10.0), ArrowSpec("skills", 2, 0.1),
     ArrowSpec("tasks", None, 10.0), ArrowSpec("tasks", 4, 0.1),
+    *(ArrowSpec("skills", k, 1.0, "prompt") for k in (1, 2, None)),
+    *(ArrowSpec("tasks", k, 1.0, "prompt") for k in (1, 4, None)),
+    ArrowSpec("tasks", None, 0.1, "prompt"), ArrowSpec("tasks", None, 10.0, "prompt"),
 ]
-QUICK_VARIANTS = [ArrowSpec("skills", 2, 1.0), ArrowSpec("skills", None, 1.0), ArrowSpec("tasks", 4, 1.0)]
+QUICK_VARIANTS = [ArrowSpec("skills", 2, 1.0), ArrowSpec("tasks", 4, 1.0), ArrowSpec("skills", 2, 1.0, "prompt"),
+                  ArrowSpec("tasks", 1, 1.0, "prompt")]
 
 
 def exact_match(engine: Engine, ref, tasks: list[str], n: int, *, prefixed: bool = False
@@ -134,24 +143,41 @@ def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSp
         "heldout_zero_shot_exact_match": heldout_prefixed,
         "train_tasks_zero_shot_exact_match": train_prefixed,
     }
+    out["prompt_route_identifies_task"] = {
+        "plain": round(identified(engine, n_train, prefixed=False), 3),
+        "prefixed": round(identified(engine, n_train, prefixed=True), 3), "chance": round(1 / len(TRAIN_TASKS), 3)}
     out["quality_seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def identified(engine: Engine, n: int, *, prefixed: bool) -> float:
+    """Arrow over tasks, routed once from each training task's prompt (all kept): the share of inputs whose most
+    weighted task (each layer's fixed mix averaged over the layers) is their own."""
+    spec = ArrowSpec("tasks", None, 1.0, "prompt")
+    pairs = [(task, with_prefix(task, x) if prefixed else x) for task in TRAIN_TASKS
+             for x, _ in examples(task, n, seed=EVAL_SEED)]
+    found = engine.explain_many(spec, [x for _, x in pairs])
+    return statistics.mean(max(e.average, key=e.average.get) == task for (task, _), e in zip(pairs, found,
+                                                                                             strict=True))
 
 
 def speed(engine: Engine, repeats: int) -> dict:
     arrow = ArrowSpec("skills", 4, 1.0)
     rate_arrow = tokens_per_s(engine, [arrow] * 16, repeats)
+    rate_prompt = tokens_per_s(engine, [ArrowSpec("skills", 4, 1.0, "prompt")] * 16, repeats)
     rate_one = tokens_per_s(engine, [TRAIN_TASKS[0]] * 16, repeats)
     rate_mixed = tokens_per_s(engine, TRAIN_TASKS[:16], repeats)
-    return {"tokens_per_s": {"arrow_skills_top4": round(rate_arrow, 1), "one_routed_task_merged": round(rate_one, 1),
-                             "16_routed_tasks_rows": round(rate_mixed, 1)},
+    rates = {"arrow_skills_top4": rate_arrow, "arrow_skills_top4_prompt": rate_prompt,
+             "one_routed_task_merged": rate_one, "16_routed_tasks_rows": rate_mixed}
+    return {"tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
             "zero_shot_tokens_per_s_vs_routed": round(rate_arrow / rate_one, 3),
+            "zero_shot_tokens_per_s_vs_routed_prompt": round(rate_prompt / rate_one, 3),
             "zero_shot_tokens_per_s_vs_16_routed_tasks": round(rate_arrow / rate_mixed, 3)}
 
 
 def _variant(text: str) -> ArrowSpec:
-    over, top_k, temperature = text.split(":")
-    return ArrowSpec(over, None if top_k == "all" else int(top_k), float(temperature))
+    over, top_k, temperature, *granularity = text.split(":")
+    return ArrowSpec(over, None if top_k == "all" else int(top_k), float(temperature), *granularity)
 
 
 def main() -> None:
@@ -162,8 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--speed-only", action="store_true", help="only the tokens/s rows")
-    parser.add_argument("--variant", action="append", default=[], metavar="OVER:TOP_K:TEMPERATURE",
-                        help="measure these variants instead (top_k 'all' for all), e.g. tasks:all:100")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVER:TOP_K:TEMPERATURE[:GRANULARITY]",
+                        help="measure these variants instead (top_k 'all' for all), e.g. tasks:all:100:prompt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_heldout, n_train = (10, 10) if args.quick else (args.n_heldout, args.n_train)

@@ -31,6 +31,9 @@ class ArrowRoute(StrictModel):
     top_k: int | None = Field(4, description="≥ 1 and at most the library's size: each token keeps its top_k "
                               "experts (null: all)")
     temperature: float = Field(1.0, description="> 0: softmax(|x·prototype| / temperature) over the kept experts")
+    granularity: str = Field("token", description="token: every token is routed, per layer; prompt: each layer's "
+                             "mix is fixed once per request from the prompt's tokens (their mean |x·prototype|) and "
+                             "applied to every token, prompt and generated", examples=["token", "prompt"])
 
 
 TaskOrMix = TaskName | MixSpec | ArrowRoute
@@ -148,7 +151,8 @@ class TaskOut(BaseModel):
     row: int | None = None
     created: float | None = None
     mix: dict[str, float] | None = Field(None, description="a composed task's recipe: its tasks and weights")
-    route: dict[str, object] | None = Field(None, description="a named Arrow task's route: over, top_k, temperature")
+    route: dict[str, object] | None = Field(None, description="a named Arrow task's route: over, top_k, temperature, "
+                                             "granularity")
     reason: str | None = Field(None, description="a broken task's: its file and what is wrong with it")
 
     @classmethod
@@ -266,6 +270,8 @@ class LayerRouting(BaseModel):
 
 class ExplainResponse(BaseModel):
     task: str = Field(description="the route's canonical name")
+    granularity: str = Field("token", description="token: weights averaged over the input's tokens; prompt: the "
+                             "fixed mix each layer applies to every token of a request with this input")
     experts: list[str] = Field(description="the library: skill-0 … or the task names")
     average: dict[str, float] = Field(description="each expert's weight averaged over the tokens, then the layers")
     layers: list[LayerRouting] = Field(description="per layer that reads the input: its top experts, each weight "

@@ -87,10 +87,10 @@ class ArrowRows:
 
 def routing_weights(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
     """x (..., d_in), P (J, d_in) -> w (..., J): softmax of the top_k |x·p_j| / temperature, others 0."""
-    return _top_k_softmax(x @ prototypes.T / temperature, top_k)
+    return top_k_softmax(x @ prototypes.T / temperature, top_k)
 
 
-def _top_k_softmax(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+def top_k_softmax(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """x·p_j / T (..., J) -> w (..., J)."""
     logits = logits.abs()
     if top_k >= logits.shape[-1]:
@@ -102,7 +102,7 @@ def _top_k_softmax(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 def weighted_low_rank(x: torch.Tensor, weights: ArrowWeights, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., d_in) -> (w_j (x A_j) side by side (..., J*r),  w (..., J)); @ B_cat gives Σ_j w_j (x A_j) B_j."""
     both = x @ weights.fused  # (..., J + J*r): x·p_j / T and x A_j in one matmul
-    w = _top_k_softmax(both[..., : weights.experts], top_k)  # (..., J)
+    w = top_k_softmax(both[..., : weights.experts], top_k)  # (..., J)
     low = both[..., weights.experts:].unflatten(-1, (weights.experts, weights.rank)) * w[..., None]  # (..., J, r)
     return low.flatten(-2), w
 

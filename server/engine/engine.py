@@ -22,7 +22,7 @@ import torch
 from adapter_store import AdapterCache, AdapterKey, AdapterStore, TaskAdapter, TaskRef, check_model
 from adapter_store.arrow import ArrowLibraries, ArrowSpec
 
-from . import arrow_rows
+from . import arrow_prompt, arrow_rows
 from .adapter_slots import AdapterSlots
 from .arrow_rows import ArrowAdapter, ArrowKey
 from .block_manager import BlockManager
@@ -96,6 +96,7 @@ class Engine:
                              merge_single_task=self.merge_single_task,
                              decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None,
                              prefill_chunk=prefill_chunk)
+        batch.route_prompts = lambda rows: arrow_prompt.route_rows(self.loaded, self.slots, rows)
         self.loop = Scheduler(batch, Policy(max_rows=max_batch_size),
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
                               make_rows=RowMaker(loaded.tokenizer, self.eos_ids, max_batch_size))
@@ -203,10 +204,16 @@ class Engine:
 
     def explain_many(self, spec: ArrowSpec, texts: Sequence[str]) -> list[RouteExplanation]:
         """`explain` for each text: one prefill each, between the loop's iterations (the running batch's layers are
-        re-pointed after)."""
+        re-pointed after). A route fixed once per request: each layer's fixed mix, from one routing pass."""
         adapter = self.arrow_adapter(spec)
         prompts = [self.token_ids(text) for text in texts]
         m = self.loaded
+
+        def once() -> list[RouteExplanation]:
+            routes = arrow_prompt.route_prompts(m, self.slots, adapter, prompts)
+            return [RouteExplanation(adapter.library.experts,
+                                     {name: adapter.experts_weights(w) for name, w in route.layers.items()},
+                                     adapter.experts_weights(route.average())) for route in routes]
 
         def one(ids: list[int]) -> RouteExplanation:
             input_ids = torch.tensor([ids], dtype=torch.long, device=m.device)
@@ -216,10 +223,12 @@ class Engine:
             with self.slots.activate([None]):
                 arrow_rows.attach(self.slots, [adapter], recorder=recorder)
                 with torch.inference_mode():
-                    _prompt_forward(m, input_ids, mask)
+                    arrow_prompt.prompt_forward(m, input_ids, mask)
             layers = {name: adapter.experts_weights(rows[0]) for name, rows in recorder.per_layer.items()}
             return RouteExplanation(adapter.library.experts, layers, adapter.experts_weights(recorder.average(0)))
 
+        if spec.granularity == "prompt":
+            return self.loop.call(once)
         return self.loop.call(lambda: [one(ids) for ids in prompts])
 
     def forget_task(self, name: str) -> int:
@@ -245,7 +254,9 @@ class Engine:
 
     def _score_chunk(self, pairs: list[tuple]) -> list[tuple[float, int]]:
         """One /score forward on the loop thread: [(text, choice, adapter, key)] -> [(log-likelihood, tokens)];
-        one adapter runs merged where the running batch is empty (it would re-point the layers anyway)."""
+        one adapter runs merged where the running batch is empty (it would re-point the layers anyway). A route fixed
+        once per request is fixed from each pair's text."""
+        pairs = arrow_prompt.route_pairs(self.loaded, self.slots, pairs, self.token_ids)
         adapters = [adapter for _, _, adapter, _ in pairs]
         single = len({id(a) for a in adapters}) == 1
         arrow = arrow_rows.has_arrow(adapters)
@@ -344,17 +355,6 @@ class RouteExplanation:
 
 def _mentions(key: AdapterKey, name: str) -> bool:
     return key.task == name or any(_mentions(member, name) for member, _ in key.members)
-
-
-def _prompt_forward(m: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """A plain forward over prompts (M, Q), outside the serving loop's KV pool: T5 runs its encoder and one decoder
-    step from the start token."""
-    if not m.is_seq2seq:
-        m.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
-        return
-    start = torch.full((input_ids.shape[0], 1), m.model.config.decoder_start_token_id, dtype=torch.long,
-                       device=input_ids.device)
-    m.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start)
 
 
 def _weights_bytes(loaded: LoadedModel) -> int:

@@ -15,6 +15,7 @@ tokens they had are computed again (a beam search starts over) — they are answ
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +39,8 @@ class RunningBatch:
         prompt longer than this is prefilled this many tokens per iteration, so the running rows keep decoding
         between its chunks (None: at once)."""
         self.kv = kv
+        self.route_prompts: Callable[[list[Row]], None] | None = None  # rows routed once from their prompt get their
+        # fixed adapter before their prefill (Engine: arrow_prompt.route_rows)
         self.slots = slots
         self.eos_ids = eos_ids
         self.merge_single_task = merge_single_task
@@ -68,6 +71,8 @@ class RunningBatch:
         same input) are prefilled in a forward of their own, after the others, with no encoder."""
         for row in joining:
             row.admitted = next(self._admitted)
+        if self.route_prompts is not None:
+            self.route_prompts(joining)
         joining = self._defer_long_prompts(joining)
         if not joining:
             return []

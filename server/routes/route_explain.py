@@ -23,7 +23,8 @@ async def explain(body: ExplainRequest, engine: EngineDep, settings: SettingsDep
     metrics.count_task("arrow")
     found = await asyncio.to_thread(engine.explain, spec, body.input)
     layers = [LayerRouting(layer=name, top=_top(weights, body.top)) for name, weights in found.layers.items()]
-    return ExplainResponse(task=spec.name, experts=list(found.experts), average=found.average, layers=layers)
+    return ExplainResponse(task=spec.name, granularity=spec.granularity, experts=list(found.experts),
+                           average=found.average, layers=layers)
 
 
 def _top(weights: dict[str, float], n: int) -> list[ExpertWeight]:

@@ -54,10 +54,10 @@ def served(engine: Engine, metrics: Metrics, settings: Settings, task: str | Mix
 
 
 def arrow_spec(engine: Engine, route: ArrowRoute, field: str = "task") -> ArrowSpec:
-    """The route as the engine takes it; 422 naming the field for a bad over / top_k / temperature, or a top_k
-    over the library's size."""
+    """The route as the engine takes it; 422 naming the field for a bad over / top_k / temperature / granularity, or
+    a top_k over the library's size."""
     try:
-        spec = ArrowSpec(route.over, route.top_k, route.temperature)
+        spec = ArrowSpec(route.over, route.top_k, route.temperature, route.granularity)
         engine.check_arrow(spec)
     except ArrowError as exc:
         raise invalid(f"{field}.{exc.field}" if field else exc.field, str(exc)) from None

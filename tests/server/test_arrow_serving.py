@@ -189,7 +189,7 @@ def test_named_arrow_tasks(tmp_path):
     with TestClient(create_app(bundle_settings(tmp_path))) as client:
         made = client.post("/tasks", json={"name": "zero-shot", "route": route})
         assert made.status_code == 201, made.text
-        assert made.json()["route"] == {"over": "skills", "top_k": 2, "temperature": 0.5}
+        assert made.json()["route"] == {"over": "skills", "top_k": 2, "temperature": 0.5, "granularity": "token"}
         assert made.json()["version"] == 1 and made.json()["method"] == "arrow"
         listed = {t["name"]: t for t in client.get("/tasks").json()["tasks"]}
         assert listed["zero-shot"]["route"]["top_k"] == 2
@@ -213,7 +213,8 @@ def test_named_arrow_tasks(tmp_path):
         assert scored["version"] == 2 and scored["routing"] is not None
     store = AdapterStore.open(tmp_path / "inventory")  # read back from disk by a new store
     info = store.task("zero-shot")
-    assert info.version == 2 and dict(info.route) == {"over": "skills", "top_k": 1, "temperature": 0.5}
+    assert info.version == 2 and dict(info.route) == {"over": "skills", "top_k": 1, "temperature": 0.5,
+                                                      "granularity": "token"}
     with TestClient(create_app(bundle_settings(tmp_path))) as client:
         assert client.delete("/tasks/zero-shot").status_code == 200
         assert client.post("/generate", json={"task": "zero-shot", "inputs": "x"}).status_code == 404
