@@ -139,6 +139,15 @@ class BlockManager:
         self.prefix_hits += len(found)
         return found
 
+    def cached_count(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of these hashes are cached (taking none)."""
+        if not self.prefix_cache:
+            return 0
+        count = 0
+        while count < len(hashes) and hashes[count] in self._by_hash:
+            count += 1
+        return count
+
     def cached_all(self, hashes: Sequence[int]) -> list[int]:
         """Every block of these hashes, now held by the caller — or none ([]) if one is missing (a T5 encoder
         output: all of it or nothing)."""

@@ -36,6 +36,7 @@ class RowKV:
     length: int = 0  # positions written
     cross: list[int] = field(default_factory=list)  # T5: the encoder output's blocks (cross-attention keys)
     cross_length: int = 0
+    from_cache: int = 0  # leading positions the prefix cache gave at placement
 
 
 class PagedKV:
@@ -108,8 +109,26 @@ class PagedKV:
             self.blocks.release(hits)
             raise MemoryError("the KV pool has too few free blocks for this row")  # the policy admits within them
         kv.table += fresh
-        kv.length = len(hits) * self.size  # what the prefix cache gave; the rest is computed
+        kv.length = kv.from_cache = len(hits) * self.size  # what the prefix cache gave; the rest is computed
         return kv.length
+
+    def uncached_first_block(self, row, sequence: list[int]) -> int | None:
+        """The prefix hash of the sequence's first block, where it is full (and more follows) and not cached."""
+        if len(sequence) <= self.size or not self.blocks.prefix_cache:
+            return None
+        first = self._hashes(row, sequence[: self.size])[0]
+        return None if self.blocks.cached_count([first]) else first
+
+    def place_again(self, row, sequence: list[int]) -> None:
+        """A placed row that has computed nothing yet takes the prefix blocks cached since it was placed (rows of a
+        shared prompt admitted together: each prefills after the one before has registered its blocks)."""
+        kv = row.kv
+        if kv.length != kv.from_cache:
+            return
+        hashes = self._hashes(row, sequence)[: (len(sequence) - 1) // self.size]
+        if self.blocks.cached_count(hashes) * self.size > kv.from_cache:
+            self.release(row)
+            self.place(row, sequence)
 
     def _hashes(self, row, sequence: list[int]) -> list[int]:
         """The prefix hashes of the sequence's full blocks (chained: each names all tokens before it)."""

@@ -123,8 +123,18 @@ class RunningBatch:
         return logits
 
     def _defer_long_prompts(self, joining: list[Row]) -> list[Row]:
-        """Rows whose prompts are prefilled in chunks get their blocks now and wait in `prefilling`; the others."""
-        long = [row for row in joining if self._chunked(row)]
+        """Rows whose prompts are prefilled in chunks, and rows whose first prompt block repeats an earlier joining
+        row's while the prefix cache does not hold it yet (they prefill after that row, from its blocks: a system
+        prompt shared by requests that arrive together is computed once), get their blocks now and wait in
+        `prefilling`; return the others."""
+        first_blocks: set[int] = set()
+        long = []
+        for row in joining:
+            first = self._first_block(row)
+            if self._chunked(row) or first in first_blocks:
+                long.append(row)
+            elif first is not None:
+                first_blocks.add(first)
         try:
             for row in long:
                 self.kv.place(row, self._prefill_tokens(row)[0])
@@ -135,9 +145,17 @@ class RunningBatch:
         self.prefilling += long
         return [row for row in joining if row not in long]
 
+    def _prefilled_alone(self, row: Row) -> bool:
+        """May this row prefill in `prefilling` (a forward of its own, its adapter alone)?"""
+        return self.decoder_start is None and isinstance(row, ActiveRow) and not arrow_rows.is_arrow(row.adapter)
+
     def _chunked(self, row: Row) -> bool:
-        return (self.prefill_chunk is not None and self.decoder_start is None and isinstance(row, ActiveRow)
-                and not arrow_rows.is_arrow(row.adapter) and len(self._prefill_tokens(row)[0]) > self.prefill_chunk)
+        return (self.prefill_chunk is not None and self._prefilled_alone(row)
+                and len(self._prefill_tokens(row)[0]) > self.prefill_chunk)
+
+    def _first_block(self, row: Row) -> int | None:
+        """The hash of the row's first prompt block where it is full and not cached (else None)."""
+        return self.kv.uncached_first_block(row, self._prefill_tokens(row)[0]) if self._prefilled_alone(row) else None
 
     def advance_prefill(self) -> list[Row]:
         """The next chunk of the oldest long prompt, in a forward of its own with its adapter alone (the running
@@ -147,6 +165,7 @@ class RunningBatch:
             return []
         row = self.prefilling[0]
         sequence = self._prefill_tokens(row)[0]
+        self.kv.place_again(row, sequence)  # a prompt shared with a row prefilled before it: that row's blocks
         with self.slots.activate([row.adapter], key=row.key):
             logits = self.kv.prefill([row], [sequence], limit=self.prefill_chunk)
         if row.kv.length < len(sequence):
