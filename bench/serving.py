@@ -211,12 +211,12 @@ def main() -> None:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the engines and the HTTP servers)")
-    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                        help="the static-shaped step captured as CUDA graphs (auto: as served, on with CUDA)")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"], default="off",
+                        help="the static-shaped step captured as CUDA graphs (MHR_CUDA_GRAPHS; CUDA only)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and args.device.startswith("cuda"))
+    graphs = args.cuda_graphs == "on"
     args.static_step = "cuda-graphs" if graphs else None
     os.environ["MHR_CUDA_GRAPHS"] = "true" if graphs else "false"  # the HTTP servers' too
     args.reps = 3 if args.quick else 11
