@@ -158,21 +158,38 @@ class RunningBatch:
         return self.kv.uncached_first_block(row, self._prefill_tokens(row)[0]) if self._prefilled_alone(row) else None
 
     def advance_prefill(self) -> list[Row]:
-        """The next chunk of the oldest long prompt, in a forward of its own with its adapter alone (the running
-        rows' layers are pointed again at their next step). A row whose prompt is complete joins the running rows;
-        return the rows that ended at their first token."""
+        """The next chunk of the oldest waiting prompt, and with it the prompts behind it whose remaining tokens fit
+        the same chunk (those a shared prefix left short), in a forward of their own, each row with its own adapter
+        (the running rows' layers are pointed again at their next step). Rows whose prompts are complete join the
+        running rows; return the rows that ended at their first token."""
         if not self.prefilling:
             return []
-        row = self.prefilling[0]
-        sequence = self._prefill_tokens(row)[0]
-        self.kv.place_again(row, sequence)  # a prompt shared with a row prefilled before it: that row's blocks
-        with self.slots.activate([row.adapter], key=row.key):
-            logits = self.kv.prefill([row], [sequence], limit=self.prefill_chunk)
-        if row.kv.length < len(sequence):
+        taking, sequences = self._next_prefills()
+        with self.slots.activate([row.adapter for row in taking], key=taking[0].key):
+            logits = self.kv.prefill(taking, sequences, limit=self.prefill_chunk)
+        done = [i for i, (row, seq) in enumerate(zip(taking, sequences, strict=True)) if row.kv.length == len(seq)]
+        if not done:
             return []
-        self.prefilling.pop(0)
-        self.rows.append(row)
-        return self._take([row], logits, offset=len(self.rows) - 1)
+        joining = [taking[i] for i in done]
+        ids = {id(row) for row in joining}
+        self.prefilling = [row for row in self.prefilling if id(row) not in ids]
+        self.rows.extend(joining)
+        return self._take(joining, logits[done], offset=len(self.rows) - len(joining))
+
+    def _next_prefills(self) -> tuple[list[Row], list[list[int]]]:
+        """The oldest prompt, then those after it while their tokens still to compute (after taking what the prefix
+        cache holds by now) fit one chunk together."""
+        budget = self.prefill_chunk or sum(len(self._prefill_tokens(row)[0]) for row in self.prefilling)
+        taking, sequences, spent = [], [], 0
+        for row in self.prefilling:
+            sequence = self._prefill_tokens(row)[0]
+            self.kv.place_again(row, sequence)  # a prompt shared with a row prefilled before it: that row's blocks
+            spent += len(sequence) - row.kv.length
+            if taking and spent > budget:
+                break
+            taking.append(row)
+            sequences.append(sequence)
+        return taking, sequences
 
     def step(self) -> list[Row]:
         """One decoding step for every row; return the rows that ended (`preempted` says who had to leave)."""

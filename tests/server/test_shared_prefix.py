@@ -43,3 +43,23 @@ def test_rows_of_other_tasks_do_not_wait_for_each_other(llama):
     assert [c.text for c in engine.generate(rows)] == [c.text for c in uncached.generate(rows)]
     assert engine.loop.batch.kv.blocks.prefix_hits == 0 and not engine.loop.batch.prefilling
     engine.close()
+
+
+def test_rows_that_followed_a_shared_prefix_prefill_together(llama, monkeypatch):
+    """Once the first row's blocks are cached, the rows behind it have a few tokens each left: one forward for all."""
+    from server.engine.paged_kv import PagedKV
+
+    folder, uncached = llama
+    engine = engine_for(folder, prefill_chunk=64)
+    sizes = []
+    real = PagedKV.prefill
+
+    def counting(self, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        return real(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(PagedKV, "prefill", counting)
+    rows = [GenerateRow("task-0", PREFIX + suffix, PARAMS) for suffix in ("one", "two", "three", "four", "five")]
+    assert [c.text for c in engine.generate(rows)] == [c.text for c in uncached.generate(rows)]
+    assert sizes[:3] == [1, 1, 4]  # the first row (its prompt in two chunks of up to 64), then the other four
+    engine.close()
