@@ -127,14 +127,7 @@ class BlockManager:
     # ---- the prefix cache ----------------------------------------------------------------------------
     def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
         """The longest run of leading blocks already cached under these hashes, now held by the caller."""
-        if not self.prefix_cache:
-            return []
-        found = []
-        for digest in hashes:
-            block = self._by_hash.get(digest)
-            if block is None:
-                break
-            found.append(block)
+        found = [self._by_hash[digest] for digest in hashes[: self.cached_count(hashes)]]
         self.share(found)
         self.prefix_hits += len(found)
         return found

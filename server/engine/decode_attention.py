@@ -96,19 +96,27 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
 
 def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias) -> torch.Tensor:
     """query (n, Hq, d) -> (n, Hq, d) over the group's padded slots."""
-    count, heads_q, dim = query.shape
+    count, _, dim = query.shape
     flat = group.slots.view(-1)
-    keys = pool.keys[layer].index_select(1, flat)  # (Hkv, n·L, d)
-    heads_kv = keys.shape[0]
-    keys = keys.view(heads_kv, count, group.width, dim).to(query.dtype)  # (Hkv, n, L, d)
-    values = pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim).to(query.dtype)
-    grouped_q = query.view(count, heads_kv, -1, dim).transpose(0, 1)  # (Hkv, n, g, d)
+    heads_kv = pool.keys[layer].shape[0]
+    keys = pool.keys[layer].index_select(1, flat).view(heads_kv, count, group.width, dim)  # (Hkv, n, L, d)
+    values = pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim)
+    return _over_gathered(query, keys, values, group.distance, bias, masked=group.padded)
+
+
+def _over_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, distance: torch.Tensor, bias,
+                   *, masked: bool) -> torch.Tensor:
+    """Attention of each row's query over its gathered keys: query (n, Hq, d); keys, values (Hkv, n, L, d);
+    distance (n, L) from the row's query back to each key, < 0 for padding (masked where `masked`) -> (n, Hq, d)."""
+    count, heads_q, dim = query.shape
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
+    grouped_q = query.view(count, keys.shape[0], -1, dim).transpose(0, 1)  # (Hkv, n, g, d)
     scores = torch.matmul(grouped_q, keys.transpose(-1, -2))  # (Hkv, n, g, L)
     if bias is not None:  # T5: (H, D) by distance -> (H, n, 1, L); its heads are not grouped (g = 1)
-        table = bias.by_distance(group.width)
-        scores = scores + table[:, group.distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
-    if group.padded:
-        scores = scores.masked_fill((group.distance < 0)[None, :, None, :], float("-inf"))
+        table = bias.by_distance(keys.shape[2])
+        scores = scores + table[:, distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
+    if masked:
+        scores = scores.masked_fill((distance < 0)[None, :, None, :], float("-inf"))
     weights = _softmax(scores).to(values.dtype)
     return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (n, Hq, d)
 
@@ -144,18 +152,12 @@ def static_tables(pool: KVPool, layer: int, query: torch.Tensor, tables: torch.T
     masked: shapes depend on (B, W) only and nothing is read back to the host, so the step can be captured. The
     pool must hold finite values in every block (KVPool(zeroed=True)): masked positions weigh 0, and 0 · NaN is not
     0."""
-    count, heads_q, dim = query.shape
+    count, _, dim = query.shape
     width = tables.shape[1] * pool.block_size
     heads_kv = pool.keys[layer].shape[0]
     flat = tables.reshape(-1)
     keys = pool.keys[layer].view(heads_kv, -1, pool.block_size, dim).index_select(1, flat)  # (Hkv, B·W, S, d)
     values = pool.values[layer].view(heads_kv, -1, pool.block_size, dim).index_select(1, flat)
-    keys = keys.view(heads_kv, count, width, dim).to(query.dtype)  # (Hkv, B, L, d)
-    values = values.view(heads_kv, count, width, dim).to(query.dtype)
-    scores = torch.matmul(query.view(count, heads_kv, -1, dim).transpose(0, 1), keys.transpose(-1, -2))  # (Hkv,B,g,L)
     distance = lengths[:, None] - 1 - torch.arange(width, device=lengths.device)[None, :]  # (B, L)
-    if bias is not None:  # T5: (H, D) by distance -> (H, B, 1, L); its heads are not grouped (g = 1)
-        scores = scores + bias.by_distance(width)[:, distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
-    scores = scores.masked_fill((distance < 0)[None, :, None, :], float("-inf"))
-    weights = _softmax(scores).to(values.dtype)
-    return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (B, Hq, d)
+    return _over_gathered(query, keys.view(heads_kv, count, width, dim), values.view(heads_kv, count, width, dim),
+                          distance, bias, masked=True)

@@ -145,6 +145,11 @@ def install(model, is_seq2seq: bool) -> None:
         _T5Bias.attach(model)
 
 
+def relative_bias(model) -> _T5Bias:
+    """The T5 decoder's relative-bias table that install() attached (one, shared by every decoder layer)."""
+    return model.get_decoder().block[0].layer[0].SelfAttention._mhr_bias
+
+
 def _implementation(module, name: str):
     """The attention function the module would use without us (its own eager one for "eager")."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

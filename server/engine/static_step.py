@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from .decoder_forward import decoder_forward
-from .kv_pool import SCRATCH_BLOCK, KVPool
-from .paged_attention import STATIC_KWARG
+from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
+from .paged_attention import STATIC_KWARG, relative_bias
 
 log = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -70,7 +70,7 @@ def static_inputs(pool: KVPool, rows: list, tokens: list[int], pad_id: int, devi
     lengths = [r.kv.length for r in rows]
     ids = tokens + [pad_id] * (count - len(rows))
     positions = lengths + [0] * (count - len(rows))
-    slots = [r.kv.table[n // size] * size + n % size for r, n in zip(rows, lengths, strict=True)]
+    slots = [slots_of(r.kv.table, range(n, n + 1), size)[0] for r, n in zip(rows, lengths, strict=True)]
     slots += [SCRATCH_BLOCK * size] * (count - len(rows))
     tables, new_lengths = _padded([r.kv.table for r in rows], [n + 1 for n in lengths], count)
     out = StaticInputs(pool, _col(ids, device), _col(positions, device), _col(slots, device), tables.to(device),
@@ -79,14 +79,6 @@ def static_inputs(pool: KVPool, rows: list, tokens: list[int], pad_id: int, devi
         cross, cross_lengths = _padded([r.kv.cross for r in rows], [r.kv.cross_length for r in rows], count)
         out.cross_tables, out.cross_lengths = cross.to(device), cross_lengths.to(device)
     return out
-
-
-def _bias_for_every_width(model, seq2seq: bool, pool: KVPool) -> None:
-    """T5's relative-bias table computed once for the widest step (twice the pool's slots: tables are padded to a
-    power of two of blocks), so that it is never recomputed — a captured graph reads it where it is."""
-    if seq2seq:
-        bias = model.get_decoder().block[0].layer[0].SelfAttention._mhr_bias
-        bias.by_distance(2 * pool.blocks * pool.block_size)
 
 
 def _col(values: list[int], device: torch.device) -> torch.Tensor:
@@ -115,7 +107,8 @@ class StaticDecode:
         self.mode = mode
         self.layout = layout
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-        _bias_for_every_width(model, seq2seq, pool)
+        if seq2seq:  # computed once for the widest step (tables padded to a power of two of blocks), never again:
+            relative_bias(model).by_distance(2 * pool.blocks * pool.block_size)  # a captured graph reads it in place
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StaticInputs, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if mode == "cuda-graphs" else None
         self.captures = 0
