@@ -8,6 +8,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
 
 from server.app import create_app
 from server.settings import Settings
@@ -25,6 +26,12 @@ def bundle_settings(folder, **overrides) -> Settings:
     values = dict(model=folder / "model", inventory=folder / "inventory", device="cpu", max_input_tokens=64,
                   max_new_tokens=16, default_max_new_tokens=8, max_batch_wait_ms=20)
     return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="package")
+def tokenizer(t5_bundle):
+    """The T5 bundle's tokenizer, as the server loads it."""
+    return AutoTokenizer.from_pretrained(t5_bundle / "model")
 
 
 @pytest.fixture(scope="package")

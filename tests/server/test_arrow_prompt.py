@@ -80,11 +80,6 @@ def prompt_client(t5_bundle):
         yield test_client
 
 
-@pytest.fixture(scope="module")
-def tokenizer(t5_bundle):
-    return AutoTokenizer.from_pretrained(t5_bundle / "model")
-
-
 @pytest.mark.parametrize("over", ["skills", "tasks"])
 def test_generate_equals_the_dense_reference(prompt_client, t5_bundle, tokenizer, over):
     store = AdapterStore.open(t5_bundle / "inventory")

@@ -59,11 +59,6 @@ def arrow_client(t5_bundle):
         yield test_client
 
 
-@pytest.fixture(scope="module")
-def tokenizer(t5_bundle):
-    return AutoTokenizer.from_pretrained(t5_bundle / "model")
-
-
 @pytest.mark.parametrize("over", ["skills", "tasks"])
 def test_generate_equals_the_reference_model(arrow_client, t5_bundle, tokenizer, over):
     store = AdapterStore.open(t5_bundle / "inventory")
