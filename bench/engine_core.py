@@ -11,7 +11,8 @@ costs over the model's own forward. Prints one JSON object.
                                    compute ≈ 0): ours / a bare forward of the same model with a StaticCache
                                    (step_overhead_base_vs_bare: the same with 16 `__base__` rows, no adapter)
     preempted_requests_failed      32 requests of 64 tokens into a pool of 20 blocks: failures (and preemptions)
-Run alone on the machine: `.venv/bin/python bench/engine_core.py` (`--quick`: fewer repetitions).
+Run alone on the machine: `.venv/bin/python bench/engine_core.py` (`--quick`: fewer repetitions). On a GPU
+(bench/gpu.sh): `--device cuda --only step --static-step cuda-graphs` times the step with each bucket captured.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from server.engine import (  # noqa: E402
 )
 from tests.factories import make_inventory, printable_only, save_bundle  # noqa: E402
 
+DEVICE = "cpu"  # --device
+STATIC_STEP: str | None = None  # --static-step: the engines' decoding step (None: paged)
+
 
 def engine_for(folder: Path, **options) -> Engine:
-    return Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
-                  AdapterCache(10**9), **options)
+    loaded = load_model(folder / "model", device=DEVICE)
+    return Engine(loaded, AdapterStore.open(folder / "inventory"), AdapterCache(10**9, loaded.device, loaded.dtype),
+                  static_step=STATIC_STEP, **options)
 
 
 def padding_share(folder: Path, rows: int) -> dict:
@@ -113,15 +118,17 @@ def step_overhead(folder: Path, reps: int) -> dict:
 
     ours = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
     ours_base = _our_step(folder, reps, ["__base__"] * 16)
-    model = load_model(folder / "model", device="cpu").model  # the plain transformers model, no wrapped layers
+    model = load_model(folder / "model", device=DEVICE).model  # the plain transformers model, no wrapped layers
     cache = StaticCache(config=model.config, max_cache_len=256)
-    ids = torch.zeros((16, 1), dtype=torch.long)
+    ids = torch.zeros((16, 1), dtype=torch.long, device=DEVICE)
     position = [8]
 
     def bare() -> None:
         with torch.inference_mode():
-            model(input_ids=ids, cache=cache, use_cache=True,
-                  cache_position=torch.tensor([position[0]]), position_ids=torch.full((16, 1), position[0]))
+            logits = model(input_ids=ids, cache=cache, use_cache=True,
+                           cache_position=torch.tensor([position[0]], device=DEVICE),
+                           position_ids=torch.full((16, 1), position[0], device=DEVICE)).logits
+            logits[:, -1].argmax(-1).tolist()  # the host reads the step's tokens, as the serving loop does
         position[0] += 1
         if position[0] >= 200:  # the static cache is full: start it over (a median ignores this step)
             with torch.inference_mode():
@@ -194,10 +201,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda")
+    parser.add_argument("--static-step", choices=["eager", "cuda-graphs"], help="the static-shaped decoding step "
+                        "(default: the paged step)")
+    parser.add_argument("--only", choices=["step"], help="only step_overhead_vs_bare")
     args = parser.parse_args()
+    global DEVICE, STATIC_STEP
+    DEVICE, STATIC_STEP = args.device, args.static_step
     torch.set_num_threads(args.threads)
-    out: dict = {"threads": args.threads}
+    out: dict = {"threads": args.threads, "device": args.device, "static_step": args.static_step}
+    if args.device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "step":
+            out.update(step_overhead(tiny_llama_bundle(Path(tmp) / "llama-tiny", 64, 2, 4), 50 if args.quick else 300))
+            print(json.dumps(out, indent=1))
+            return
         t5 = Path(tmp) / "t5"
         save_bundle(t5, "t5", sharp=False, printable=True)
         out.update(padding_share(t5, 32 if args.quick else 64))
