@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +47,12 @@ def eos_token_ids(model) -> frozenset[int]:
     return frozenset(eos) if isinstance(eos, list) else frozenset([eos])
 
 
+# transformers ≥ 5 swaps layers for kernels fetched from the Hub by default (and fails on CUDA without the `kernels`
+# package): never here. The loop replaces the attention and wraps the linear layers itself, a captured step must not
+# change under it, and nothing is downloaded at run time.
+NO_HUB_KERNELS = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def load_model(folder: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -56,7 +62,7 @@ def load_model(folder: str | Path, device: str = "auto", dtype: str = "auto") ->
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, local_files_only=True, dtype=torch_dtype).to(target).eval()
+    model = auto.from_pretrained(folder, local_files_only=True, dtype=torch_dtype, **NO_HUB_KERNELS).to(target).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not is_seq2seq:
