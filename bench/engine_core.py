@@ -151,6 +151,8 @@ def _our_step(folder: Path, reps: int, tasks: list[str]) -> float:
     while len(batch) < len(rows):
         time.sleep(0.001)
     seconds = engine.loop.call(lambda: _time_steps(batch.step, reps))
+    if job.future.done() or len(batch) < len(rows):  # a failed step leaves an empty batch, timed at ~0
+        raise RuntimeError(f"the rows did not stay in the batch: {job.future.exception() if job.future.done() else ''}")
     job.cancel()
     engine.close()
     return seconds

@@ -53,7 +53,7 @@ class BeamGroup:
 
     def advance(self, logits: torch.Tensor) -> BeamStep:
         """logits (k, V) of the group's rows in beam order -> the next step's parents and tokens (set on the rows)."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (k, V)
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (k, V): the search keeps its books on the host
         if self.eos_ids and (self.params.ignore_eos or self.search.generated < self.params.min_new_tokens):
             log_probs[:, sorted(self.eos_ids)] = -float("inf")  # as generate's min-new-tokens processor
         step = self.search.step(log_probs)

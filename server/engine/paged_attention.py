@@ -180,7 +180,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         keys, values = _row_keys(step.pool, module.layer_idx, row_runs, query.dtype)  # (Hkv, L, d)
         count = width if cross else step.queries[row]
         q = query[row, :, width - count:]  # (Hq, q, d)
-        mask = _mask(bias, count, keys.shape[1], q.dtype, causal=not cross)
+        mask = _mask(bias, count, keys.shape[1], q.dtype, q.device, causal=not cross)
         outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True))
     padded = query.new_zeros(query.shape)  # rows with fewer real queries: their padded positions stay 0
     for row, out in enumerate(outs):
@@ -222,14 +222,15 @@ def _static_decode(module, query: torch.Tensor, static, scale: float | None) -> 
     return out.view(count, 1, heads_q, dim)
 
 
-def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, *, causal: bool) -> torch.Tensor | None:
+def _mask(bias: _T5Bias | None, queries: int, keys: int, dtype: torch.dtype, device: torch.device, *, causal: bool
+          ) -> torch.Tensor | None:
     """(H|1, q, L): T5's relative bias by distance, and -inf above the causal diagonal (query i at L - q + i)."""
     if bias is not None:
         return bias.last_query(keys, dtype) if queries == 1 else bias.for_rows(queries, keys, dtype)
     if not causal or queries == 1:
         return None
-    positions = torch.arange(keys)[None, :]  # (1, L)
-    last_seen = torch.arange(keys - queries, keys)[:, None]  # (q, 1)
+    positions = torch.arange(keys, device=device)[None, :]  # (1, L)
+    last_seen = torch.arange(keys - queries, keys, device=device)[:, None]  # (q, 1)
     return (positions <= last_seen)[None]  # (1, q, L) bool
 
 
@@ -268,7 +269,8 @@ class _T5Bias:
     def for_rows(self, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
         """(H, q, L): query i (at position L - q + i) over keys 0..L-1, -inf for keys after it."""
         table = self.by_distance(keys)
-        distance = (torch.arange(keys - queries, keys)[:, None] - torch.arange(keys)[None, :])  # (q, L)
+        positions = torch.arange(keys, device=table.device)
+        distance = positions[keys - queries:, None] - positions[None, :]  # (q, L)
         bias = table[:, distance.clamp(min=0)]  # (H, q, L)
         return bias.masked_fill(distance[None] < 0, float("-inf")).to(dtype)
 
