@@ -38,7 +38,8 @@ def build_engine(settings: Settings) -> Engine:
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
                     memory_limit_bytes=settings.memory_limit_bytes, kv_block_size=settings.kv_block_size,
                     kv_cache_bytes=settings.kv_cache_bytes, prefix_cache=settings.prefix_cache,
-                    prefill_chunk=settings.prefill_chunk, static_step=_static_step(settings))
+                    prefill_chunk=settings.prefill_chunk,
+                    static_step=_static_step(settings, torch.device(loaded.device)))
     store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
              settings.inventory, len(store.tasks()), store.fingerprint, loaded.device, loaded.dtype,
@@ -46,9 +47,11 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
-def _static_step(settings: Settings) -> str | None:
-    """MHR_CUDA_GRAPHS: the static-shaped step as CUDA graphs (a CPU device is refused at start-up)."""
-    return "cuda-graphs" if settings.cuda_graphs else None
+def _static_step(settings: Settings, device: torch.device) -> str | None:
+    """MHR_CUDA_GRAPHS: the static-shaped step as CUDA graphs; unset: on CUDA, off elsewhere (true on a CPU is
+    refused at start-up)."""
+    wanted = settings.cuda_graphs if settings.cuda_graphs is not None else device.type == "cuda"
+    return "cuda-graphs" if wanted else None
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:

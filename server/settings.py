@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(True, description="a prompt whose leading blocks were computed before under the same "
                                "adapter version skips them (causal LMs); a seq2seq input encoded before under the "
                                "same adapter version skips its encoder")
-    cuda_graphs: bool = Field(False, description="decode with static shapes, each bucket of rows captured as a CUDA "
-                              "graph (needs a CUDA device); a capture that fails or whose replay differs from the "
-                              "eager step turns graphs off, logged. Off by default until it has run on a GPU")
+    cuda_graphs: bool | None = Field(None, description="decode with static shapes, each bucket of rows captured as "
+                                     "a CUDA graph (needs a CUDA device); a capture that fails or whose replay differs "
+                                     "from the eager step turns graphs off, logged. Unset: on with CUDA, off elsewhere")
     max_queue: int = Field(1024, ge=1, description="requests waiting beyond this get 503")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(64, ge=1)

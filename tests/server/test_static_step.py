@@ -98,5 +98,8 @@ def test_cuda_graphs_setting_maps_to_the_static_step():
     from server.app import _static_step
     from server.settings import Settings
 
-    assert _static_step(Settings()) is None  # off until it has run on a GPU
-    assert _static_step(Settings(cuda_graphs=True)) == "cuda-graphs"  # on a CPU: refused at start-up (test above)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _static_step(Settings(), cpu) is None
+    assert _static_step(Settings(), cuda) == "cuda-graphs"  # on by default with CUDA
+    assert _static_step(Settings(cuda_graphs=False), cuda) is None
+    assert _static_step(Settings(cuda_graphs=True), cpu) == "cuda-graphs"  # on a CPU: refused at start-up (above)
