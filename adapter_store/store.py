@@ -48,6 +48,14 @@ class AdapterStore:
         # from memory instead of re-reading the task's file
         self._logits: BytesLRU[list[torch.Tensor]] = BytesLRU(LOGITS_CACHE_BYTES)  # guarded by _logits_lock
         self._logits_lock = threading.Lock()
+        self._skills_on: dict[torch.device, Inventory] = {}  # keep_skills_on: routing on other devices
+
+    def keep_skills_on(self, device: torch.device | str) -> None:
+        """Keep a copy of the inventory's skills on `device` (inventory.skills_nbytes): adapters(..., device)
+        route there."""
+        device = torch.device(device)
+        if device not in self._skills_on:
+            self._skills_on[device] = self.inventory.skills_on(device)
 
     @classmethod
     def open(cls, folder: str | Path, adapted_dir: str | Path | None = None, *,
@@ -122,9 +130,11 @@ class AdapterStore:
         """The task's (or mix's) per-layer LoRA (float32, CPU): routed, μ, mixed, or as stored."""
         return self.adapters([ref])[0]
 
-    def adapters(self, refs: Sequence[TaskRef]) -> list[TaskAdapter]:
+    def adapters(self, refs: Sequence[TaskRef], device: torch.device | str | None = None) -> list[TaskAdapter]:
         """Several tasks' adapters. Everything in skill space (pretrained rows, z-method tasks, μ, mixes, composed
-        tasks) is routed together, reading the inventory's skills once for all of them."""
+        tasks) is routed together, reading the inventory's skills once for all of them — on `device` where
+        keep_skills_on(device) put a copy of them (the adapters routed there are on it), else on the host."""
+        inventory = self._skills_on.get(torch.device(device), self.inventory) if device is not None else self.inventory
         found: dict[TaskRef, TaskAdapter] = {}
         weighted: dict[TaskRef, list[torch.Tensor]] = {}
         for ref in dict.fromkeys(refs):
@@ -135,8 +145,10 @@ class AdapterStore:
             else:
                 weighted[ref] = self.skills.weights(ref)
         if weighted:
-            per_group = [torch.stack(w) for w in zip(*weighted.values(), strict=True)]  # [(U, L, H, K), ...]
-            found.update(zip(weighted, routing.adapters_from_weights(self.inventory, per_group), strict=True))
+            skills_device = inventory.groups[0].lora_a.device
+            per_group = [torch.stack(w).to(skills_device)  # [(U, L, H, K), ...]
+                         for w in zip(*weighted.values(), strict=True)]
+            found.update(zip(weighted, routing.adapters_from_weights(inventory, per_group), strict=True))
         return [found[ref] for ref in refs]
 
     def _zero_adapter(self) -> TaskAdapter:

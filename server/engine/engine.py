@@ -89,6 +89,8 @@ class Engine:
         self.memory = plan_memory(memory, memory_fraction, demands, _weights_bytes(loaded))
         log.info("%s", self.memory.table())
         cache.resize(self.memory.cache_bytes)
+        if self.memory.skills_on_device:
+            store.keep_skills_on(loaded.device)
         self.merge_single_task = self.memory.merge  # single-task batches on merged weights
         self.prepacked = self.memory.prepack and self._prepack(max_batch_size, every_layer=prepack_weights is True)
         avoid_per_length_attention_plans(loaded.device)
@@ -126,7 +128,8 @@ class Engine:
             pool_bytes=rows * adapter_bytes, kv_bytes_per_position=kv_bytes_per_position(m.model.config, m.dtype),
             kv_positions=positions, min_kv_positions=longest_row, cache_bytes=self.cache.capacity_bytes,
             prepack_bytes=self.slots.bytes_to_pack(every_layer=prepack is True) if packable else None,
-            prepack_wanted=prepack, merge_bytes=self.slots.bytes_to_merge(), merge_wanted=merge)
+            prepack_wanted=prepack, merge_bytes=self.slots.bytes_to_merge(), merge_wanted=merge,
+            skills_bytes=self.store.inventory.skills_nbytes if torch.device(m.device).type != "cpu" else 0)
 
     def _prepack(self, rows_hint: int, *, every_layer: bool) -> bool:
         """Pack the planned layers; where this CPU cannot after all (bf16 without AVX-512), off — or a start-up
@@ -162,7 +165,7 @@ class Engine:
             keys = [self.store.cache_key(task) for task in tasks]
             task_of = dict(zip(keys, tasks, strict=True))
             adapters = self.cache.get_many(keys, lambda missing, task_of=task_of: self.store.adapters(
-                [task_of[k] for k in missing]))
+                [task_of[k] for k in missing], device=self.loaded.device))
             stale = {key for key, task in zip(keys, tasks, strict=True) if self.store.cache_key(task) != key}
             if not stale:
                 return adapters, keys

@@ -14,6 +14,8 @@ What is granted, in this order:
     adapter cache        cache_bytes                                   clamped with a warning (it is the first to
                                                                        give way: it only costs misses)
     copies left to auto  prepacked weights, then merge buffers         each on only if it still fits, else off
+    skills on device     the inventory's skills, float32 (GPU)          on only if it still fits, else routing runs
+                                                                       on the host
 Prepacked weights come first: they speed up every decoding step (CPU), the merge buffers only single-task ones.
 """
 
@@ -58,6 +60,7 @@ class Demands:
     prepack_wanted: bool | None  # None: auto
     merge_bytes: int
     merge_wanted: bool | None
+    skills_bytes: int = 0  # a copy of the inventory's skills on the device, to route there (0: none, e.g. CPU)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class MemoryPlan:
     cache_bytes: int = 0
     prepack: bool = False
     merge: bool = False
+    skills_on_device: bool = False
 
     @property
     def budget_bytes(self) -> int:
@@ -154,6 +158,14 @@ def plan_memory(figures: MemoryFigures, fraction: float, demands: Demands, weigh
             plan.items.append(PlanItem(name, nbytes or 0, False, why))
             if wanted is None and nbytes is not None:
                 log.info("memory plan: %s %s", name, why)
+    if demands.skills_bytes:
+        plan.skills_on_device = demands.skills_bytes <= free
+        if plan.skills_on_device:
+            grant("skills on device", demands.skills_bytes, "routing on the device (auto: fits)")
+        else:
+            plan.items.append(PlanItem("skills on device", demands.skills_bytes, False,
+                                       f"off (auto): needs {_gib(demands.skills_bytes)}, {_gib(max(free, 0))} left; "
+                                       "routing on the host"))
     plan.prepack = any(i.on for i in plan.items if i.name == "prepacked weights")
     plan.merge = any(i.on for i in plan.items if i.name == "merge buffers")
     return plan

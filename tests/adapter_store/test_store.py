@@ -79,6 +79,22 @@ def test_adapters_of_many_tasks_at_once_equal_one_at_a_time(store):
     assert together[1] is together[5] and not _close(together[0], together[4])
 
 
+def test_adapters_route_on_the_device_that_keeps_the_skills(store):
+    """keep_skills_on(device): adapters(..., device) route on that device's copy (the meta device stands in for a
+    GPU: shapes only, no values); other devices, and calls without one, route on the host as before."""
+    store.save_routing("z-task", "mhr-z", random_logits(store, 3))
+    names = ["task-2", "z-task", "__mu__", "task-0"]
+    assert all(t.device.type == "cpu" for a in store.adapters(names, device="meta") for _, t, _ in a.layers())
+    store.keep_skills_on("meta")
+    assert next(iter(store._skills_on.values())).skills_nbytes == store.inventory.skills_nbytes
+    on_meta = store.adapters(names, device="meta")
+    for adapter, on_host in zip(on_meta, store.adapters(names), strict=True):
+        for (name, a, b), (host_name, host_a, host_b) in zip(adapter.layers(), on_host.layers(), strict=True):
+            assert a.device.type == b.device.type == "meta" and host_a.device.type == "cpu"
+            assert (name, a.shape, b.shape) == (host_name, host_a.shape, host_b.shape)
+    assert store.inventory.groups[0].lora_a.device.type == "cpu"  # the host's inventory is untouched
+
+
 def test_task_deleted_and_adapted_again_gets_a_new_cache_key(store):
     store.save_routing("again", "mhr-z", random_logits(store, 0))
     first = store.cache_key("again")

@@ -84,6 +84,19 @@ def test_cuda_memory_plan_reads_the_card(t5_bundle):
     gpu.close()
 
 
+def test_cuda_adapters_route_on_the_card_and_equal_the_hosts(t5_bundle):
+    """The plan keeps the skills on the card; adapters routed there equal the host's (float32)."""
+    gpu = engine_on(t5_bundle, "cuda", "float32")
+    assert gpu.memory.skills_on_device
+    names = ["alpha", "beta", "gamma", "__mu__"]
+    on_card, on_host = gpu.store.adapters(names, device=gpu.loaded.device), gpu.store.adapters(names)
+    for card, host in zip(on_card, on_host, strict=True):
+        for (_, a, b), (_, host_a, host_b) in zip(card.layers(), host.layers(), strict=True):
+            assert a.device.type == "cuda"
+            assert torch.allclose(a.cpu(), host_a, atol=1e-5) and torch.allclose(b.cpu(), host_b, atol=1e-5)
+    gpu.close()
+
+
 def test_cuda_serving_loop_turns_off_per_length_cudnn_attention(t5_bundle):
     """cuDNN attention plans per key length; the loop's caches grow every step (82 vs 10 ms per step, H200)."""
     engine_on(t5_bundle, "cuda", "float32")

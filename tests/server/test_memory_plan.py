@@ -53,6 +53,18 @@ def test_everything_fits():
     assert "prepacked weights" in plan.table() and plan.as_dict()["items"][0]["name"] == "row pool"
 
 
+def test_skills_go_to_the_device_only_where_they_fit_after_everything_else():
+    """A GPU's plan keeps a copy of the inventory's skills there (routing on the card) when it fits after the
+    other copies; else it routes on the host. A CPU's (skills_bytes 0) has no such item."""
+    everything = 10 + 16 + 100 + 300 + 400
+    roomy = plan_memory(figures(everything + 50), 0.9, demands(skills_bytes=50 * MiB), weights_bytes=0)
+    assert roomy.skills_on_device and on(roomy)["skills on device"] and roomy.planned_bytes <= roomy.budget_bytes
+    short = plan_memory(figures(everything + 49), 0.9, demands(skills_bytes=50 * MiB), weights_bytes=0)
+    assert not short.skills_on_device and not on(short)["skills on device"] and on(short)["merge buffers"]
+    assert "routing on the host" in next(i.why for i in short.items if i.name == "skills on device")
+    assert "skills on device" not in on(plan_memory(figures(everything), 0.9, demands(), weights_bytes=0))
+
+
 @pytest.mark.parametrize(("free_mib", "merge_mib", "prepack", "merge"), [
     (10 + 16 + 100 + 300 + 400, 400, True, True),
     (10 + 16 + 100 + 300 + 399, 400, True, False),  # short: the merge buffers go first
