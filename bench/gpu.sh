@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run of at most ~9.5 minutes on a lent machine (the device tool's `run`):
+# Everything that needs a GPU, in one run on a lent machine (the device tool's `run`; each part's limit below adds up to
+# 9.5 minutes, and on an H200 on 2026-12-04 the whole script took 228 s after a machine start of about 30 s):
 # the gpu-marked tests; the decoding step against the bare forward (engine_core.py --only step) paged and with CUDA
 # graphs; the serving benchmark on CUDA (--quick, HTTP included) with CUDA graphs and without. Each part has its own
 # time limit and a failing part does not stop the next; every part's output also goes to $OUT when set.
