@@ -36,10 +36,12 @@ class AdapterSlots:
             self.layers[name].set_merged(a, b, adapter.scale, key=key)
         self.applied = ("merged", key)
 
-    def use_shared(self, adapter: TaskAdapter, key: Hashable | None = None) -> None:
+    def use_shared(self, adapter: TaskAdapter, key: Hashable | None = None, *, in_place: bool = False) -> None:
+        """One adapter for every row: the layers read its tensors, or (in_place) copies in buffers of their own
+        that stay put for the static step's captured graphs."""
         for name, a, b in adapter.layers():
-            self.layers[name].set_shared(a, b, adapter.scale)
-        self.applied = ("shared", key) if key is not None else None
+            self.layers[name].set_shared(a, b, adapter.scale, in_place=in_place)
+        self.applied = ("shared", key, in_place) if key is not None else None
 
     def use_rows(self, adapters: Sequence[TaskAdapter], keys: Sequence[Hashable], start: int = 0,
                  end: int | None = None) -> None:
@@ -75,16 +77,6 @@ class AdapterSlots:
         if self.applied is None or self._layout is None or self._layout[0] != self.applied:
             self._layout = (self.applied, tuple(layer.layout() for layer in self.layers.values()))
         return self._layout[1]
-
-    def layer_states(self) -> dict[str, object]:
-        """What each layer holds now (rows or shared mode), to `restore` later without stacking again."""
-        return {name: layer.active for name, layer in self.layers.items()}
-
-    def restore(self, states: dict[str, object]) -> None:
-        """Put back `layer_states()` (not for merged mode: its buffer may hold another task by now)."""
-        for name, active in states.items():
-            self.layers[name].active = active
-        self.applied = None
 
     @contextmanager
     def activate(self, row_adapters: Sequence[TaskAdapter | None], *, key: Hashable | None = None,

@@ -51,6 +51,7 @@ class BatchedLoraLinear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of base.weight, once prepacked
         self._rows_hint = 16
         self._rows_cast: tuple[torch.Tensor, torch.Tensor] | None = None  # rows mode in another dtype: its buffers
+        self._shared_held: tuple[torch.Tensor, torch.Tensor] | None = None  # shared mode in place (set_shared)
 
     # T5's feed-forward reads `.weight` of its output layer directly; expose the wrapped layer's.
     @property
@@ -90,9 +91,21 @@ class BatchedLoraLinear(nn.Module):
         b.copy_(lora_b)
         return a, b
 
-    def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-        """A (d_in, r) and B (r, d_out) for every row."""
-        self.active = Active(*self._in_weight_dtype(lora_a, lora_b), scale)
+    def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, in_place: bool = False
+                   ) -> None:
+        """A (d_in, r) and B (r, d_out) for every row. in_place: copied into buffers that stay where they are, so
+        that a captured CUDA graph serves every task's shared batches (else one capture per task)."""
+        lora_a, lora_b = self._in_weight_dtype(lora_a, lora_b)
+        if in_place:
+            held = self._shared_held
+            if held is None or held[0].shape != lora_a.shape or held[1].shape != lora_b.shape \
+                    or held[0].dtype != lora_a.dtype or held[0].device != lora_a.device:
+                with torch.inference_mode(False), torch.no_grad():
+                    held = self._shared_held = (torch.empty_like(lora_a), torch.empty_like(lora_b))
+            held[0].copy_(lora_a)
+            held[1].copy_(lora_b)
+            lora_a, lora_b = held
+        self.active = Active(lora_a, lora_b, scale)
 
     def _in_weight_dtype(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapters in the wrapped layer's dtype: a model may keep a layer in float32 under half precision (T5's

@@ -53,6 +53,24 @@ def test_single_task_and_base_batches_equal_paged(engines):
         assert [c.text for c in static.generate(rows)] == [c.text for c in paged.generate(rows)]
 
 
+def test_single_task_batches_unmerged_keep_one_layout_for_every_task(tmp_path):
+    """Without merged weights a single-task batch runs shared mode; the static step copies each task's adapter into
+    buffers that stay put, so one captured graph per bucket serves every task (the layout a graph is keyed by is
+    the same), and the text equals the paged step's."""
+    save_bundle(tmp_path, "t5")
+    paged = engine_for(tmp_path, merge_single_task=False)
+    static = engine_for(tmp_path, merge_single_task=False, static_step="eager")
+    decode, layouts = static.loop.batch.kv.static, set()
+    forward = decode.forward
+    decode.forward = lambda inputs: (layouts.add(decode.layout()), forward(inputs))[1]
+    for task in ("task-0", "task-1", "task-2"):
+        rows = [GenerateRow(task, text, SamplingParams(max_new_tokens=6, ignore_eos=True)) for text in TEXTS[:2]]
+        assert [c.text for c in static.generate(rows)] == [c.text for c in paged.generate(rows)]
+    assert len(layouts) == 1 and decode.steps > 0
+    paged.close()
+    static.close()
+
+
 def test_beams_go_the_paged_way(engines):
     paged, static = engines
     beams = [GenerateRow("task-0", "beam me", SamplingParams(max_new_tokens=6, num_beams=3))]
