@@ -92,6 +92,10 @@ class _StateCollector:
                                   value=loop.prefix_cache_hits)
         yield CounterMetricFamily("mhr_encoder_cache_hits", "seq2seq rows whose encoder output came from the cache",
                                   value=loop.encoder_cache_hits)
+        yield CounterMetricFamily("mhr_static_steps", "decoding steps of the static-shaped step (MHR_CUDA_GRAPHS)",
+                                  value=loop.static_steps)
+        yield CounterMetricFamily("mhr_cuda_graph_captures", "CUDA graphs captured by the static-shaped step",
+                                  value=loop.graph_captures)
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)

@@ -55,6 +55,9 @@ class LoopStats:
     preempted_rows: int = 0  # rows preempted so far (computed again later)
     prefix_cache_hits: int = 0  # prompt blocks taken from the prefix cache instead of computed
     encoder_cache_hits: int = 0  # T5 rows whose encoder output came from the cache instead of computed
+    static_step: str | None = None  # the static-shaped step's mode ("cuda-graphs", "eager": graphs turned off)
+    static_steps: int = 0  # decoding steps it ran
+    graph_captures: int = 0  # CUDA graphs captured (one per bucket of rows, table width and adapter layout)
 
 
 class Scheduler:
@@ -112,8 +115,10 @@ class Scheduler:
         with self._cv:
             waiting = len(self._waiting)
         blocks = self.batch.kv.blocks
+        static = self.batch.kv.static
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
-                         blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits)
+                         blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits,
+                         static and static.mode, static.steps if static else 0, static.captures if static else 0)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""

@@ -27,4 +27,5 @@ async def readyz(request: Request):
     return {"status": "ready", "inventory": engine.store.fingerprint, "tasks": len(engine.store.tasks()),
             "broken_tasks": [broken._asdict() for broken in engine.store.broken_tasks()],
             "device": str(engine.loaded.device), "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-            "memory": engine.memory.as_dict(), "kv": kv}
+            "memory": engine.memory.as_dict(), "kv": kv, "static_step": {
+                "mode": loop.static_step, "steps": loop.static_steps, "graph_captures": loop.graph_captures}}

@@ -17,6 +17,7 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["device"] == "cpu"
+    assert ready["static_step"] == {"mode": None, "steps": 0, "graph_captures": 0}  # CPU: the paged step
 
 
 def test_task_listing(client):

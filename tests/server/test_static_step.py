@@ -46,6 +46,15 @@ def test_static_step_equals_paged_step(engines, params):
     assert static.loop.batch.kv.static.steps > before  # the static step did run
 
 
+def test_static_steps_are_counted_in_the_loop_stats(engines):
+    """/readyz and /metrics read these: the mode (graphs turned off show "eager"), steps, captures."""
+    paged, static = engines
+    static.generate(_rows({}))
+    stats = static.stats()
+    assert stats.static_step == "eager" and stats.static_steps > 0 and stats.graph_captures == 0
+    assert (paged.stats().static_step, paged.stats().static_steps) == (None, 0)
+
+
 def test_single_task_and_base_batches_equal_paged(engines):
     paged, static = engines
     for task in ("task-1", "__base__"):
