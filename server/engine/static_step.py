@@ -156,7 +156,9 @@ class StaticDecode:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: CUDA work of the server's other threads (an /adapt job's optimizer step, a cache miss
+            # routed on the card) may go on during a capture; in "global" mode it would fail, and end the capture
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 logits = self.forward(static)
             graph.replay()
         except RuntimeError as error:
