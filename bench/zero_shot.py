@@ -19,6 +19,7 @@ Prints one JSON object.
 
     .venv/bin/python bench/zero_shot.py [--quick] [--speed-only] [--variant tasks:all:100[:prompt] ...]
                                         [--n-heldout 50] [--n-train 20] [--threads 1]
+                                        [--bundle demo/bundle] [--prefixed-only] [--no-speed]
 """
 
 from __future__ import annotations
@@ -99,19 +100,22 @@ def tokens_per_s(engine: Engine, refs: list, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run(n_heldout: int, n_train: int, variants: list[ArrowSpec], repeats: int, *, speed_only: bool = False) -> dict:
+def run(n_heldout: int, n_train: int, variants: list[ArrowSpec], repeats: int, *, speed_only: bool = False,
+        bundle: Path = DEMO, prefixed_only: bool = False, no_speed: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        store = AdapterStore.open(DEMO / "inventory", Path(tmp))
-        engine = Engine(load_model(DEMO / "model", device="cpu"), store, AdapterCache(2**28))
+        store = AdapterStore.open(bundle / "inventory", Path(tmp))
+        engine = Engine(load_model(bundle / "model", device="cpu"), store, AdapterCache(2**28))
         try:
-            out: dict = {} if speed_only else quality(engine, n_heldout, n_train, variants)
-            out.update(speed(engine, repeats))
+            out: dict = {} if speed_only else quality(engine, n_heldout, n_train, variants, prefixed_only=prefixed_only)
+            if not no_speed:
+                out.update(speed(engine, repeats))
         finally:
             engine.close()
     return out
 
 
-def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSpec]) -> dict:
+def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSpec], *,
+            prefixed_only: bool = False) -> dict:
     out: dict = {"heldout_tasks": len(HELDOUT_TASKS), "train_tasks": len(TRAIN_TASKS),
                  "inputs_per_heldout_task": n_heldout, "inputs_per_train_task": n_train}
     started = time.perf_counter()
@@ -120,18 +124,22 @@ def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSp
     out["train_tasks_routed_exact_match"] = round(exact_match(engine, None, TRAIN_TASKS, n_train)[0], 3)
     out["heldout_zero_shot_bound"] = round(zero_shot_bound(HELDOUT_TASKS), 3)
     out["train_tasks_zero_shot_bound"] = round(zero_shot_bound(TRAIN_TASKS), 3)
-    heldout, train, per_task, heldout_prefixed, train_prefixed = {}, {}, {}, {}, {}
+    heldout, train, per_task, heldout_prefixed, train_prefixed, per_task_prefixed = {}, {}, {}, {}, {}, {}
     for spec in variants:
-        score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout)
-        heldout[spec.name] = round(score, 3)
-        per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
-        train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train)[0], 3)
-        heldout_prefixed[spec.name] = round(exact_match(engine, spec, HELDOUT_TASKS, n_heldout, prefixed=True)[0], 3)
+        if not prefixed_only:
+            score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout)
+            heldout[spec.name] = round(score, 3)
+            per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
+            train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train)[0], 3)
+        score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout, prefixed=True)
+        heldout_prefixed[spec.name] = round(score, 3)
+        per_task_prefixed[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
         train_prefixed[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train, prefixed=True)[0], 3)
-    out["heldout_zero_shot_exact_match"] = heldout
-    out["train_tasks_zero_shot_exact_match"] = train
-    out["heldout_per_task"] = per_task
-    # the same with the instruction prefix in the input (adapters were trained without it)
+    if not prefixed_only:
+        out["heldout_zero_shot_exact_match"] = heldout
+        out["train_tasks_zero_shot_exact_match"] = train
+        out["heldout_per_task"] = per_task
+    # the same with the instruction prefix in the input (the demo's adapters were trained without it)
     bare = engine.arrow_adapter(ArrowSpec("skills", 1)).library.zero_adapter()  # the backbone alone
     out["prefixed"] = {
         "heldout_backbone_exact_match": round(exact_match(engine, bare, HELDOUT_TASKS, n_heldout,
@@ -140,8 +148,13 @@ def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSp
                                                               prefixed=True)[0], 3),
         "heldout_mu_exact_match": round(exact_match(engine, "__mu__", HELDOUT_TASKS, n_heldout,
                                                     prefixed=True)[0], 3),
+        "train_tasks_mu_exact_match": round(exact_match(engine, "__mu__", TRAIN_TASKS, n_train,
+                                                        prefixed=True)[0], 3),
+        "train_tasks_routed_exact_match": round(exact_match(engine, None, TRAIN_TASKS, n_train,
+                                                            prefixed=True)[0], 3),
         "heldout_zero_shot_exact_match": heldout_prefixed,
         "train_tasks_zero_shot_exact_match": train_prefixed,
+        "heldout_per_task": per_task_prefixed,
     }
     out["prompt_route_identifies_task"] = {
         "plain": round(identified(engine, n_train, prefixed=False), 3),
@@ -188,6 +201,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--speed-only", action="store_true", help="only the tokens/s rows")
+    parser.add_argument("--bundle", type=Path, default=DEMO,
+                        help="another bundle folder (model/, inventory/), e.g. demo.build --prefixed-inventory's")
+    parser.add_argument("--prefixed-only", action="store_true", help="skip the per-variant rows without the prefix")
+    parser.add_argument("--no-speed", action="store_true", help="skip the tokens/s rows")
     parser.add_argument("--variant", action="append", default=[], metavar="OVER:TOP_K:TEMPERATURE[:GRANULARITY]",
                         help="measure these variants instead (top_k 'all' for all), e.g. tasks:all:100:prompt")
     args = parser.parse_args()
@@ -197,8 +214,11 @@ def main() -> None:
     if args.variant:
         variants = [_variant(text) for text in args.variant]
     repeats = 3 if args.quick else args.repeats
-    measured = run(n_heldout, n_train, variants, repeats, speed_only=args.speed_only)
+    measured = run(n_heldout, n_train, variants, repeats, speed_only=args.speed_only, bundle=args.bundle,
+                   prefixed_only=args.prefixed_only, no_speed=args.no_speed)
     result = {"threads": torch.get_num_threads(), **measured}
+    if args.bundle != DEMO:
+        result = {"bundle": str(args.bundle), **result}
     print(json.dumps(result, indent=1))
 
 

@@ -1,6 +1,7 @@
 """Build the demo bundle: a tiny byte-level T5 backbone, then an MHR inventory on the training tasks.
 
     HF_HUB_OFFLINE=1 python -m demo.build [--seed 0] [--out demo/bundle] [--minutes 30] [--quick] [--reuse-backbone]
+        [--prefixed-inventory]
 
 Deterministic from the seed (fixed step counts, seeded data and init) as long as the ``--minutes``
 safety cap is not hit; build_info.json records the steps actually done.
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reuse-backbone", action="store_true", help="load <out>/model instead of training it (phase a)"
     )
+    parser.add_argument(
+        "--prefixed-inventory",
+        action="store_true",
+        help="train the inventory with the instruction prefix in every input (experiment; write it to another --out)",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,6 +91,7 @@ def _build_info(args, bb: LoopResult, inv: LoopResult, bb_hp: dict, inv_hp: Inve
     return {
         "seed": args.seed,
         "reused_backbone": args.reuse_backbone,
+        "prefixed_inventory": args.prefixed_inventory,
         "quick": args.quick,
         "threads": args.threads,
         "minutes": {"backbone": round(bb.seconds / 60, 2), "inventory": round(inv.seconds / 60, 2)}
@@ -111,7 +118,9 @@ def build(args: argparse.Namespace) -> dict:
         param.requires_grad_(False)
     config = poly_config(inv_hp, n_tasks=len(TRAIN_TASKS))
     deadline = _deadline(start, args.minutes, 1.0)
-    inventory, inv_result = train_adapters(backbone, config, TRAIN_TASKS, inv_hp, args.seed, deadline=deadline)
+    inventory, inv_result = train_adapters(
+        backbone, config, TRAIN_TASKS, inv_hp, args.seed, deadline=deadline, prefixed=args.prefixed_inventory
+    )
 
     if inventory_dir(args.out).exists():
         shutil.rmtree(inventory_dir(args.out))

@@ -81,14 +81,16 @@ def train_adapters(
     seed: int,
     deadline: float | None = None,
     name: str = "inventory",
+    prefixed: bool = False,
 ):
-    """Wrap a deep copy of ``backbone`` with ``peft_config`` and train it on ``tasks`` without prefix.
+    """Wrap a deep copy of ``backbone`` with ``peft_config`` and train it on ``tasks`` without prefix
+    (``prefixed``: with the backbone's instruction prefix in every input, an experiment; off for the demo).
 
     Returns (PEFT model in eval mode, LoopResult). The backbone's own weights stay frozen.
     """
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(backbone), peft_config)
-    sampler = TaskMixSampler(tasks, hp.batch_size, seed * 104729 + 3, prefixed=False)
+    sampler = TaskMixSampler(tasks, hp.batch_size, seed * 104729 + 3, prefixed=prefixed)
     loss_fn = shared_loss if isinstance(peft_config, LoraConfig) else routed_loss
     cfg = LoopConfig(steps=hp.steps, warmup_steps=hp.warmup_steps, deadline=deadline, name=name)
     result: LoopResult = run_loop(model, _param_groups(model, hp), sampler.next, loss_fn, cfg)
