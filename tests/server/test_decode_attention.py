@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import decode_attention
+from server.engine import decode_attention, paged_attention
 from server.engine.kv_pool import KVPool, runs
 
 BLOCK = 4
@@ -121,3 +121,18 @@ def test_groups_stay_within_the_gather_limit():
         assert max([len(g.rows) for g in groups] or [1]) == most
         assert sum(len(g.rows) for g in groups) + len(alone) == 16
         assert all(g.width * len(g.rows) * per_position <= limit for g in groups)
+
+
+def test_prefill_masks_are_built_on_the_querys_device():
+    """A prefill's causal mask and T5's bias for several queries are made on the query's device (an H200 run found
+    both on the host, failing every Llama prompt and T5 chunk there); the meta device stands in for a GPU."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    meta = torch.device("meta")
+    mask = paged_attention._mask(None, 3, 8, torch.float32, meta, causal=True)
+    assert mask.device == meta and mask.shape == (1, 3, 8)
+    config = T5Config(d_model=16, d_kv=4, num_heads=2, is_decoder=True)
+    attention = T5Attention(config, has_relative_attention_bias=True).to(meta)
+    bias = paged_attention._T5Bias(attention).for_rows(3, 8, torch.float32)
+    assert bias.device == meta and bias.shape == (2, 3, 8)
