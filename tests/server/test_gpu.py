@@ -143,3 +143,36 @@ def test_cuda_graphs_step_equals_the_paged_step(kind, tmp_path):
     assert static.mode == "cuda-graphs" and static.captures > 0 and static.steps > 0
     graphs.close()
     paged.close()
+
+
+BODIES = [
+    {"task": "alpha", "inputs": ["some input", "another one"], "max_new_tokens": 8},
+    {"task": "__base__", "inputs": "bare", "max_new_tokens": 8},
+    {"task": {"route": "arrow", "over": "skills", "top_k": 2}, "inputs": "routed per token", "max_new_tokens": 6},
+    {"task": {"route": "arrow", "over": "tasks", "top_k": 2, "granularity": "prompt"}, "inputs": "once",
+     "max_new_tokens": 6},
+    {"task": "beta", "inputs": "guided", "guided": {"choice": ["yes", "no", "maybe"]}, "max_new_tokens": 8},
+    {"task": "gamma", "inputs": "with logprobs", "max_new_tokens": 4, "logprobs": 2},
+    {"task": "alpha", "inputs": "beams", "num_beams": 3, "max_new_tokens": 6},
+]
+
+
+def test_cuda_server_answers_as_the_cpu_server(t5_bundle):
+    """The app on CUDA as configured by default (CUDA graphs on, float32 here so that greedy choices compare) gives
+    the CPU server's texts for plain, bare, Arrow (per token and per prompt), guided, logprobs and beam requests,
+    and /readyz shows the graphs ran."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import bundle_settings
+
+    answers = {}
+    for device in ("cpu", "cuda"):
+        with TestClient(create_app(bundle_settings(t5_bundle, device=device, dtype="float32"))) as client:
+            answers[device] = [client.post("/generate", json=body).json() for body in BODIES]
+            ready = client.get("/readyz").json()
+    for cpu, cuda in zip(answers["cpu"], answers["cuda"], strict=True):
+        assert [o["text"] for o in cuda["outputs"]] == [o["text"] for o in cpu["outputs"]], (cpu, cuda)
+    cpu_logprobs, cuda_logprobs = (a[5]["outputs"][0]["logprobs"] for a in (answers["cpu"], answers["cuda"]))
+    assert [t["logprob"] for t in cuda_logprobs] == pytest.approx([t["logprob"] for t in cpu_logprobs], abs=1e-2)
+    assert ready["static_step"]["mode"] == "cuda-graphs" and ready["static_step"]["graph_captures"] > 0
