@@ -40,6 +40,13 @@ def client(t5_bundle):
         yield test_client
 
 
+@pytest.fixture(scope="module")
+def module_client(t5_bundle):
+    """An app of the test module's own (its tasks and routes apart from the package's `client`)."""
+    with TestClient(create_app(bundle_settings(t5_bundle))) as test_client:
+        yield test_client
+
+
 @pytest.fixture(scope="package")
 def printable_bundle(tmp_path_factory):
     """Output layer not sharpened (sampling really varies) and only printable ASCII ever emitted: no

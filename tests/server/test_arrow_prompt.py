@@ -74,18 +74,12 @@ def reference_for(model_cls, folder, library, ids, top_k, temperature, seq2seq):
     return model, mixes
 
 
-@pytest.fixture(scope="module")
-def prompt_client(t5_bundle):
-    with TestClient(create_app(bundle_settings(t5_bundle))) as test_client:
-        yield test_client
-
-
 @pytest.mark.parametrize("over", ["skills", "tasks"])
-def test_generate_equals_the_dense_reference(prompt_client, t5_bundle, tokenizer, over):
+def test_generate_equals_the_dense_reference(module_client, t5_bundle, tokenizer, over):
     store = AdapterStore.open(t5_bundle / "inventory")
     library = library_of_skills(store) if over == "skills" else library_of_tasks(store)
     inputs = ["hello prompt routing", "a much longer input, padded beside the other one"]
-    response = prompt_client.post("/generate", json={"task": {**ROUTE, "over": over}, "inputs": inputs,
+    response = module_client.post("/generate", json={"task": {**ROUTE, "over": over}, "inputs": inputs,
                                                       "max_new_tokens": 6})
     got = texts(response)
     for text, out in zip(inputs, got, strict=True):
@@ -96,12 +90,12 @@ def test_generate_equals_the_dense_reference(prompt_client, t5_bundle, tokenizer
         assert out == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
-def test_score_and_explain_equal_the_dense_reference(prompt_client, t5_bundle, tokenizer):
+def test_score_and_explain_equal_the_dense_reference(module_client, t5_bundle, tokenizer):
     store = AdapterStore.open(t5_bundle / "inventory")
     library = library_of_skills(store)
     ids = tokenizer("score me", return_tensors="pt")["input_ids"]
     reference, mixes = reference_for(T5ForConditionalGeneration, t5_bundle, library, ids, 2, 0.5, True)
-    response = prompt_client.post("/score", json={"task": ROUTE, "inputs": ["score me"], "choices": ["yes", "no!"]})
+    response = module_client.post("/score", json={"task": ROUTE, "inputs": ["score me"], "choices": ["yes", "no!"]})
     assert response.status_code == 200, response.text
     for choice in response.json()["results"][0]["scores"]:
         labels = tokenizer([choice["choice"]], return_tensors="pt")["input_ids"]
@@ -109,7 +103,7 @@ def test_score_and_explain_equal_the_dense_reference(prompt_client, t5_bundle, t
             logits = reference(input_ids=ids, labels=labels).logits
         expected = F.log_softmax(logits, -1).gather(-1, labels[..., None]).sum()
         assert choice["logprob_sum"] == pytest.approx(float(expected), abs=1e-3)
-    explained = prompt_client.post("/route/explain", json={"task": ROUTE, "input": "score me", "top": 4}).json()
+    explained = module_client.post("/route/explain", json={"task": ROUTE, "input": "score me", "top": 4}).json()
     assert explained["granularity"] == "prompt" and "granularity=prompt" in explained["task"]
     assert {layer["layer"] for layer in explained["layers"]} == set(mixes)  # every layer, the decoder's too
     for layer in explained["layers"]:
@@ -117,7 +111,7 @@ def test_score_and_explain_equal_the_dense_reference(prompt_client, t5_bundle, t
         assert {e["expert"]: e["weight"] for e in layer["top"]} == pytest.approx(want, abs=1e-5)
     average = torch.stack(list(mixes.values())).mean(0)
     assert explained["average"] == pytest.approx({f"skill-{j}": float(w) for j, w in enumerate(average)}, abs=1e-5)
-    generated = prompt_client.post("/generate", json={"task": ROUTE, "inputs": "score me"}).json()
+    generated = module_client.post("/generate", json={"task": ROUTE, "inputs": "score me"}).json()
     assert generated["routing"] == pytest.approx(explained["average"], abs=1e-5)
 
 
@@ -156,30 +150,30 @@ def test_prompt_rows_decode_beside_token_rows_and_plain_rows(t5_bundle):
     assert together[0].json()["routing"] != pytest.approx(together[1].json()["routing"], abs=1e-3)
 
 
-def test_top_1_over_tasks_is_a_plain_lora_per_layer(prompt_client):
+def test_top_1_over_tasks_is_a_plain_lora_per_layer(module_client):
     """Each layer keeps one task's LoRA: the explanation's weights are one-hot per layer."""
     route = {**ROUTE, "over": "tasks", "top_k": 1}
-    body = prompt_client.post("/route/explain", json={"task": route, "input": "one hot", "top": 3}).json()
+    body = module_client.post("/route/explain", json={"task": route, "input": "one hot", "top": 3}).json()
     for layer in body["layers"]:
         assert [e["weight"] for e in layer["top"]] == pytest.approx([1.0])
 
 
 @pytest.mark.parametrize("value", ["sentence", "", "Prompt"])
-def test_a_bad_granularity_names_its_field(prompt_client, value):
+def test_a_bad_granularity_names_its_field(module_client, value):
     route = {**ROUTE, "granularity": value}
     for path, extra in (("/generate", {"inputs": "x"}), ("/score", {"inputs": "x", "choices": ["a"]}),
                         ("/route/explain", {"input": "x"})):
-        response = prompt_client.post(path, json={"task": route, **extra})
+        response = module_client.post(path, json={"task": route, **extra})
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == "task.granularity"
-    made = prompt_client.post("/tasks", json={"name": "bad-granularity", "route": route})
+    made = module_client.post("/tasks", json={"name": "bad-granularity", "route": route})
     assert made.status_code == 422 and made.json()["error"]["field"] == "route.granularity"
 
 
 @pytest.mark.parametrize("value", [1, None, ["prompt"]])
-def test_a_granularity_of_the_wrong_type_is_refused(prompt_client, value):
+def test_a_granularity_of_the_wrong_type_is_refused(module_client, value):
     """Not a string: pydantic refuses it (the task is a name, a mix or a route, so it names the task)."""
-    response = prompt_client.post("/generate", json={"task": {**ROUTE, "granularity": value}, "inputs": "x"})
+    response = module_client.post("/generate", json={"task": {**ROUTE, "granularity": value}, "inputs": "x"})
     assert response.status_code == 422 and response.json()["error"]["field"].startswith("task")
 
 

@@ -53,20 +53,14 @@ def reference_model(bundle, library, top_k, temperature):
     return model
 
 
-@pytest.fixture(scope="module")
-def arrow_client(t5_bundle):
-    with TestClient(create_app(bundle_settings(t5_bundle))) as test_client:
-        yield test_client
-
-
 @pytest.mark.parametrize("over", ["skills", "tasks"])
-def test_generate_equals_the_reference_model(arrow_client, t5_bundle, tokenizer, over):
+def test_generate_equals_the_reference_model(module_client, t5_bundle, tokenizer, over):
     store = AdapterStore.open(t5_bundle / "inventory")
     library = library_of_skills(store) if over == "skills" else library_of_tasks(store)
     route = {**ROUTE, "over": over}
     reference = reference_model(t5_bundle, library, 2, 0.5)
     inputs = ["hello arrow", "a longer input, to pad the other one"]
-    response = arrow_client.post("/generate", json={"task": route, "inputs": inputs, "max_new_tokens": 6})
+    response = module_client.post("/generate", json={"task": route, "inputs": inputs, "max_new_tokens": 6})
     got = texts(response)
     for text, out in zip(inputs, got, strict=True):
         ids = tokenizer(text, return_tensors="pt")
@@ -79,10 +73,10 @@ def test_generate_equals_the_reference_model(arrow_client, t5_bundle, tokenizer,
     assert sum(body["routing"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_score_equals_the_reference_model(arrow_client, t5_bundle, tokenizer):
+def test_score_equals_the_reference_model(module_client, t5_bundle, tokenizer):
     store = AdapterStore.open(t5_bundle / "inventory")
     reference = reference_model(t5_bundle, library_of_skills(store), 2, 0.5)
-    response = arrow_client.post("/score", json={"task": ROUTE, "inputs": ["score me"], "choices": ["yes", "no!"]})
+    response = module_client.post("/score", json={"task": ROUTE, "inputs": ["score me"], "choices": ["yes", "no!"]})
     assert response.status_code == 200, response.text
     for choice in response.json()["results"][0]["scores"]:
         enc = tokenizer(["score me"], return_tensors="pt")
@@ -111,8 +105,8 @@ def test_arrow_rows_decode_beside_plain_rows(t5_bundle):
     assert together[1].json()["routing"] is None
 
 
-def test_explain_lists_each_layers_top_experts(arrow_client, t5_bundle):
-    response = arrow_client.post("/route/explain", json={"task": {**ROUTE, "top_k": 1}, "input": "explain", "top": 4})
+def test_explain_lists_each_layers_top_experts(module_client, t5_bundle):
+    response = module_client.post("/route/explain", json={"task": {**ROUTE, "top_k": 1}, "input": "explain", "top": 4})
     assert response.status_code == 200, response.text
     body = response.json()
     store = AdapterStore.open(t5_bundle / "inventory")
@@ -125,7 +119,7 @@ def test_explain_lists_each_layers_top_experts(arrow_client, t5_bundle):
         weights = [e["weight"] for e in layer["top"]]
         assert weights == sorted(weights, reverse=True) and sum(weights) == pytest.approx(1.0, abs=1e-5)
     assert sum(body["average"].values()) == pytest.approx(1.0, abs=1e-5)
-    generated = arrow_client.post("/generate", json={"task": {**ROUTE, "top_k": 1}, "inputs": "explain"}).json()
+    generated = module_client.post("/generate", json={"task": {**ROUTE, "top_k": 1}, "inputs": "explain"}).json()
     assert generated["routing"] == pytest.approx(body["average"], abs=1e-5)  # the same summary
 
 
@@ -134,26 +128,26 @@ def test_explain_lists_each_layers_top_experts(arrow_client, t5_bundle):
     ({"temperature": 0.0}, "task.temperature"), ({"temperature": -1.0}, "task.temperature"),
     ({"over": "tasks", "top_k": 4}, "task.top_k"),
 ])
-def test_bad_routes_name_their_field(arrow_client, route, field):
+def test_bad_routes_name_their_field(module_client, route, field):
     for path, extra in (("/generate", {"inputs": "x"}), ("/score", {"inputs": "x", "choices": ["a"]}),
                         ("/route/explain", {"input": "x"})):
-        response = arrow_client.post(path, json={"task": {**ROUTE, **route}, **extra})
+        response = module_client.post(path, json={"task": {**ROUTE, **route}, **extra})
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == field
 
 
-def test_score_reports_the_routing_generate_reports(arrow_client):
-    scored = arrow_client.post("/score", json={"task": ROUTE, "inputs": ["same input"], "choices": ["a"]}).json()
-    generated = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "same input"}).json()
+def test_score_reports_the_routing_generate_reports(module_client):
+    scored = module_client.post("/score", json={"task": ROUTE, "inputs": ["same input"], "choices": ["a"]}).json()
+    generated = module_client.post("/generate", json={"task": ROUTE, "inputs": "same input"}).json()
     assert scored["routing"] == pytest.approx(generated["routing"], abs=1e-5)
 
 
-def test_beam_search_and_streaming_serve_arrow(arrow_client):
-    beams = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "beams", "num_beams": 2})
+def test_beam_search_and_streaming_serve_arrow(module_client):
+    beams = module_client.post("/generate", json={"task": ROUTE, "inputs": "beams", "num_beams": 2})
     assert beams.status_code == 200, beams.text
-    greedy = arrow_client.post("/generate", json={"task": ROUTE, "inputs": "beams"})
+    greedy = module_client.post("/generate", json={"task": ROUTE, "inputs": "beams"})
     assert beams.json()["routing"] == pytest.approx(greedy.json()["routing"], abs=1e-5)
-    with arrow_client.stream("POST", "/generate", json={"task": ROUTE, "inputs": "stream", "stream": True}) as sse:
+    with module_client.stream("POST", "/generate", json={"task": ROUTE, "inputs": "stream", "stream": True}) as sse:
         assert sse.status_code == 200
         body = "".join(sse.iter_text())
     assert '"routing"' in body
@@ -239,7 +233,7 @@ def test_a_causal_lm_serves_arrow_as_the_reference(tmp_path):
         assert out == tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_score_equals_peft_create_arrow_model(arrow_client, t5_bundle, tokenizer, tmp_path):
+def test_score_equals_peft_create_arrow_model(module_client, t5_bundle, tokenizer, tmp_path):
     """PEFT's own Arrow (create_arrow_model over each task's exported LoRA) scores as our route over tasks.
     PEFT's prototypes come from 15 power-iteration steps; they are replaced by ours (checked against a dense SVD
     in tests/adapter_store/test_arrow.py) so the comparison is of the routing and mixing, not of convergence."""
@@ -268,14 +262,14 @@ def test_score_equals_peft_create_arrow_model(arrow_client, t5_bundle, tokenizer
         logits = model(**enc, labels=labels).logits
     expected = float(F.log_softmax(logits, -1).gather(-1, labels[..., None]).sum())
     route = {"route": "arrow", "over": "tasks", "top_k": 2, "temperature": 0.5}
-    response = arrow_client.post("/score", json={"task": route, "inputs": ["peft arrow"], "choices": ["yes"]})
+    response = module_client.post("/score", json={"task": route, "inputs": ["peft arrow"], "choices": ["yes"]})
     assert response.json()["results"][0]["scores"][0]["logprob_sum"] == pytest.approx(expected, abs=1e-3)
 
 
-def test_routes_kept_ready_are_bounded(arrow_client):
+def test_routes_kept_ready_are_bounded(module_client):
     from server.engine.engine import MAX_ARROW_ROUTES
 
-    engine = arrow_client.app.state.engine
+    engine = module_client.app.state.engine
     for i in range(MAX_ARROW_ROUTES + 3):
         engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + i))
     assert len(engine._arrow_adapters) == MAX_ARROW_ROUTES
@@ -283,10 +277,10 @@ def test_routes_kept_ready_are_bounded(arrow_client):
     assert engine.arrow_adapter(ArrowSpec("skills", 2, 1.0 + MAX_ARROW_ROUTES + 2)) is first
 
 
-def test_the_routing_summary_ignores_padding(arrow_client):
+def test_the_routing_summary_ignores_padding(module_client):
     """A short input padded beside a long one reports the routing it has alone (mean over its own tokens)."""
     short, long = "ab", "a much longer input than the other"
-    alone = arrow_client.post("/generate", json={"task": ROUTE, "inputs": short}).json()["routing"]
-    both = arrow_client.post("/generate", json={"task": ROUTE, "inputs": [short, long]}).json()["routing"]
-    other = arrow_client.post("/generate", json={"task": ROUTE, "inputs": long}).json()["routing"]
+    alone = module_client.post("/generate", json={"task": ROUTE, "inputs": short}).json()["routing"]
+    both = module_client.post("/generate", json={"task": ROUTE, "inputs": [short, long]}).json()["routing"]
+    other = module_client.post("/generate", json={"task": ROUTE, "inputs": long}).json()["routing"]
     assert both == pytest.approx({k: (alone[k] + other[k]) / 2 for k in alone}, abs=1e-5)
