@@ -25,6 +25,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -122,20 +123,23 @@ def plan_memory(figures: MemoryFigures, fraction: float, demands: Demands, weigh
             f"not fit in the {_gib(free)} left of {fraction:g} × {_gib(figures.limit_bytes)} after "
             f"{_gib(figures.held_bytes)} held; lower MHR_MAX_BATCH_SIZE or raise MHR_MEMORY_FRACTION")
     grant("row pool", demands.pool_bytes, "max_batch_size adapters, resident between steps")
-    copies = [("prepacked weights", "prepack_weights", demands.prepack_bytes, demands.prepack_wanted,
-               "CPU: base matmuls on oneDNN's blocked weights"),
-              ("merge buffers", "merge_single_task", demands.merge_bytes, demands.merge_wanted,
-               "single-task batches on merged weights")]
-    for name, setting, nbytes, wanted, what in copies:
-        advice = f"leave MHR_{setting.upper()} unset (auto) or set it to false"
-        if wanted and nbytes is None:
-            raise MemoryPlanError(f"{setting}=true: {name} are not possible on this device; {advice}")
-        if wanted and nbytes > free - kv_floor:
-            raise MemoryPlanError(f"{setting}=true: {name} need {_gib(nbytes)}, but {_gib(max(free - kv_floor, 0))} "
-                                  f"is left (budget {_gib(plan.budget_bytes)} = {fraction:g} × "
-                                  f"{_gib(figures.limit_bytes)}, held {_gib(figures.held_bytes)}); {advice}")
-        if wanted:
-            grant(name, nbytes, f"{what} (asked for)")
+    copies = [_Copy("prepacked weights", "prepack_weights", demands.prepack_bytes, demands.prepack_wanted,
+                    "CPU: base matmuls on oneDNN's blocked weights"),
+              _Copy("merge buffers", "merge_single_task", demands.merge_bytes, demands.merge_wanted,
+                    "single-task batches on merged weights")]
+    if demands.skills_bytes:  # auto only: no setting asks for it
+        copies.append(_Copy("skills on device", None, demands.skills_bytes, None, "routing on the device",
+                            otherwise="routing on the host"))
+    for copy in (c for c in copies if c.wanted):
+        advice = f"leave MHR_{copy.setting.upper()} unset (auto) or set it to false"
+        if copy.nbytes is None:
+            raise MemoryPlanError(f"{copy.setting}=true: {copy.name} are not possible on this device; {advice}")
+        if copy.nbytes > free - kv_floor:
+            raise MemoryPlanError(f"{copy.setting}=true: {copy.name} need {_gib(copy.nbytes)}, but "
+                                  f"{_gib(max(free - kv_floor, 0))} is left (budget {_gib(plan.budget_bytes)} = "
+                                  f"{fraction:g} × {_gib(figures.limit_bytes)}, held {_gib(figures.held_bytes)}); "
+                                  f"{advice}")
+        grant(copy.name, copy.nbytes, f"{copy.what} (asked for)")
     kv = min(demands.kv_positions, max(free // max(demands.kv_bytes_per_position, 1), demands.min_kv_positions))
     if kv < demands.kv_positions:
         log.warning("memory plan: max_batch_tokens clamped from %d to %d positions (%s left)", demands.kv_positions,
@@ -149,26 +153,32 @@ def plan_memory(figures: MemoryFigures, fraction: float, demands: Demands, weigh
                     _gib(demands.cache_bytes), _gib(cache))
     plan.cache_bytes = cache
     grant("adapter cache", cache, "cache_bytes" + ("" if cache == demands.cache_bytes else ", clamped"))
-    for name, _, nbytes, wanted, what in copies:
+    for copy in copies:
+        name, nbytes, wanted = copy.name, copy.nbytes, copy.wanted
         if wanted is None and nbytes is not None and nbytes <= free:
-            grant(name, nbytes, f"{what} (auto: fits)")
+            grant(name, nbytes, f"{copy.what} (auto: fits)")
         elif not wanted:
             why = ("off (set false)" if wanted is False else "off: not possible on this device" if nbytes is None
                    else f"off (auto): needs {_gib(nbytes)}, {_gib(max(free, 0))} left")
+            why += f"; {copy.otherwise}" if copy.otherwise else ""
             plan.items.append(PlanItem(name, nbytes or 0, False, why))
             if wanted is None and nbytes is not None:
                 log.info("memory plan: %s %s", name, why)
-    if demands.skills_bytes:
-        plan.skills_on_device = demands.skills_bytes <= free
-        if plan.skills_on_device:
-            grant("skills on device", demands.skills_bytes, "routing on the device (auto: fits)")
-        else:
-            plan.items.append(PlanItem("skills on device", demands.skills_bytes, False,
-                                       f"off (auto): needs {_gib(demands.skills_bytes)}, {_gib(max(free, 0))} left; "
-                                       "routing on the host"))
-    plan.prepack = any(i.on for i in plan.items if i.name == "prepacked weights")
-    plan.merge = any(i.on for i in plan.items if i.name == "merge buffers")
+    plan.prepack, plan.merge, plan.skills_on_device = (
+        any(i.on for i in plan.items if i.name == name)
+        for name in ("prepacked weights", "merge buffers", "skills on device"))
     return plan
+
+
+class _Copy(NamedTuple):
+    """An optional copy the plan grants when asked for (setting true) or, left to auto, when it fits."""
+
+    name: str
+    setting: str | None  # the MHR_ setting that asks for it (None: auto only)
+    nbytes: int | None  # None: not possible on this device
+    wanted: bool | None
+    what: str
+    otherwise: str = ""  # what runs instead when it is off
 
 
 def measure(device: torch.device, limit_override: int | None = None) -> MemoryFigures:
