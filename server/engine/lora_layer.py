@@ -80,31 +80,18 @@ class BatchedLoraLinear(nn.Module):
         dtype = self.base.weight.dtype
         if lora_a.dtype == dtype:
             return lora_a, lora_b
-        rows, held = lora_a.shape[0], self._rows_cast
-        if held is None or held[0].shape[0] < rows or held[0].shape[1:] != lora_a.shape[1:] \
-                or held[1].shape[1:] != lora_b.shape[1:]:
-            with torch.inference_mode(False), torch.no_grad():
-                held = self._rows_cast = (lora_a.new_empty(lora_a.shape, dtype=dtype),
-                                          lora_b.new_empty(lora_b.shape, dtype=dtype))
-        a, b = held[0][:rows], held[1][:rows]
-        a.copy_(lora_a)
-        b.copy_(lora_b)
-        return a, b
+        self._rows_cast, kept = _kept_copy(self._rows_cast, lora_a, lora_b, dtype)
+        return kept
 
     def set_shared(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, in_place: bool = False
                    ) -> None:
         """A (d_in, r) and B (r, d_out) for every row. in_place: copied into buffers that stay where they are, so
         that a captured CUDA graph serves every task's shared batches (else one capture per task)."""
-        lora_a, lora_b = self._in_weight_dtype(lora_a, lora_b)
         if in_place:
-            held = self._shared_held
-            if held is None or held[0].shape != lora_a.shape or held[1].shape != lora_b.shape \
-                    or held[0].dtype != lora_a.dtype or held[0].device != lora_a.device:
-                with torch.inference_mode(False), torch.no_grad():
-                    held = self._shared_held = (torch.empty_like(lora_a), torch.empty_like(lora_b))
-            held[0].copy_(lora_a)
-            held[1].copy_(lora_b)
-            lora_a, lora_b = held
+            self._shared_held, (lora_a, lora_b) = _kept_copy(self._shared_held, lora_a, lora_b,
+                                                             self.base.weight.dtype)
+        else:
+            lora_a, lora_b = self._in_weight_dtype(lora_a, lora_b)
         self.active = Active(lora_a, lora_b, scale)
 
     def _in_weight_dtype(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +175,22 @@ class BatchedLoraLinear(nn.Module):
         if active.arrow:  # Arrow rows: per-token routing over a library (arrow_layer.py)
             add_arrow(out, x, active.arrow)
         return out
+
+
+def _kept_copy(held: tuple[torch.Tensor, torch.Tensor] | None, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b) copied, in `dtype`, into buffers that stay where they are (a captured CUDA graph reads them there):
+    `held`, or new ones where it cannot take them (fewer leading rows, other shapes, dtype or device) -> (the
+    buffers to keep, the views of them that hold a and b)."""
+    rows = a.shape[0]
+    if held is None or held[0].shape[0] < rows or held[0].shape[1:] != a.shape[1:] \
+            or held[1].shape[1:] != b.shape[1:] or held[0].dtype != dtype or held[0].device != a.device:
+        with torch.inference_mode(False), torch.no_grad():
+            held = (a.new_empty(a.shape, dtype=dtype), b.new_empty(b.shape, dtype=dtype))
+    kept = held[0][:rows], held[1][:rows]
+    kept[0].copy_(a)
+    kept[1].copy_(b)
+    return held, kept
 
 
 def _rows(active: Active, n: int) -> tuple[torch.Tensor, torch.Tensor]:
