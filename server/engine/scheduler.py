@@ -118,7 +118,7 @@ class Scheduler:
         static = self.batch.kv.static
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
                          blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits,
-                         static and static.mode, static.steps if static else 0, static.captures if static else 0)
+                         *((static.mode, static.steps, static.captures) if static else (None, 0, 0)))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""
