@@ -4,10 +4,13 @@ import time
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from adapter_store import AdapterCache, AdapterStore
+from server.app import create_app
 from server.engine import Engine, GenerateRow, SamplingParams, ScoreRow, load_model
 from tests.factories import save_bundle
+from tests.server.conftest import bundle_settings
 
 pytestmark = pytest.mark.gpu
 
@@ -161,11 +164,6 @@ def test_cuda_server_answers_as_the_cpu_server(t5_bundle):
     """The app on CUDA as configured by default (CUDA graphs on, float32 here so that greedy choices compare) gives
     the CPU server's texts for plain, bare, Arrow (per token and per prompt), guided, logprobs and beam requests,
     and /readyz shows the graphs ran."""
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from tests.server.conftest import bundle_settings
-
     answers = {}
     for device in ("cpu", "cuda"):
         with TestClient(create_app(bundle_settings(t5_bundle, device=device, dtype="float32"))) as client:
