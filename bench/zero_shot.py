@@ -88,6 +88,19 @@ def zero_shot_bound(tasks: list[str], n: int = 2000) -> float:
     return total / n
 
 
+def variant_rows(engine: Engine, variants: list[ArrowSpec], n_heldout: int, n_train: int, *, prefixed: bool
+                 ) -> dict:
+    """Each variant's exact match on the held-out tasks (and per task) and on the training tasks, names withheld."""
+    heldout, train, per_task = {}, {}, {}
+    for spec in variants:
+        score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout, prefixed=prefixed)
+        heldout[spec.name] = round(score, 3)
+        per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
+        train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train, prefixed=prefixed)[0], 3)
+    return {"heldout_zero_shot_exact_match": heldout, "train_tasks_zero_shot_exact_match": train,
+            "heldout_per_task": per_task}
+
+
 def tokens_per_s(engine: Engine, refs: list, repeats: int) -> float:
     """Median tokens per second of 16 rows × 32 new tokens (end of sequence ignored: equal work)."""
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
@@ -124,21 +137,10 @@ def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSp
     out["train_tasks_routed_exact_match"] = round(exact_match(engine, None, TRAIN_TASKS, n_train)[0], 3)
     out["heldout_zero_shot_bound"] = round(zero_shot_bound(HELDOUT_TASKS), 3)
     out["train_tasks_zero_shot_bound"] = round(zero_shot_bound(TRAIN_TASKS), 3)
-    heldout, train, per_task, heldout_prefixed, train_prefixed, per_task_prefixed = {}, {}, {}, {}, {}, {}
-    for spec in variants:
-        if not prefixed_only:
-            score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout)
-            heldout[spec.name] = round(score, 3)
-            per_task[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
-            train[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train)[0], 3)
-        score, tasks = exact_match(engine, spec, HELDOUT_TASKS, n_heldout, prefixed=True)
-        heldout_prefixed[spec.name] = round(score, 3)
-        per_task_prefixed[spec.name] = {t: round(s, 2) for t, s in tasks.items()}
-        train_prefixed[spec.name] = round(exact_match(engine, spec, TRAIN_TASKS, n_train, prefixed=True)[0], 3)
+    inputs = (False, True) if not prefixed_only else (True,)  # without / with the instruction prefix
+    rows = {prefixed: variant_rows(engine, variants, n_heldout, n_train, prefixed=prefixed) for prefixed in inputs}
     if not prefixed_only:
-        out["heldout_zero_shot_exact_match"] = heldout
-        out["train_tasks_zero_shot_exact_match"] = train
-        out["heldout_per_task"] = per_task
+        out.update(rows[False])
     # the same with the instruction prefix in the input (the demo's adapters were trained without it)
     bare = engine.arrow_adapter(ArrowSpec("skills", 1)).library.zero_adapter()  # the backbone alone
     out["prefixed"] = {
@@ -152,9 +154,7 @@ def quality(engine: Engine, n_heldout: int, n_train: int, variants: list[ArrowSp
                                                         prefixed=True)[0], 3),
         "train_tasks_routed_exact_match": round(exact_match(engine, None, TRAIN_TASKS, n_train,
                                                             prefixed=True)[0], 3),
-        "heldout_zero_shot_exact_match": heldout_prefixed,
-        "train_tasks_zero_shot_exact_match": train_prefixed,
-        "heldout_per_task": per_task_prefixed,
+        **rows[True],
     }
     out["prompt_route_identifies_task"] = {
         "plain": round(identified(engine, n_train, prefixed=False), 3),
