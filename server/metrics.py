@@ -86,16 +86,14 @@ class _StateCollector:
         yield GaugeMetricFamily("mhr_kv_blocks_free", "free blocks of the KV pool", value=loop.kv_blocks_free)
         yield GaugeMetricFamily("mhr_kv_blocks_cached", "unused KV blocks kept for the prefix cache",
                                 value=loop.kv_blocks_cached)
-        yield CounterMetricFamily("mhr_preempted_rows", "rows preempted when the KV pool ran out (computed again)",
-                                  value=loop.preempted_rows)
-        yield CounterMetricFamily("mhr_prefix_cache_hit_blocks", "prompt blocks taken from the prefix cache",
-                                  value=loop.prefix_cache_hits)
-        yield CounterMetricFamily("mhr_encoder_cache_hits", "seq2seq rows whose encoder output came from the cache",
-                                  value=loop.encoder_cache_hits)
-        yield CounterMetricFamily("mhr_static_steps", "decoding steps of the static-shaped step (MHR_CUDA_GRAPHS)",
-                                  value=loop.static_steps)
-        yield CounterMetricFamily("mhr_cuda_graph_captures", "CUDA graphs captured by the static-shaped step",
-                                  value=loop.graph_captures)
+        for name, help_text, value in (
+            ("preempted_rows", "rows preempted when the KV pool ran out (computed again)", loop.preempted_rows),
+            ("prefix_cache_hit_blocks", "prompt blocks taken from the prefix cache", loop.prefix_cache_hits),
+            ("encoder_cache_hits", "seq2seq rows whose encoder output came from the cache", loop.encoder_cache_hits),
+            ("static_steps", "decoding steps of the static-shaped step (MHR_CUDA_GRAPHS)", loop.static_steps),
+            ("cuda_graph_captures", "CUDA graphs captured by the static-shaped step", loop.graph_captures),
+        ):
+            yield CounterMetricFamily(f"mhr_{name}", help_text, value=value)
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)
