@@ -13,10 +13,12 @@ The same result either way (tests/server/test_decode_attention.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
+from .int_tensors import long_tensor
 from .kv_pool import SCRATCH_BLOCK, KVPool
 from .threads import one_thread
 
@@ -64,18 +66,18 @@ def length_groups(tables: list[list[int]], lengths: list[int], block_size: int, 
 
 def _group(members: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
            device: torch.device) -> LengthGroup:
-    width = max(lengths[row] for row in members)
+    row_lengths = [lengths[row] for row in members]
+    width = max(row_lengths)
     blocks = -(-width // block_size)
-    table = torch.tensor([tables[row][:blocks] + [SCRATCH_BLOCK] * (blocks - len(tables[row][:blocks]))
-                          for row in members])  # (n, B)
-    positions = torch.arange(width)
-    row_lengths = torch.tensor([lengths[row] for row in members])
-    slots = table[:, positions // block_size] * block_size + positions % block_size  # (n, L)
-    distance = row_lengths[:, None] - 1 - positions[None, :]  # (n, L)
-    padded = bool((row_lengths < width).any())
+    table = long_tensor(itertools.chain.from_iterable(
+        itertools.islice(itertools.chain(tables[row], itertools.repeat(SCRATCH_BLOCK)), blocks) for row in members))
+    slots = table.view(len(members), blocks, 1) * block_size + torch.arange(block_size)  # (n, B, S)
+    slots = slots.view(len(members), -1)[:, :width].contiguous()  # (n, L): each row's key slots in order
+    distance = long_tensor(row_lengths)[:, None] - 1 - torch.arange(width)[None, :]  # (n, L)
+    padded = min(row_lengths) < width
     if padded:
         slots = slots.masked_fill(distance < 0, SCRATCH_BLOCK * block_size)
-    return LengthGroup(torch.tensor(members, device=device), slots.to(device), distance.to(device), padded)
+    return LengthGroup(long_tensor(members).to(device), slots.to(device), distance.to(device), padded)
 
 
 def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bias) -> torch.Tensor:
@@ -84,13 +86,12 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     together, alone = step.groups(cross)
     with one_thread():
         if not together:
-            return per_row(pool, layer, query, step.runs(cross), bias)
+            return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
         out = torch.empty_like(query)
         for group in together:
             out[group.rows] = grouped(pool, layer, query[group.rows], group, bias)
         if alone:
-            runs = step.runs(cross)
-            out[alone] = per_row(pool, layer, query[alone], [runs[row] for row in alone], bias)
+            out[alone] = per_row(pool, layer, query[alone], step.runs(cross, alone), bias)
     return out
 
 

@@ -50,16 +50,19 @@ class Step:
     cross_slots: torch.Tensor | None = None  # T5 prefill: (N, S) where the encoder positions' keys go
     cross_tables: list[list[int]] = field(default_factory=list)  # T5: each row's encoder blocks
     cross_lengths: list[int] = field(default_factory=list)  # and its input length
-    _runs: dict[bool, list] = field(default_factory=dict)
+    _runs: dict[bool, dict[int, list]] = field(default_factory=dict)
     _groups: dict[bool, tuple] = field(default_factory=dict)
 
-    def runs(self, cross: bool) -> list[list[tuple[int, int]]]:
-        """Each row's slot runs (consecutive blocks merged), self- or cross-attention."""
-        if cross not in self._runs:
-            tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
-            self._runs[cross] = [runs(table, length, self.pool.block_size)
-                                 for table, length in zip(tables, lengths, strict=True)]
-        return self._runs[cross]
+    def runs(self, cross: bool, rows: list[int] | None = None) -> list[list[tuple[int, int]]]:
+        """The slot runs (consecutive blocks merged) of these rows (default: all), self- or cross-attention; each
+        row's worked out once per forward, when first asked for (a decoding step asks only for rows decoded
+        alone)."""
+        tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
+        known = self._runs.setdefault(cross, {})
+        for row in range(len(tables)) if rows is None else rows:
+            if row not in known:
+                known[row] = runs(tables[row], lengths[row], self.pool.block_size)
+        return [known[row] for row in (range(len(tables)) if rows is None else rows)]
 
     def groups(self, cross: bool) -> tuple[list[LengthGroup], list[int]]:
         """The rows' length groups for a decoding step, built once per forward for all layers."""
@@ -170,9 +173,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return module._mhr_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
     cross = module._mhr_cross
-    rows = step.runs(cross)
     if query.shape[2] == 1:
         return _decode(module, query, step, cross, scaling, None if cross else module._mhr_bias), None
+    rows = step.runs(cross)
     bias = None if cross else module._mhr_bias
     width = query.shape[2]
     outs = []

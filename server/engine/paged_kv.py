@@ -22,6 +22,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from .block_manager import BlockManager, prefix_hash
 from .decoder_forward import decoder_forward
+from .int_tensors import long_tensor
 from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
 from .paged_attention import PoolCache, Step, paged
 from .static_step import StaticDecode
@@ -234,15 +235,16 @@ class PagedKV:
         static-shaped step (static_step.py; the layers pointed at its padded rows)."""
         if static:
             return self.static.decode(rows, tokens)
-        slots = torch.tensor([slots_of(r.kv.table, range(r.kv.length, r.kv.length + 1), self.size) for r in rows])
-        positions = torch.tensor([[r.kv.length] for r in rows])
+        size = self.size
+        slots = long_tensor(r.kv.table[r.kv.length // size] * size + r.kv.length % size for r in rows)[:, None]
+        positions = long_tensor(r.kv.length for r in rows)[:, None]  # (N, 1)
         for row in rows:
             row.kv.length += 1
         step = Step(self.pool, slots.to(self.device), [1] * len(rows), [r.kv.table for r in rows],
                     [r.kv.length for r in rows])
         if self.is_seq2seq:
             step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (N, 1)
+        ids = long_tensor(tokens).to(self.device)[:, None]  # (N, 1)
         with paged(step):
             return decoder_forward(self.model, self.is_seq2seq, self.layers, ids, positions.to(self.device),
                                    _NO_MASK)

@@ -19,13 +19,14 @@ class _Step:
     def __init__(self, tables, lengths, grouped: bool = True):
         self.tables, self.lengths, self.grouped = tables, lengths, grouped
 
-    def runs(self, cross):
-        return [runs(t, n, BLOCK) for t, n in zip(self.tables, self.lengths, strict=True)]
+    def runs(self, cross, rows=None):
+        return [runs(self.tables[row], self.lengths[row], BLOCK) for row in rows or range(len(self.tables))]
 
     def groups(self, cross):
-        if not self.grouped:
-            return [], list(range(len(self.lengths)))
-        return decode_attention.length_groups(self.tables, self.lengths, BLOCK, torch.device("cpu"), 1)
+        # not grouped: positions too large for any gather, so every row goes alone (in length_groups' own order)
+        position_elements = 1 if self.grouped else 1 << 40
+        return decode_attention.length_groups(self.tables, self.lengths, BLOCK, torch.device("cpu"),
+                                              position_elements)
 
 
 class _Bias:
