@@ -1,6 +1,7 @@
 """API keys: when `api_key` is set, mutating routes require it (and every route, with api_key_all_routes).
 
 The key comes as `Authorization: Bearer <key>` or `X-API-Key: <key>`; missing -> 401, wrong -> 403.
+The checks are coroutines (FastAPI runs a plain function dependency in a worker thread).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def _check(request: Request) -> None:
         raise ApiError(403, "forbidden", "the API key is not valid")
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     """For mutating routes: /adapt, DELETE /tasks/{name}, export."""
     _check(request)
 
 
-def require_key_if_all(request: Request) -> None:
+async def require_key_if_all(request: Request) -> None:
     """For reading routes: only when api_key_all_routes is set."""
     if request.app.state.settings.api_key_all_routes:
         _check(request)

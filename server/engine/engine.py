@@ -325,9 +325,6 @@ class Engine:
     def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.token_ids(text))
-
     def stats(self) -> LoopStats:
         return self.loop.stats()
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion
-from ..guided_spec import generate_grammar
+from ..guided_spec import generate_grammar, off_the_loop
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, Output, TokenLogprobOut, TopToken, Usage
 from ..security import ReadingKey
 from ..sse import generate_events
@@ -22,9 +21,9 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=ReadingKey)
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, admission: AdmissionDep,
                    settings: SettingsDep, metrics: MetricsDep):
-    target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
-    grammar = await run_in_threadpool(generate_grammar, body.guided, engine)  # compiling may take a while
-    rows = rows_of(target.ref, texts, sampling_params(body, settings, grammar))
+    target, texts, ids = task_and_texts(engine, metrics, settings, body.task, body.inputs)
+    grammar = await off_the_loop(generate_grammar, body.guided, engine)
+    rows = rows_of(target.ref, texts, sampling_params(body, settings, grammar), ids)
     if body.stream:
         admission.check_capacity()
         pieces = metrics.count_streamed(admission.stream(rows))

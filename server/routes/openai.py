@@ -13,14 +13,13 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import Completion, Engine, GenerateRow, SamplingParams
 from ..engine.rows import TokenLogprob
 from ..errors import ApiError
-from ..guided_spec import response_format_grammar
+from ..guided_spec import off_the_loop, response_format_grammar
 from ..openai_compat.logprobs import chat_logprobs, completion_logprobs
 from ..openai_compat.prompts import PromptIn, prompts_of
 from ..openai_compat.requests import ChatRequest, CompletionRequest, SamplingFields, refused_field
@@ -56,7 +55,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     _check_completion_fields(body, engine.loaded.is_seq2seq)
     info = _served(body, engine, metrics, settings)
     prompts = prompts_of(body.prompt, engine, settings)
-    grammar = await run_in_threadpool(response_format_grammar, body.response_format, engine)
+    grammar = await off_the_loop(response_format_grammar, body.response_format, engine)
     rows = _completion_rows(body, info.ref, prompts, settings, grammar)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -81,7 +80,7 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     info = _served(body, engine, metrics, settings)
     _check_rows(body.n, settings)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    grammar = await run_in_threadpool(response_format_grammar, body.response_format, engine)
+    grammar = await off_the_loop(response_format_grammar, body.response_format, engine)
     params = _params(body, body.max_completion_tokens or body.max_tokens, settings, grammar, logprobs=logprobs)
     prompt = PromptIn("", _render_chat(engine, body, settings.max_input_tokens))
     rows = [GenerateRow(info.ref, "", params, index=j, prompt_ids=prompt.ids) for j in range(body.n)]

@@ -21,7 +21,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS, dependencies=ReadingKey)
 async def score(body: ScoreRequest, engine: EngineDep, admission: AdmissionDep, settings: SettingsDep,
                 metrics: MetricsDep):
-    target, texts = task_and_texts(engine, metrics, settings, body.task, body.inputs)
+    target, texts, _ = task_and_texts(engine, metrics, settings, body.task, body.inputs)
     choices = _choices_per_input(body.choices, len(texts))
     for i, options in enumerate(choices):
         if len(options) > settings.max_choices:

@@ -80,26 +80,28 @@ def version_served(target: Served, ran: int | None) -> int | None:
 
 def task_and_texts(engine: Engine, metrics: Metrics, settings: Settings, task: str | MixSpec | ArrowRoute,
                    inputs: str | list[str], field: str = "inputs", task_field: str = "task"
-                   ) -> tuple[Served, list[str]]:
-    """The request's task or mix (see `served`) and its inputs as a checked list."""
+                   ) -> tuple[Served, list[str], list[list[int]]]:
+    """The request's task or mix (see `served`), its inputs as a checked list, and their token ids."""
     target = served(engine, metrics, settings, task, task_field)
     texts = as_list(inputs)
-    check_texts(texts, field, engine, settings)
-    return target, texts
+    return target, texts, check_texts(texts, field, engine, settings)
 
 
 def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "validation_error", f"{field}: {message}", field)
 
 
-def check_texts(texts: list[str], field: str, engine: Engine, settings: Settings) -> None:
+def check_texts(texts: list[str], field: str, engine: Engine, settings: Settings) -> list[list[int]]:
+    """Each text's token ids, checked against the limits (the rows take them: the serving loop does not tokenise
+    again)."""
     if len(texts) > settings.max_inputs_per_request:
         raise invalid(field, f"{len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
-    for i, text in enumerate(texts):
-        n = engine.count_tokens(text)
-        if n > settings.max_input_tokens:
+    ids = [engine.token_ids(text) for text in texts]
+    for i, row_ids in enumerate(ids):
+        if len(row_ids) > settings.max_input_tokens:
             where = field if len(texts) == 1 else f"{field}.{i}"
-            raise invalid(where, f"{n} tokens; at most max_input_tokens={settings.max_input_tokens}")
+            raise invalid(where, f"{len(row_ids)} tokens; at most max_input_tokens={settings.max_input_tokens}")
+    return ids
 
 
 def check_lengths(settings: Settings, max_new: int, min_new: int, *, max_field: str = "max_new_tokens",
@@ -140,6 +142,9 @@ def sampling_params(body: GenerateRequest, settings: Settings, grammar: str | No
                           logprobs=body.logprobs, grammar=grammar)
 
 
-def rows_of(task: TaskRef | ArrowSpec, texts: list[str], params: SamplingParams) -> list[GenerateRow]:
-    """One engine row per input text."""
-    return [GenerateRow(task, text, params, index=i) for i, text in enumerate(texts)]
+def rows_of(task: TaskRef | ArrowSpec, texts: list[str], params: SamplingParams,
+            ids: list[list[int]] | None = None) -> list[GenerateRow]:
+    """One engine row per input text (with its token ids where the caller has them)."""
+    ids = ids or [None] * len(texts)
+    return [GenerateRow(task, text, params, index=i, prompt_ids=row_ids)
+            for i, (text, row_ids) in enumerate(zip(texts, ids, strict=True))]
