@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 import torch
@@ -22,10 +23,15 @@ from .routes import metrics as metrics_route
 from .settings import Settings
 
 log = logging.getLogger("mhr_serve")
+# The serving loop's thread runs Python between its kernels; the event loop's thread waits for the GIL each time it
+# comes back from a socket, by default up to 5 ms (a convoy: many waits per request). 0.5 ms measured on the demo
+# with 32 clients: 1850-2036 -> 2117-2200 tokens/s, /healthz under that load 6.6-7.5 -> 5.6-6.5 ms.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def build_engine(settings: Settings) -> Engine:
     """Load the backbone and the inventory, check one against the other, wrap the target layers."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     refresh_s = settings.store_refresh_s if settings.shared_store else None
@@ -38,7 +44,7 @@ def build_engine(settings: Settings) -> Engine:
                     prepack_weights=settings.prepack_weights, memory_fraction=settings.memory_fraction,
                     memory_limit_bytes=settings.memory_limit_bytes, kv_block_size=settings.kv_block_size,
                     kv_cache_bytes=settings.kv_cache_bytes, prefix_cache=settings.prefix_cache,
-                    prefill_chunk=settings.prefill_chunk,
+                    prefill_chunk=settings.prefill_chunk, gather_joins=settings.gather_joins,
                     static_step=_static_step(settings, torch.device(loaded.device)))
     store.on_change(engine.forget_task)  # another server's new version or deletion: drop the cached adapters
     log.info("serving %s with inventory %s (%d tasks, fingerprint %s) on %s/%s%s", settings.model,
