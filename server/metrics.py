@@ -92,6 +92,9 @@ class _StateCollector:
             ("encoder_cache_hits", "seq2seq rows whose encoder output came from the cache", loop.encoder_cache_hits),
             ("static_steps", "decoding steps of the static-shaped step (MHR_CUDA_GRAPHS)", loop.static_steps),
             ("cuda_graph_captures", "CUDA graphs captured by the static-shaped step", loop.graph_captures),
+            ("joining_prefills", "prefill forwards of rows joining the batch (MHR_GATHER_JOINS makes them fewer)",
+             loop.joining_prefills),
+            ("joined_rows", "rows that joined the batch through those prefills", loop.joined_rows),
         ):
             yield CounterMetricFamily(f"mhr_{name}", help_text, value=value)
         stats = self.cache_stats()

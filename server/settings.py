@@ -50,6 +50,9 @@ class Settings(BaseSettings):
                                   "plan where they do not fit")
     kv_cache_bytes: int | None = Field(None, ge=1, description="the KV pool's size in bytes (instead of "
                                        "max_batch_tokens positions)")
+    gather_joins: bool = Field(True, description="under load (the batch at least half full), rows that could join "
+                               "wait up to one prefill's duration for others to join with them, so the loop runs "
+                               "fewer prefill forwards; false: every arrival joins at the next iteration")
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per block of the KV pool")
     prefill_chunk: int | None = Field(512, ge=1, description="a causal LM's prompt longer than this is prefilled "
                                       "this many tokens per iteration, so running rows keep decoding between its "

@@ -58,13 +58,14 @@ class Engine:
                  memory: MemoryFigures | None = None, memory_limit_bytes: int | None = None,
                  kv_block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_bytes: int | None = None,
                  prefix_cache: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-                 static_step: str | None = None):
+                 static_step: str | None = None, gather_joins: bool = True):
         """merge_single_task / prepack_weights: None (auto: on where the memory plan fits them), True (start-up fails
         where it cannot), False. max_batch_tokens: the KV pool's positions (kv_cache_bytes, where given, sets them
         instead); longest_row: the positions of one row of the longest input and output (the pool is never clamped
         below it). memory: the device's figures (default: measured, with memory_limit_bytes in place of the device's
         limit where given). static_step: decoding steps with static shapes (static_step.py): "eager" or "cuda-
-        graphs"; None: the paged step (shapes of the batch's own). A model the serving loop cannot decode stops
+        graphs"; None: the paged step (shapes of the batch's own). gather_joins: under load, rows wait up to one
+        prefill's duration to join together (plan.py). A model the serving loop cannot decode stops
         start-up (ModelLoadError naming its type and the supported ones)."""
         check_model(store.inventory, loaded.model)
         check_loop_supported(loaded.model, loaded.is_seq2seq)
@@ -99,7 +100,7 @@ class Engine:
                              decoder_start=loaded.model.config.decoder_start_token_id if loaded.is_seq2seq else None,
                              prefill_chunk=prefill_chunk)
         batch.route_prompts = lambda rows: arrow_prompt.route_rows(self.loaded, self.slots, rows)
-        self.loop = Scheduler(batch, Policy(max_rows=max_batch_size),
+        self.loop = Scheduler(batch, Policy(max_rows=max_batch_size, gather_joins=gather_joins),
                               resolve=self.adapters_and_keys, score_chunk=self._score_chunk,
                               make_rows=RowMaker(loaded.tokenizer, self.eos_ids, max_batch_size))
 

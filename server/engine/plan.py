@@ -10,6 +10,13 @@ applies the tokens (output_step.py).
                   next step); the first that does not fit waits and so do those behind it (no overtaking); a beam
                   search joins with all its beams or not at all; an empty batch always takes the first (a pool too
                   small for it preempts, never fails: running_batch.py)
+                  Under load (the batch at least half full) rows that could join wait, up to one prefill's
+                  duration (measured, averaged), for others to join with them: every join is a prefill forward of
+                  its own, and when requests end and arrive at every step, prefilling one row per step took more of
+                  the loop than decoding (`gather_joins`; the wait is at most GATHER_MAX_S, and the first prefill,
+                  cold, is not counted). Rows join at once where the batch is lightly loaded (a
+                  short request behind a few long ones is not delayed), where the joining rows fill the batch, and
+                  where some waiting rows cannot join anyway
     Plan.decode   whether the running rows (with those admitted) take a decoding step
 
 A training step is due at once when nothing was served for `grace_s` (the next request of a client usually
@@ -25,6 +32,7 @@ from typing import Literal
 
 Other = Literal["call", "score", "background"]
 TURNS: tuple[Other, ...] = ("call", "score")
+GATHER_MAX_S = 0.1  # the longest a joinable row waits for others
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class LoopView:
     score_chunks: int = 0  # /score work queued (any amount counts as one chunk to run)
     background: int = 0  # training steps queued
     now: float = 0.0  # monotonic seconds
+    waited: float = 0.0  # seconds the oldest waiting row has waited
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,12 @@ class Plan:
 
 
 class Policy:
-    def __init__(self, *, max_rows: int, background_share: float = 0.2, background_grace_s: float = 0.02):
+    def __init__(self, *, max_rows: int, background_share: float = 0.2, background_grace_s: float = 0.02,
+                 gather_joins: bool = True):
         self.max_rows = max_rows
+        self.gather_joins = gather_joins
+        self.prefill_s = 0.0  # a joining prefill's duration, averaged (0: none measured yet)
+        self._prefills = 0
         self.background_share = background_share
         self.background_grace_s = background_grace_s
         self._turn = 0
@@ -67,6 +80,8 @@ class Policy:
 
     def plan(self, view: LoopView) -> Plan:
         admit = self.admissible(view.running, view.waiting, view.free_blocks)
+        if admit and self._gathering(view, admit):
+            admit = 0
         serving = bool(view.running or view.waiting or view.score_chunks)
         if serving:
             self._last_served = view.now
@@ -85,6 +100,20 @@ class Policy:
             rows += cost.rows
             blocks += cost.blocks
         return taken
+
+    def _gathering(self, view: LoopView, admit: int) -> bool:
+        """Should the `admit` rows that could join wait for more to join with them (see the module docstring)?"""
+        if not self.gather_joins or view.running * 2 < self.max_rows or admit < len(view.waiting):
+            return False
+        if view.running + sum(cost.rows for cost in view.waiting[:admit]) >= self.max_rows:
+            return False
+        return view.waited < min(self.prefill_s, GATHER_MAX_S)
+
+    def prefill_ran(self, seconds: float) -> None:
+        """Told how long a joining prefill took (the first one, cold, is not counted)."""
+        self._prefills += 1
+        if self._prefills > 1:
+            self.prefill_s = seconds if self.prefill_s == 0 else 0.8 * self.prefill_s + 0.2 * seconds
 
     def _other(self, view: LoopView) -> Other | None:
         waiting = {"call": view.calls > 0, "score": view.score_chunks > 0}

@@ -58,6 +58,8 @@ class LoopStats:
     static_step: str | None = None  # the static-shaped step's mode ("cuda-graphs", "eager": graphs turned off)
     static_steps: int = 0  # decoding steps it ran
     graph_captures: int = 0  # CUDA graphs captured (one per bucket of rows, table width and adapter layout)
+    joining_prefills: int = 0  # prefill forwards of rows joining the batch (each may hold several rows)
+    joined_rows: int = 0  # rows that joined through them
 
 
 class Scheduler:
@@ -72,6 +74,8 @@ class Scheduler:
         self.score_chunk = score_chunk
         self.scores = ScoreQueue(chunk_pairs=policy.max_rows)
         self.iterations = 0
+        self.joining_prefills = 0  # prefill forwards of joining rows (LoopStats)
+        self.joined_rows = 0
         self.on_step: Callable[[int], None] | None = None  # told the batch size after each decoding step (metrics)
         self._waiting: deque[WaitingRow] = deque()  # rows for the decoding loop, in arrival order
         self._calls: deque[_Call] = deque()
@@ -118,7 +122,8 @@ class Scheduler:
         static = self.batch.kv.static
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
                          blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits,
-                         *((static.mode, static.steps, static.captures) if static else (None, 0, 0)))
+                         *((static.mode, static.steps, static.captures) if static else (None, 0, 0)),
+                         self.joining_prefills, self.joined_rows)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""
@@ -161,8 +166,10 @@ class Scheduler:
             if rows is None:
                 break
             waiting.append(RowCost(sum(self.batch.blocks_to_join(row) for row in rows), len(rows)))
+        now = time.monotonic()
         return LoopView(self.batch.occupied, waiting, self.batch.kv.blocks.available(), len(self._calls),
-                        int(bool(self.scores)), len(self._background), time.monotonic())
+                        int(bool(self.scores)), len(self._background), now,
+                        now - self._waiting[0].arrived if self._waiting else 0.0)
 
     def _has_work(self) -> bool:
         if self._waiting or self._calls or self.scores or self.batch.occupied:
@@ -250,7 +257,12 @@ class Scheduler:
         if not joining:
             return
         try:
-            self._finish(self.batch.admit(joining))
+            started = time.perf_counter()
+            ended = self.batch.admit(joining)
+            self.policy.prefill_ran(time.perf_counter() - started)
+            self.joining_prefills += 1
+            self.joined_rows += len(joining)
+            self._finish(ended)
         except MemoryError as exc:  # more than the whole KV pool: these requests fail, the running rows go on
             for row in joining:
                 row.job.fail(ValueError(f"the KV cache cannot hold this request ({exc}); raise MHR_KV_CACHE_BYTES "

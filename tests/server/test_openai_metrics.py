@@ -91,6 +91,8 @@ def test_request_token_task_latency_and_batch_metrics_move_by_what_was_sent(prin
     steps = d("mhr_batch_rows_count")
     assert steps >= 1 and d("mhr_batch_rows_bucket", le="2.0") == steps > d("mhr_batch_rows_bucket", le="1.0")
     assert 3 + 2 + 1 <= d("mhr_batch_rows_sum") <= sum(usage)
+    # sent one request at a time: each joined in a prefill of its own, the 2-row request's rows together
+    assert (d("mhr_joining_prefills_total"), d("mhr_joined_rows_total")) == (5, 6)
     assert metric(after, "mhr_queue_depth") == 0
 
 

@@ -1,7 +1,7 @@
 """The serving loop's policy without a model: admission within rows and cache positions (in order, beams whole),
 turn-taking of calls and /score work, and the share of the loop a training step gets."""
 
-from server.engine.plan import LoopView, Policy, RowCost
+from server.engine.plan import GATHER_MAX_S, LoopView, Policy, RowCost
 
 ROW = RowCost(blocks=2)
 
@@ -61,3 +61,35 @@ def test_training_gets_its_share_of_a_busy_loop():
     assert policy.background_wait(LoopView(**busy, now=4.0)) == 1.0
     assert policy.plan(LoopView(**busy, now=5.0)).other == "background"
     assert policy.plan(LoopView(**busy, calls=1, now=6.0)).other == "call"  # waiting calls come first
+
+
+def _loaded_policy(prefill_s: float = 0.04, **options) -> Policy:
+    policy = Policy(max_rows=8, **options)
+    policy.prefill_ran(1.0)  # the first prefill, cold: not counted
+    policy.prefill_ran(prefill_s)
+    return policy
+
+
+def test_under_load_a_joinable_row_waits_up_to_one_prefill_for_others():
+    policy = _loaded_policy()
+    assert policy.prefill_s == 0.04
+    assert policy.plan(LoopView(5, [ROW], waited=0.01)).admit == 0  # 5 of 8 rows running: it waits
+    assert policy.plan(LoopView(5, [ROW, ROW], waited=0.03)).admit == 0
+    assert policy.plan(LoopView(5, [ROW, ROW], waited=0.04)).admit == 2  # one prefill's time: they join together
+    assert policy.plan(LoopView(5, [ROW], waited=0.01)).decode  # the running rows go on decoding meanwhile
+
+
+def test_rows_join_at_once_when_waiting_gathers_nothing():
+    policy = _loaded_policy()
+    assert policy.plan(LoopView(3, [ROW], waited=0.0)).admit == 1  # lightly loaded: a short request is not delayed
+    assert policy.plan(LoopView(5, [ROW] * 3, waited=0.0)).admit == 3  # they fill the batch
+    assert policy.plan(LoopView(6, [ROW] * 3, waited=0.0)).admit == 2  # one cannot join anyway
+    assert policy.plan(LoopView(5, [RowCost(1, 3)], waited=0.0)).admit == 1  # a beam search filling the batch
+    assert _loaded_policy(gather_joins=False).plan(LoopView(5, [ROW], waited=0.0)).admit == 1
+
+
+def test_the_wait_is_bounded_and_starts_after_a_measured_prefill():
+    assert Policy(max_rows=8).plan(LoopView(5, [ROW], waited=0.0)).admit == 1  # nothing measured yet
+    slow = _loaded_policy(prefill_s=5.0)
+    assert slow.plan(LoopView(5, [ROW], waited=0.05)).admit == 0
+    assert slow.plan(LoopView(5, [ROW], waited=GATHER_MAX_S)).admit == 1
