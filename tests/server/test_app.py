@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from adapter_store import AdapterStore
-from server.app import create_app
+from server.app import create_app, in_own_thread
 from tests.server.conftest import bundle_settings, serving, sse_events
 
 
@@ -179,8 +179,6 @@ def test_health_answers_while_an_export_is_in_progress(t5_bundle, monkeypatch):
 
 def test_the_engine_is_built_in_a_thread_that_ends_with_it():
     """Torch's OpenMP team lives as long as its thread: the build's must not outlive it (app.in_own_thread)."""
-    from server.app import in_own_thread
-
     seen = []
 
     def build(value):
