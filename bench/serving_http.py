@@ -1,6 +1,7 @@
 """The HTTP part of bench/serving.py: uvicorn in a subprocess on loopback.
 
     throughput          1 client vs 32 concurrent clients, fixed-length requests        ratio_32_clients_vs_1
+                        (and how many rows joined per prefill forward: rows_per_joining_prefill_32_clients)
     head of line        8-token requests alone, then while 4 clients stream 256-token generations
                                                                                          hol_short_p50_ratio
     mixed lengths       64 clients share a fixed list of requests, max_new_tokens uniform in 8..256 (seeded); 8 of the
@@ -192,13 +193,26 @@ async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int
             "ttft_p99_ms": round(1e3 * firsts[int(0.99 * (len(firsts) - 1))], 1)}
 
 
+def joins(base: str) -> tuple[float, float]:
+    """(joining prefills, rows they carried) so far, from the server's /metrics."""
+    found = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("mhr_joining_prefills_total", "mhr_joined_rows_total"):
+            found[name] = float(value)
+    return found["mhr_joining_prefills_total"], found["mhr_joined_rows_total"]
+
+
 def http_throughput(model: Path, inventory: Path, adapted: Path, args) -> dict:
     out = {}
     with served(model, inventory, adapted, args.threads, args.device) as (base, tasks):
         one = asyncio.run(_clients(base, tasks, args.http_requests // 4, 1, args.new_tokens))
+        before = joins(base)
         many = asyncio.run(_clients(base, tasks, args.http_requests, 32, args.new_tokens))
+        prefills, rows = (after - earlier for after, earlier in zip(joins(base), before, strict=True))
         out.update(http_tokens_per_s_1_client=round(one, 1), http_tokens_per_s_32_clients=round(many, 1),
-                   ratio_32_clients_vs_1=round(many / one, 3))
+                   ratio_32_clients_vs_1=round(many / one, 3),
+                   rows_per_joining_prefill_32_clients=round(rows / max(prefills, 1), 2))
         out.update(asyncio.run(_head_of_line(base, tasks, args.hol_requests)))
         continuous = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
     out.update(mixed_length_tokens_per_s=continuous["tokens_per_s"], ttft_p50_ms=continuous["ttft_p50_ms"],
