@@ -12,7 +12,7 @@ The modes run in interleaved rounds; ratios use each mode's median round, `best_
 split the 16-task ratio into its parts: our backbone with no adapter active (`ratio_prepacked_base_vs_bare`)
 and the same engine without prepacking (`ratio_16_tasks_not_prepacked_vs_bare`: the adapters' cost alone).
 
-    .venv/bin/python bench/serving.py [--quick] [--skip-demo] [--skip-http]
+    .venv/bin/python bench/serving.py [--quick] [--skip-demo] [--skip-http | --only-http] [--gather-joins off]
 """
 
 from __future__ import annotations
@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 11, shorter HTTP runs (~5 min)")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--only-http", action="store_true", help="the HTTP parts only (no in-process engines)")
+    parser.add_argument("--gather-joins", choices=["on", "off"], default="on",
+                        help="the HTTP servers' MHR_GATHER_JOINS (rows joining under load wait to join together)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the engines and the HTTP servers)")
     parser.add_argument("--cuda-graphs", choices=["on", "off"], default="off",
@@ -219,23 +222,25 @@ def main() -> None:
     graphs = args.cuda_graphs == "on"
     args.static_step = "cuda-graphs" if graphs else None
     os.environ["MHR_CUDA_GRAPHS"] = "true" if graphs else "false"  # the HTTP servers' too
+    os.environ["MHR_GATHER_JOINS"] = "true" if args.gather_joins == "on" else "false"
     args.reps = 3 if args.quick else 11
     args.new_tokens = 32  # the same work per round as the full run: --quick only runs fewer rounds
     args.cycle_tasks = 1000
     args.http_requests = 48 if args.quick else 160
     args.hol_requests = 12 if args.quick else 30
     args.mixed_requests = 96 if args.quick else 320
-    result = {"cuda_graphs": graphs,
+    result = {"cuda_graphs": graphs, "gather_joins": args.gather_joins == "on",
               "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "threads": torch.get_num_threads(), "batch": BATCH, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_random_bundle(folder)
-        result.update(suite(folder / "model", folder / "inventory", folder / "adapted", args))
+        if not args.only_http:
+            result.update(suite(folder / "model", folder / "inventory", folder / "adapted", args))
         if not args.skip_http:
             result.update(http_throughput(folder / "model", folder / "inventory", folder / "adapted", args))
         if not args.skip_demo and (DEMO / "inventory").is_dir():
-            demo = suite(DEMO / "model", DEMO / "inventory", folder / "demo-adapted", args)
+            demo = {} if args.only_http else suite(DEMO / "model", DEMO / "inventory", folder / "demo-adapted", args)
             if not args.skip_http:
                 demo.update(http_throughput(DEMO / "model", DEMO / "inventory", folder / "demo-adapted", args))
             result.update({f"demo_{k}": v for k, v in demo.items()})
