@@ -41,5 +41,3 @@ part 60 step-paged.json python3 bench/engine_core.py --device cuda --only step -
 part 70 step-cuda-graphs.json python3 bench/engine_core.py --device cuda --only step --quick --static-step cuda-graphs
 part 150 serving-cuda-graphs.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs on
 part 120 serving-cuda.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs off
-part 70 serving-http-no-gather.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs on \
-  --only-http --gather-joins off

@@ -211,7 +211,8 @@ def main() -> None:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--only-http", action="store_true", help="the HTTP parts only (no in-process engines)")
     parser.add_argument("--gather-joins", choices=["on", "off"], default="on",
-                        help="the HTTP servers' MHR_GATHER_JOINS (rows joining under load wait to join together)")
+                        help="the HTTP servers' MHR_GATHER_JOINS (rows joining under load wait to join together; "
+                        "the 32-client pass runs in lockstep and does not exercise it: 32 rows join an empty batch)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the engines and the HTTP servers)")
     parser.add_argument("--cuda-graphs", choices=["on", "off"], default="off",
