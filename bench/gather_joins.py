@@ -4,7 +4,7 @@ clients fall out of step, rows end and arrive at most steps, and that is where g
 32-client pass of bench/serving_http.py runs in lockstep and does not exercise it). Prints JSON: tokens/s and rows
 per joining prefill (from /metrics) per round and side.
 
-    .venv/bin/python bench/gather_joins.py [--rounds 2] [--requests 320] [--model DIR --inventory DIR]
+    .venv/bin/python bench/gather_joins.py [--rounds 2] [--requests 320] [--model DIR --inventory DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from bench.serving_http import _clients, joins, served  # noqa: E402
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
 
 
-def one_side(model: Path, inventory: Path, adapted: Path, gather: str, requests: int) -> dict:
-    with served(model, inventory, adapted, None, MHR_GATHER_JOINS=gather) as (base, tasks):
+def one_side(model: Path, inventory: Path, adapted: Path, gather: str, requests: int, device: str) -> dict:
+    with served(model, inventory, adapted, None, device, MHR_GATHER_JOINS=gather) as (base, tasks):
         asyncio.run(_clients(base, tasks, 64, 32, 32))
         before = joins(base)
         tokens_per_s = asyncio.run(_clients(base, tasks, requests, 32, 32))
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--model", type=Path, default=DEMO / "model")
     parser.add_argument("--inventory", type=Path, default=DEMO / "inventory")
+    parser.add_argument("--device", default="cpu", help="the servers' MHR_DEVICE (cuda: CUDA graphs on by default)")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,10 +47,10 @@ def main() -> None:
             for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 adapted = Path(tmp) / f"adapted-{r}-{side}"
                 runs[side].append(one_side(args.model, args.inventory, adapted,
-                                           "true" if side == "on" else "false", args.requests))
+                                           "true" if side == "on" else "false", args.requests, args.device))
     median = {side: {key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]}
               for side in runs}
-    print(json.dumps({"requests": args.requests, "clients": 32, "rounds": runs, "median": median,
+    print(json.dumps({"device": args.device, "requests": args.requests, "clients": 32, "rounds": runs, "median": median,
                       "tokens_per_s_on_vs_off": round(median["on"]["tokens_per_s"] / median["off"]["tokens_per_s"], 3)},
                      indent=1))
 
