@@ -19,10 +19,15 @@ from .routes.validation import invalid
 REGEX_META = set("\\.+*?()|[]{}^$")
 
 
+def _free_text(spec: Any) -> bool:
+    """No grammar asked for: /generate's `guided` absent, or the OpenAI routes' response_format absent or text."""
+    return spec is None or spec == {"type": "text"}
+
+
 async def off_the_loop(grammar_of, spec: Any, engine) -> str | None:
     """grammar_of(spec, engine) in a worker thread (compiling may take a while); None at once where the request asks
     for free text (a thread hop for every request took a sixth of the event loop's time under 32 clients)."""
-    if spec is None or spec == {"type": "text"}:
+    if _free_text(spec):
         return None
     return await run_in_threadpool(grammar_of, spec, engine)
 
@@ -40,7 +45,7 @@ def generate_grammar(guided, engine) -> str | None:
 
 def response_format_grammar(response_format: Any, engine) -> str | None:
     """The OpenAI routes' `response_format` -> a checked grammar (None: free text)."""
-    if response_format is None or response_format == {"type": "text"}:
+    if _free_text(response_format):
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_object":

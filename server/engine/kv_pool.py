@@ -96,6 +96,11 @@ def runs(table: list[int], length: int, block_size: int) -> list[tuple[int, int]
     return found
 
 
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """The slot of one position of a row."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 def slots_of(table: list[int], positions: range, block_size: int) -> list[int]:
     """The slot of each position of a row."""
-    return [table[p // block_size] * block_size + p % block_size for p in positions]
+    return [slot_of(table, p, block_size) for p in positions]

@@ -59,10 +59,11 @@ class Step:
         alone)."""
         tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
         known = self._runs.setdefault(cross, {})
-        for row in range(len(tables)) if rows is None else rows:
+        wanted = range(len(tables)) if rows is None else rows
+        for row in wanted:
             if row not in known:
                 known[row] = runs(tables[row], lengths[row], self.pool.block_size)
-        return [known[row] for row in (range(len(tables)) if rows is None else rows)]
+        return [known[row] for row in wanted]
 
     def groups(self, cross: bool) -> tuple[list[LengthGroup], list[int]]:
         """The rows' length groups for a decoding step, built once per forward for all layers."""

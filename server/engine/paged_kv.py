@@ -23,7 +23,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from .block_manager import BlockManager, prefix_hash
 from .decoder_forward import decoder_forward
 from .int_tensors import long_tensor
-from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
+from .kv_pool import SCRATCH_BLOCK, KVPool, slot_of, slots_of
 from .paged_attention import PoolCache, Step, paged
 from .static_step import StaticDecode
 
@@ -235,8 +235,7 @@ class PagedKV:
         static-shaped step (static_step.py; the layers pointed at its padded rows)."""
         if static:
             return self.static.decode(rows, tokens)
-        size = self.size
-        slots = long_tensor(r.kv.table[r.kv.length // size] * size + r.kv.length % size for r in rows)[:, None]
+        slots = long_tensor(slot_of(r.kv.table, r.kv.length, self.size) for r in rows)[:, None]  # (N, 1)
         positions = long_tensor(r.kv.length for r in rows)[:, None]  # (N, 1)
         for row in rows:
             row.kv.length += 1

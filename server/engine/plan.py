@@ -71,7 +71,8 @@ class Policy:
         self.max_rows = max_rows
         self.gather_joins = gather_joins
         self.prefill_s = 0.0  # a joining prefill's duration, averaged (0: none measured yet)
-        self._prefills = 0
+        self.prefills = 0  # joining prefill forwards so far
+        self.joined_rows = 0  # the rows they carried
         self.background_share = background_share
         self.background_grace_s = background_grace_s
         self._turn = 0
@@ -109,10 +110,11 @@ class Policy:
             return False
         return view.waited < min(self.prefill_s, GATHER_MAX_S)
 
-    def prefill_ran(self, seconds: float) -> None:
-        """Told how long a joining prefill took (the first one, cold, is not counted)."""
-        self._prefills += 1
-        if self._prefills > 1:
+    def prefill_ran(self, seconds: float, rows: int) -> None:
+        """Told how long a joining prefill of `rows` rows took (the first one, cold, is not timed)."""
+        self.prefills += 1
+        self.joined_rows += rows
+        if self.prefills > 1:
             self.prefill_s = seconds if self.prefill_s == 0 else 0.8 * self.prefill_s + 0.2 * seconds
 
     def _other(self, view: LoopView) -> Other | None:

@@ -74,8 +74,6 @@ class Scheduler:
         self.score_chunk = score_chunk
         self.scores = ScoreQueue(chunk_pairs=policy.max_rows)
         self.iterations = 0
-        self.joining_prefills = 0  # prefill forwards of joining rows (LoopStats)
-        self.joined_rows = 0
         self.on_step: Callable[[int], None] | None = None  # told the batch size after each decoding step (metrics)
         self._waiting: deque[WaitingRow] = deque()  # rows for the decoding loop, in arrival order
         self._calls: deque[_Call] = deque()
@@ -123,7 +121,7 @@ class Scheduler:
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
                          blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits,
                          *((static.mode, static.steps, static.captures) if static else (None, 0, 0)),
-                         self.joining_prefills, self.joined_rows)
+                         self.policy.prefills, self.policy.joined_rows)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""
@@ -259,9 +257,7 @@ class Scheduler:
         try:
             started = time.perf_counter()
             ended = self.batch.admit(joining)
-            self.policy.prefill_ran(time.perf_counter() - started)
-            self.joining_prefills += 1
-            self.joined_rows += len(joining)
+            self.policy.prefill_ran(time.perf_counter() - started, len(joining))
             self._finish(ended)
         except MemoryError as exc:  # more than the whole KV pool: these requests fail, the running rows go on
             for row in joining:

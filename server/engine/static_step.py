@@ -23,7 +23,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from .decoder_forward import decoder_forward
-from .kv_pool import SCRATCH_BLOCK, KVPool, slots_of
+from .int_tensors import long_tensor
+from .kv_pool import SCRATCH_BLOCK, KVPool, slot_of
 from .paged_attention import STATIC_KWARG, relative_bias
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def static_inputs(pool: KVPool, rows: list, tokens: list[int], pad_id: int, devi
     lengths = [r.kv.length for r in rows]
     ids = tokens + [pad_id] * (count - len(rows))
     positions = lengths + [0] * (count - len(rows))
-    slots = [slots_of(r.kv.table, range(n, n + 1), size)[0] for r, n in zip(rows, lengths, strict=True)]
+    slots = [slot_of(r.kv.table, n, size) for r, n in zip(rows, lengths, strict=True)]
     slots += [SCRATCH_BLOCK * size] * (count - len(rows))
     tables, new_lengths = _padded([r.kv.table for r in rows], [n + 1 for n in lengths], count)
     out = StaticInputs(pool, _col(ids, device), _col(positions, device), _col(slots, device), tables.to(device),
@@ -82,7 +83,7 @@ def static_inputs(pool: KVPool, rows: list, tokens: list[int], pad_id: int, devi
 
 
 def _col(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)[:, None].to(device)
+    return long_tensor(values)[:, None].to(device)
 
 
 def _padded(tables: list[list[int]], lengths: list[int], count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,9 +142,8 @@ def sampling_params(body: GenerateRequest, settings: Settings, grammar: str | No
                           logprobs=body.logprobs, grammar=grammar)
 
 
-def rows_of(task: TaskRef | ArrowSpec, texts: list[str], params: SamplingParams,
-            ids: list[list[int]] | None = None) -> list[GenerateRow]:
-    """One engine row per input text (with its token ids where the caller has them)."""
-    ids = ids or [None] * len(texts)
+def rows_of(task: TaskRef | ArrowSpec, texts: list[str], params: SamplingParams, ids: list[list[int]]
+            ) -> list[GenerateRow]:
+    """One engine row per input text, with its token ids (task_and_texts)."""
     return [GenerateRow(task, text, params, index=i, prompt_ids=row_ids)
             for i, (text, row_ids) in enumerate(zip(texts, ids, strict=True))]

@@ -20,7 +20,8 @@ class _Step:
         self.tables, self.lengths, self.grouped = tables, lengths, grouped
 
     def runs(self, cross, rows=None):
-        return [runs(self.tables[row], self.lengths[row], BLOCK) for row in rows or range(len(self.tables))]
+        return [runs(self.tables[row], self.lengths[row], BLOCK)
+                for row in (range(len(self.tables)) if rows is None else rows)]
 
     def groups(self, cross):
         # not grouped: positions too large for any gather, so every row goes alone (in length_groups' own order)

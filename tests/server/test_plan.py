@@ -65,8 +65,8 @@ def test_training_gets_its_share_of_a_busy_loop():
 
 def _loaded_policy(prefill_s: float = 0.04, **options) -> Policy:
     policy = Policy(max_rows=8, **options)
-    policy.prefill_ran(1.0)  # the first prefill, cold: not counted
-    policy.prefill_ran(prefill_s)
+    policy.prefill_ran(1.0, 1)  # the first prefill, cold: not timed
+    policy.prefill_ran(prefill_s, 1)
     return policy
 
 
