@@ -116,7 +116,7 @@ def prefix_ttft(folder: Path, requests: int) -> dict:
 def step_overhead(folder: Path, reps: int) -> dict:
     """Both steps on the serving loop's thread: a thread's OpenMP team runs slower while another thread's team is
     alive (this process's main thread built the models), so the bare forward is timed where ours is."""
-    ours = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
+    ours, _ = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
     ours_base, theirs = _our_step(folder, reps, ["__base__"] * 16, also=_bare_step(folder))
     return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),
             "step_ms_bare": round(theirs * 1e3, 3), "step_overhead_vs_bare": round(ours / theirs, 2),
@@ -147,9 +147,9 @@ def _bare_step(folder: Path):
     return bare
 
 
-def _our_step(folder: Path, reps: int, tasks: list[str], also=None):
-    """Median time of the serving loop's decoding step, 16 rows of these tasks; with `also`, the median time of that
-    step too, on the same thread, after the rows left -> (ours, also's)."""
+def _our_step(folder: Path, reps: int, tasks: list[str], also=None) -> tuple[float, float | None]:
+    """Median time of the serving loop's decoding step, 16 rows of these tasks, and (with `also`) the median time of
+    that step too, on the same thread, after the rows left (else None)."""
     engine = engine_for(folder, max_batch_size=16)
     batch = engine.loop.batch
     rows = [GenerateRow(task, f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
@@ -165,7 +165,7 @@ def _our_step(folder: Path, reps: int, tasks: list[str], also=None):
         time.sleep(0.001)
     other = engine.loop.call(lambda: _time_steps(also, reps)) if also is not None else None
     engine.close()
-    return seconds if also is None else (seconds, other)
+    return seconds, other
 
 
 def _time_steps(step, reps: int) -> float:
