@@ -122,7 +122,7 @@ class StaticDecode:
             row.kv.length += 1
         self.steps += 1
         if self.mode == "cuda-graphs":
-            return self._replay(inputs)[: len(rows)].clone()
+            return self._replay(inputs, len(rows))[: len(rows)].clone()
         return self.forward(inputs)[: len(rows)]
 
     def forward(self, inputs: StaticInputs) -> torch.Tensor:
@@ -130,12 +130,12 @@ class StaticDecode:
         return decoder_forward(self.model, self.seq2seq, len(self.pool.keys), inputs.ids, inputs.positions,
                                self.no_mask, **{STATIC_KWARG: inputs})
 
-    def _replay(self, inputs: StaticInputs) -> torch.Tensor:
+    def _replay(self, inputs: StaticInputs, rows: int) -> torch.Tensor:
         key = (inputs.shape_key(), self.layout())
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._graphs[key] = self._capture(inputs)
+                entry = self._graphs[key] = self._capture(inputs, rows)
             except GraphCheckFailed as failure:  # the step still runs, without graphs
                 log.error("CUDA graphs turned off: %s", failure)
                 self.mode = "eager"
@@ -145,10 +145,13 @@ class StaticDecode:
         graph.replay()
         return logits
 
-    def _capture(self, inputs: StaticInputs) -> tuple[torch.cuda.CUDAGraph, StaticInputs, torch.Tensor]:
+    def _capture(self, inputs: StaticInputs, rows: int) -> tuple[torch.cuda.CUDAGraph, StaticInputs, torch.Tensor]:
         """Warm the bucket up on a side stream (lazy initialisations happen there), capture it, replay it once and
-        check the replay against the warm-up's eager logits (GraphCheckFailed, with the eager logits, if capturing
-        fails or they differ). Every pass writes this step's keys, the same values each time."""
+        check the replay's first `rows` rows against the warm-up's eager logits (GraphCheckFailed, with the eager
+        logits, if capturing fails or they differ). Every pass writes this step's keys, the same values each time.
+        Padding rows are not compared: they all write their key to the one scratch slot, and which of them writes
+        last is up to the card, so what they read back may differ from pass to pass (the demo on an H200: up to 4.25
+        in their logits); their logits are discarded and no real row reads that slot."""
         static = StaticInputs(self.pool, **{name: t.clone() for name, t in inputs.tensors().items()})
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -164,9 +167,10 @@ class StaticDecode:
             graph.replay()
         except RuntimeError as error:
             raise GraphCheckFailed(f"capturing a step of {static.ids.shape[0]} rows failed: {error}", eager) from error
-        if not torch.allclose(logits.float(), eager.float(), rtol=1e-3, atol=1e-3):
-            raise GraphCheckFailed(f"a captured step of {static.ids.shape[0]} rows differs from the same step run "
-                                   f"eagerly (max {(logits.float() - eager.float()).abs().max().item():.3g})", eager)
+        replayed, expected = logits[:rows].float(), eager[:rows].float()
+        if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-3):
+            raise GraphCheckFailed(f"a captured step of {static.ids.shape[0]} rows ({rows} real) differs from the same "
+                                   f"step run eagerly (max {(replayed - expected).abs().max().item():.3g})", eager)
         self.captures += 1
         log.info("captured a CUDA graph for %d rows (%d graphs)", static.ids.shape[0], len(self._graphs) + 1)
         return graph, static, logits

@@ -1,6 +1,8 @@
 """CUDA paths: device placement, bf16/fp16, adapter cache memory. Skipped without a GPU."""
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +149,29 @@ def test_cuda_graphs_step_equals_the_paged_step(kind, tmp_path):
     graphs.close()
     paged.close()
 
+
+
+def test_cuda_graphs_stay_on_when_padding_rows_hold_other_tasks_adapters():
+    """The demo's 24 tasks in one batch, rows leaving at different steps: the padding rows of each bucket hold the
+    departed rows' adapters, write different keys to the one scratch slot, and what they read back is up to the
+    card. Graphs stay on (the capture check compares real rows only), and the texts equal the paged step's. Over
+    HTTP on an H200 the demo turned its graphs off this way."""
+    demo = Path(__file__).resolve().parents[2] / "demo" / "bundle"
+    tasks = json.loads((demo / "inventory" / "tasks.json").read_text())
+
+    def on_gpu(**options):
+        loaded = load_model(demo / "model", device="cuda", dtype="float32")
+        return Engine(loaded, AdapterStore.open(demo / "inventory"), AdapterCache(10**8, loaded.device, loaded.dtype),
+                      **options)
+
+    rows = [GenerateRow(task, f"word{i} " * (1 + i % 4), SamplingParams(max_new_tokens=3 + i, ignore_eos=True))
+            for i, task in enumerate(tasks)]
+    graphs, paged = on_gpu(static_step="cuda-graphs"), on_gpu()
+    assert [c.text for c in graphs.generate(rows)] == [c.text for c in paged.generate(rows)]
+    static = graphs.loop.batch.kv.static
+    assert static.mode == "cuda-graphs" and static.captures > 1
+    graphs.close()
+    paged.close()
 
 BODIES = [
     {"task": "alpha", "inputs": ["some input", "another one"], "max_new_tokens": 8},
