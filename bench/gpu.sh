@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run on a lent machine (the device tool's `run`; each part's limit below adds up to
-# 9.7 minutes, and on an H200 on 2026-12-04 the whole script took 228 s after a machine start of about 30 s):
+# 9.7 minutes, and on an H200 on 2026-12-04 the whole script took 287 s after a machine start of about 30 s):
 # the gpu-marked tests; the decoding step against the bare forward (engine_core.py --only step) paged and with CUDA
 # graphs; the serving benchmark on CUDA (--quick, HTTP included) with CUDA graphs and without; gathered joins on and
 # off over HTTP (bench/gather_joins.py, CUDA graphs on). Each part has its own
@@ -42,4 +42,4 @@ part 50 step-paged.json python3 bench/engine_core.py --device cuda --only step -
 part 60 step-cuda-graphs.json python3 bench/engine_core.py --device cuda --only step --quick --static-step cuda-graphs
 part 130 serving-cuda-graphs.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs on
 part 100 serving-cuda.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs off
-part 80 gather-joins.json python3 bench/gather_joins.py --device cuda --rounds 2
+part 80 gather-joins.json python3 bench/gather_joins.py --device cuda --rounds 1  # 2 demo servers; 2 rounds (4) took over 80 s
