@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving_http import _clients, joins, served  # noqa: E402
+from bench.serving_http import _clients, loop_counters, loop_report, served  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
 
@@ -27,10 +27,10 @@ DEMO = Path(__file__).resolve().parent.parent / "demo" / "bundle"
 def one_side(model: Path, inventory: Path, adapted: Path, gather: str, requests: int, device: str) -> dict:
     with served(model, inventory, adapted, None, device, MHR_GATHER_JOINS=gather) as (base, tasks):
         asyncio.run(_clients(base, tasks, 64, 32, 32))
-        before = joins(base)
+        before = loop_counters(base)
         tokens_per_s = asyncio.run(_clients(base, tasks, requests, 32, 32))
-        prefills, rows = (after - earlier for after, earlier in zip(joins(base), before, strict=True))
-    return {"tokens_per_s": round(tokens_per_s, 1), "rows_per_joining_prefill": round(rows / max(prefills, 1), 2)}
+        loop = loop_report(before, loop_counters(base))
+    return {"tokens_per_s": round(tokens_per_s, 1), **loop}
 
 
 def main() -> None:
@@ -48,8 +48,8 @@ def main() -> None:
                 adapted = Path(tmp) / f"adapted-{r}-{side}"
                 runs[side].append(one_side(args.model, args.inventory, adapted,
                                            "true" if side == "on" else "false", args.requests, args.device))
-    median = {side: {key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]}
-              for side in runs}
+    keys = ("tokens_per_s", "rows_per_joining_prefill", "ms_per_joining_prefill")
+    median = {side: {key: statistics.median(run[key] for run in runs[side]) for key in keys} for side in runs}
     print(json.dumps({"device": args.device, "requests": args.requests, "clients": 32, "rounds": runs, "median": median,
                       "tokens_per_s_on_vs_off": round(median["on"]["tokens_per_s"] / median["off"]["tokens_per_s"], 3)},
                      indent=1))

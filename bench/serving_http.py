@@ -193,26 +193,41 @@ async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int
             "ttft_p99_ms": round(1e3 * firsts[int(0.99 * (len(firsts) - 1))], 1)}
 
 
-def joins(base: str) -> tuple[float, float]:
-    """(joining prefills, rows they carried) so far, from the server's /metrics."""
+def loop_counters(base: str) -> dict[str, float]:
+    """The server's joining prefills, rows they carried, decoding steps and loop seconds by phase so far, from its
+    /metrics."""
     found = {}
     for line in httpx.get(f"{base}/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("mhr_joining_prefills_total", "mhr_joined_rows_total"):
-            found[name] = float(value)
-    return found["mhr_joining_prefills_total"], found["mhr_joined_rows_total"]
+        name, _, value = line.rpartition(" ")
+        if name in ("mhr_joining_prefills_total", "mhr_joined_rows_total", "mhr_batch_rows_count") \
+                or name.startswith("mhr_loop_seconds"):
+            found[name.replace('mhr_loop_seconds_total{phase="', "").rstrip('"}')] = float(value)
+    return found
+
+
+def loop_report(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Between two loop_counters: rows per joining prefill, milliseconds per joining prefill (the loop's prefill
+    phase) and per decoding step (its decode phase), and each phase's share of the loop's time."""
+    moved = {name: after[name] - before[name] for name in after}
+    prefills, rows = moved.pop("mhr_joining_prefills_total"), moved.pop("mhr_joined_rows_total")
+    steps = moved.pop("mhr_batch_rows_count")
+    total = sum(moved.values()) or 1.0
+    return {"rows_per_joining_prefill": round(rows / max(prefills, 1), 2),
+            "ms_per_joining_prefill": round(1e3 * moved["prefill"] / max(prefills, 1), 2),
+            "ms_per_decoding_step": round(1e3 * moved["decode"] / max(steps, 1), 3),
+            "loop_share": {phase: round(seconds / total, 3) for phase, seconds in moved.items()}}
 
 
 def http_throughput(model: Path, inventory: Path, adapted: Path, args) -> dict:
     out = {}
     with served(model, inventory, adapted, args.threads, args.device) as (base, tasks):
         one = asyncio.run(_clients(base, tasks, args.http_requests // 4, 1, args.new_tokens))
-        before = joins(base)
+        before = loop_counters(base)
         many = asyncio.run(_clients(base, tasks, args.http_requests, 32, args.new_tokens))
-        prefills, rows = (after - earlier for after, earlier in zip(joins(base), before, strict=True))
+        loop = loop_report(before, loop_counters(base))
         out.update(http_tokens_per_s_1_client=round(one, 1), http_tokens_per_s_32_clients=round(many, 1),
                    ratio_32_clients_vs_1=round(many / one, 3),
-                   rows_per_joining_prefill_32_clients=round(rows / max(prefills, 1), 2))
+                   **{f"{key}_32_clients": value for key, value in loop.items()})
         out.update(asyncio.run(_head_of_line(base, tasks, args.hol_requests)))
         continuous = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
     out.update(mixed_length_tokens_per_s=continuous["tokens_per_s"], ttft_p50_ms=continuous["ttft_p50_ms"],

@@ -1,9 +1,9 @@
 """Prometheus metrics (prometheus-client), one registry per app so several apps can live in one process.
 
 Requests by route and status, latency, rows per decoding step, queue depth, running and waiting rows, tokens
-generated, time to the first streamed token, requests per task (labels bounded: the first `max_task_labels`
-task names, the rest counted as "other"), adapter cache counters, and adaptation jobs by state (the gauges are
-read at scrape time).
+generated, time to the first streamed token, the serving loop's time by phase, requests per task (labels bounded:
+the first `max_task_labels` task names, the rest counted as "other"), adapter cache counters, and adaptation jobs
+by state (the gauges are read at scrape time).
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ class _StateCollector:
             ("joined_rows", "rows that joined the batch through those prefills", loop.joined_rows),
         ):
             yield CounterMetricFamily(f"mhr_{name}", help_text, value=value)
+        phases = CounterMetricFamily("mhr_loop_seconds", "the serving loop's time by phase (idle, plan, other, "
+                                     "prefill, decode, answer: server/engine/loop_clock.py)", labels=["phase"])
+        for phase, seconds in loop.loop_seconds.items():
+            phases.add_metric([phase], seconds)
+        yield phases
         stats = self.cache_stats()
         for name, value in (("hits", stats.hits), ("misses", stats.misses), ("evictions", stats.evictions)):
             yield CounterMetricFamily(f"mhr_adapter_cache_{name}", f"adapter cache {name}", value=value)

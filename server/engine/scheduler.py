@@ -19,9 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .loop_clock import LoopClock
 from .pinning import Resolve, pin, pinned
 from .plan import LoopView, Plan, Policy, RowCost
 from .running_batch import RunningBatch
@@ -60,6 +61,7 @@ class LoopStats:
     graph_captures: int = 0  # CUDA graphs captured (one per bucket of rows, table width and adapter layout)
     joining_prefills: int = 0  # prefill forwards of rows joining the batch (each may hold several rows)
     joined_rows: int = 0  # rows that joined through them
+    loop_seconds: dict[str, float] = field(default_factory=dict)  # the loop's time by phase (loop_clock.py)
 
 
 class Scheduler:
@@ -74,6 +76,7 @@ class Scheduler:
         self.score_chunk = score_chunk
         self.scores = ScoreQueue(chunk_pairs=policy.max_rows)
         self.iterations = 0
+        self.clock = LoopClock()
         self.on_step: Callable[[int], None] | None = None  # told the batch size after each decoding step (metrics)
         self._waiting: deque[WaitingRow] = deque()  # rows for the decoding loop, in arrival order
         self._calls: deque[_Call] = deque()
@@ -121,7 +124,7 @@ class Scheduler:
         return LoopStats(self.batch.occupied, waiting, self.iterations, blocks.total - 1, blocks.free, blocks.cached,
                          blocks.block_size, self.batch.preemptions, blocks.prefix_hits, self.batch.kv.encoder_hits,
                          *((static.mode, static.steps, static.captures) if static else (None, 0, 0)),
-                         self.policy.prefills, self.policy.joined_rows)
+                         self.policy.prefills, self.policy.joined_rows, dict(self.clock.seconds))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish what was submitted (up to timeout_s), then end the thread; anything left fails."""
@@ -149,6 +152,7 @@ class Scheduler:
                     self._cv.wait(timeout=self._wake_in())
                 if self._stopping:
                     break
+            self.clock.lap("idle")
             try:
                 self._iteration()
             except Exception as exc:  # a failed forward fails its requests; the loop goes on
@@ -183,17 +187,22 @@ class Scheduler:
         with self._cv:
             self._drop_ended_waiting()
             plan = self.policy.plan(self._view())
+        self.clock.lap("plan")
         self._run_other(plan)
         self._drop_cancelled()
+        self.clock.lap("other")
         if plan.admit:
             self._admit(plan)
         self._finish(self.batch.advance_prefill())
+        self.clock.lap("prefill")
         if plan.decode and len(self.batch):
             ended = self.batch.step()
+            self.clock.lap("decode")
             self._requeue(self.batch.preempted)
             self._finish(ended)
             if self.on_step is not None:
                 self.on_step(len(self.batch))
+            self.clock.lap("answer")
 
     def _run_other(self, plan: Plan) -> None:
         if plan.other == "score":

@@ -1,12 +1,14 @@
 """OpenAI-compatible routes (with the real OpenAI SDK), Prometheus metrics, and the body-size cap."""
 
 import asyncio
+import time
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.engine.loop_clock import PHASES
 from tests.server.conftest import bundle_settings, metric, metric_values, serving, wait_job
 
 
@@ -55,6 +57,7 @@ def deltas(before: dict, after: dict):
 
 def test_request_token_task_latency_and_batch_metrics_move_by_what_was_sent(printable_bundle, tmp_path):
     """The printable bundle never ends a sequence early, so each row generates exactly max_new_tokens."""
+    started = time.perf_counter()
     with TestClient(create_app(bundle_settings(printable_bundle, adapted_dir=tmp_path))) as client:
         before = scrape(client)
         usage = []
@@ -94,6 +97,10 @@ def test_request_token_task_latency_and_batch_metrics_move_by_what_was_sent(prin
     # sent one request at a time: each joined in a prefill of its own, the 2-row request's rows together
     assert (d("mhr_joining_prefills_total"), d("mhr_joined_rows_total")) == (5, 6)
     assert metric(after, "mhr_queue_depth") == 0
+    # the loop's time by phase: those requests took some of each (the /score chunk is "other"), and all phases
+    # together no more than the app has lived
+    assert all(d("mhr_loop_seconds_total", phase=phase) > 0 for phase in PHASES)
+    assert sum(metric(after, "mhr_loop_seconds_total", phase=phase) for phase in PHASES) < time.perf_counter() - started
 
 
 def test_adapter_cache_metrics_follow_what_was_served(printable_bundle, tmp_path):
