@@ -4,6 +4,8 @@
                                        leading full blocks) -> their next-token logits (M, V)
                                        causal LM: sequence = prompt (+ tokens generated before a preemption)
                                        T5: inputs = the encoder's tokens, sequence = start token (+ generated)
+    encode(rows, inputs)               T5 rows that start from the start token: their encoder and cross-attention
+                                       keys only; their first decoding step runs the start token
     decode(rows, tokens)               one token per row -> logits (N, V)
     make_room(rows)                    the blocks the next decode step writes (new blocks, copy-on-write of a
                                        shared last block); the rows that must be preempted when the pool is short
@@ -162,29 +164,43 @@ class PagedKV:
             for block, digest in zip(row.kv.table, self._hashes(row, sequence), strict=False):
                 self.blocks.register(block, digest)
 
+    def encode(self, rows: list, inputs: list[list[int]], before_forward: Callable[[torch.Tensor], None]) -> None:
+        """T5 rows that start from the decoder's start token: the encoder over each row's input (right-padded) and
+        each decoder layer's cross-attention keys and values of its output, written into the row's encoder blocks,
+        with no decoder forward: the start token is the row's first decoding step, taken with the running rows.
+        Rows whose encoder blocks came from reuse_encoder (all of them, or none) need nothing."""
+        for row in rows:
+            row.kv = getattr(row, "kv", None) or RowKV()
+        if rows[0].kv.cross:
+            return
+        enc, mask, cross_slots = self._encoder_inputs(rows, inputs)
+        before_forward(mask.bool())
+        with torch.inference_mode():
+            hidden = self.model.get_encoder()(input_ids=enc.to(self.device),
+                                              attention_mask=mask.to(self.device)).last_hidden_state  # (M, S, d)
+            slots = cross_slots.to(self.device)
+            for layer, attention in enumerate(self._cross_attention()):
+                shape = (*hidden.shape[:-1], -1, attention.key_value_proj_dim)  # (M, S, H, d_kv)
+                self.pool.write(layer, slots, attention.k(hidden).view(shape).transpose(1, 2),
+                                attention.v(hidden).view(shape).transpose(1, 2))
+        self._register_encoder(rows, inputs)
+
+    def _cross_attention(self) -> list:
+        """Each decoder layer's cross-attention module, in layer order."""
+        return [layer.EncDecAttention for block in self.model.get_decoder().block for layer in block.layer
+                if hasattr(layer, "EncDecAttention")]
+
     def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step,
                          before_forward: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """Encoder over each row's input (right-padded), its cross-attention keys into the row's encoder blocks
         (named for reuse_encoder), then the decoder over the rows' new decoder tokens. Rows whose encoder blocks
         came from reuse_encoder (all of them, or none) run the decoder alone."""
-        length = max(len(x) for x in inputs)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, x in enumerate(inputs):
-            mask[i, : len(x)] = 1
         if rows[0].kv.cross:
             step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
-            before_forward(mask.bool())
+            before_forward(_input_mask(inputs).bool())
             with paged(step):
                 return decoder_forward(self.model, True, self.layers, ids.to(self.device), None, _NO_MASK)
-        enc = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        cross_slots = torch.full((len(rows), length), PAD_SLOT, dtype=torch.long)
-        for i, (row, x) in enumerate(zip(rows, inputs, strict=True)):
-            enc[i, : len(x)] = torch.tensor(x)
-            row.kv.cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
-            if row.kv.cross is None:
-                raise MemoryError("the KV pool has too few free blocks for this row's input")
-            row.kv.cross_length = len(x)
-            cross_slots[i, : len(x)] = torch.tensor(slots_of(row.kv.cross, range(len(x)), self.size))
+        enc, mask, cross_slots = self._encoder_inputs(rows, inputs)
         step.cross_slots = cross_slots.to(self.device)
         step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
         cache = EncoderDecoderCache(PoolCache(), PoolCache(cross=True, layers=self.layers))
@@ -193,10 +209,29 @@ class PagedKV:
             out = self.model(input_ids=enc.to(self.device), attention_mask=mask.to(self.device),
                              decoder_input_ids=ids.to(self.device), decoder_attention_mask=_NO_MASK, cache=cache,
                              use_cache=True)
+        self._register_encoder(rows, inputs)
+        return out.logits[:, -1]
+
+    def _encoder_inputs(self, rows: list, inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's encoder blocks allocated (MemoryError when the pool is short) -> the encoder's ids (M, S),
+        right-padded, their mask (M, S) and each position's slot in the row's blocks (M, S; padding: PAD_SLOT)."""
+        mask = _input_mask(inputs)
+        enc = torch.full(mask.shape, self.pad_id, dtype=torch.long)
+        cross_slots = torch.full(mask.shape, PAD_SLOT, dtype=torch.long)
+        for i, (row, x) in enumerate(zip(rows, inputs, strict=True)):
+            enc[i, : len(x)] = torch.tensor(x)
+            row.kv.cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
+            if row.kv.cross is None:
+                raise MemoryError("the KV pool has too few free blocks for this row's input")
+            row.kv.cross_length = len(x)
+            cross_slots[i, : len(x)] = torch.tensor(slots_of(row.kv.cross, range(len(x)), self.size))
+        return enc, mask, cross_slots
+
+    def _register_encoder(self, rows: list, inputs: list[list[int]]) -> None:
+        """The rows' encoder blocks, named by adapter and input, for reuse_encoder."""
         for row, x in zip(rows, inputs, strict=True):
             for block, digest in zip(row.kv.cross, self._encoder_hashes(row, x), strict=True):
                 self.blocks.register(block, digest)
-        return out.logits[:, -1]
 
     # ---- decoding ---------------------------------------------------------------------------------
     def make_room(self, rows: list) -> list:
@@ -266,3 +301,11 @@ class PagedKV:
         if kv is not None:
             self.blocks.release(kv.table + kv.cross)
             row.kv = None
+
+
+def _input_mask(inputs: list[list[int]]) -> torch.Tensor:
+    """(M, S) 1 where a row's (right-padded) encoder input has a token."""
+    mask = torch.zeros((len(inputs), max(len(x) for x in inputs)), dtype=torch.long)
+    for i, x in enumerate(inputs):
+        mask[i, : len(x)] = 1
+    return mask

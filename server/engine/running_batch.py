@@ -78,31 +78,39 @@ class RunningBatch:
             return []
         start = len(self.rows)
         parts = []
-        for part in self._encoder_reuse_split(joining):
+        for part in self._join_parts(joining):
             tail = self.slots.pool.resident[len(self.rows): len(self.rows) + len(part)]
             part = [part[i] for i in assign_positions(tail, [row.key for row in part])]
             parts.append((len(self.rows), part))
             self.rows.extend(part)
-        ordered = self.rows[start:]
         try:
-            logits = torch.cat([self._prefill(part, first) for first, part in parts])
+            prefilled = [(part, self._prefill(part, first)) for first, part in parts]
         except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
-            self.retire(set(ordered))
+            self.retire(set(self.rows[start:]))
             raise
-        return self._take(ordered, logits, offset=start)
+        return [row for part, logits in prefilled if logits is not None for row in self._take(part, logits)]
 
-    def _encoder_reuse_split(self, joining: list[Row]) -> list[list[Row]]:
-        """[rows to encode, rows whose encoder output the KV pool holds] (T5, Arrow rows always encoded), without
-        empty parts; [joining] for a causal LM."""
+    def _join_parts(self, joining: list[Row]) -> list[list[Row]]:
+        """The joining rows in the forwards they join by, without empty parts: T5 rows whose encoder output the KV
+        pool holds (Arrow rows always encoded) apart from the rows to encode, and in each, the rows that start
+        decoding from the start token (`_starts_decoding`) apart from the others; [joining] for a causal LM."""
         if self.decoder_start is None:
             return [joining]
         reused = {id(row) for row in joining if not arrow_rows.is_arrow(row.adapter)
                   and self.kv.reuse_encoder(row, row.prompt_ids)}
-        parts = [[row for row in joining if id(row) not in reused], [row for row in joining if id(row) in reused]]
+        parts = [[row for row in joining if (id(row) in reused) == cached and self._starts_decoding(row) == starts]
+                 for cached in (False, True) for starts in (True, False)]
         return [part for part in parts if part]
 
-    def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
-        """Prefill rows at batch positions [first, first + len(rows)) -> their logits (M, V)."""
+    def _starts_decoding(self, row: Row) -> bool:
+        """A T5 row that joins with its encoder only (PagedKV.encode): its first decoding step, beside the running
+        rows, runs the start token. Not a beam, an Arrow row (routing per token records the decoder's start token),
+        or a preempted row that computes the tokens it had again."""
+        return isinstance(row, ActiveRow) and not row.tokens and not arrow_rows.is_arrow(row.adapter)
+
+    def _prefill(self, rows: list[Row], first: int) -> torch.Tensor | None:
+        """Prefill rows at batch positions [first, first + len(rows)) -> their logits (M, V); None for T5 rows that
+        start decoding from the start token (nothing sampled yet)."""
         tokens = [self._prefill_tokens(row) for row in rows]
         inputs = [x for _, x in tokens] if self.decoder_start is not None else None
         recorders: list[arrow_rows.RoutingRecorder] = []
@@ -113,6 +121,11 @@ class RunningBatch:
                 recorders.append(recorder)
             self._point_layers(first, first + len(rows), recorder)
 
+        if inputs is not None and self._starts_decoding(rows[0]):  # its part: all of them
+            self.kv.encode(rows, inputs, before_forward=point)
+            for row in rows:
+                row.last_token = self.decoder_start
+            return None
         try:
             logits = self.kv.prefill(rows, [seq for seq, _ in tokens], inputs, before_forward=point)
         finally:
@@ -174,7 +187,7 @@ class RunningBatch:
         ids = {id(row) for row in joining}
         self.prefilling = [row for row in self.prefilling if id(row) not in ids]
         self.rows.extend(joining)
-        return self._take(joining, logits[done], offset=len(self.rows) - len(joining))
+        return self._take(joining, logits[done])
 
     def _next_prefills(self) -> tuple[list[Row], list[list[int]]]:
         """The oldest prompt, then those after it while their tokens still to compute (after taking what the prefix
@@ -252,8 +265,8 @@ class RunningBatch:
         self.preemptions += len(leaving)
         return sorted(leaving, key=lambda r: r.admitted)
 
-    def _take(self, rows: list[Row], logits: torch.Tensor, offset: int = 0) -> list[Row]:
-        """The output step for rows [offset, offset + len(rows)) of the batch; beams follow their parents."""
+    def _take(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
+        """The output step for rows that ran (in batch order); beams follow their parents."""
         out = output_step.apply(rows, logits, self.eos_ids)
         if out.order is not None:
             moved = [(rows[p], rows[parent]) for p, parent in enumerate(out.order) if parent != p]
