@@ -38,6 +38,7 @@ class Active:
     merged: torch.Tensor | None = None  # (d_out, d_in) in merged mode
     merged_packed: bool = False  # merged is a oneDNN-packed weight
     expanded: tuple[int, torch.Tensor, torch.Tensor] | None = None  # rows repeated for beam search
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None  # (Aᵀ, its view A (N, d_in, r)): decoding steps
     arrow: list[ArrowRows] | None = None  # Arrow routing per token for some rows (never with merged)
 
 
@@ -170,8 +171,11 @@ class BatchedLoraLinear(nn.Module):
             a_t, b = _rows(active, x.shape[0])
             x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))  # (N, T, d)
             with one_thread():  # per-row products are small kernels (threads.py)
-                low = torch.bmm(a_t, x3.transpose(1, 2))  # (N, r, T)
-                out3.baddbmm_(low.transpose(1, 2), b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row]
+                if x3.shape[1] == 1:  # a decoding step: 2 ops, not 4 (on a CPU 10.9 against 13.2 µs at d 512)
+                    low = torch.bmm(x3, _columns(active, a_t))  # (N, 1, r)
+                else:  # longer inputs: Aᵀ's rows against x's columns is faster here (144 against 189 µs, T 32)
+                    low = torch.bmm(a_t, x3.transpose(1, 2)).transpose(1, 2)  # (N, T, r)
+                out3.baddbmm_(low, b, alpha=active.scale)  # out += s (x @ A[row]) @ B[row]
         if active.arrow:  # Arrow rows: per-token routing over a library (arrow_layer.py)
             add_arrow(out, x, active.arrow)
         return out
@@ -191,6 +195,14 @@ def _kept_copy(held: tuple[torch.Tensor, torch.Tensor] | None, a: torch.Tensor, 
     kept[0].copy_(a)
     kept[1].copy_(b)
     return held, kept
+
+
+def _columns(active: Active, a_t: torch.Tensor) -> torch.Tensor:
+    """A (N, d_in, r), a view of the rows' Aᵀ, made once while the batch's adapters stay (not once per layer call)."""
+    held = active.columns
+    if held is None or held[0] is not a_t:
+        held = active.columns = (a_t, a_t.transpose(1, 2))
+    return held[1]
 
 
 def _rows(active: Active, n: int) -> tuple[torch.Tensor, torch.Tensor]:
