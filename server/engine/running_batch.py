@@ -216,9 +216,8 @@ class RunningBatch:
 
     def _static_width(self) -> int | None:
         """The rows the static-shaped step runs (its bucket), where one is configured and takes this batch: not
-        with Arrow rows or beams (their layers depend on the batch's own layout)."""
-        if self.kv.static is None or any(isinstance(row, BeamRow) or arrow_rows.is_arrow(row.adapter)
-                                         for row in self.rows):
+        with Arrow rows (their per-token routing depends on the batch's own layout)."""
+        if self.kv.static is None or any(arrow_rows.is_arrow(row.adapter) for row in self.rows):
             return None
         return min(row_bucket(len(self.rows)), self.slots.pool.max_rows)
 

@@ -11,7 +11,8 @@ compiled 2.78 ms per step, ~1 s of compiling per new bucket): not kept.
     adapters  the layers run rows [0, B) of the row pool: positions past the batch hold zeros or an earlier row's
               adapter, and their rows are padding; merged, shared and bare layers do not depend on B
 The step's inputs travel down the model's own kwargs (paged_attention.STATIC_KWARG) to the cache and attention.
-A batch with Arrow rows or beams goes through PagedKV.decode instead.
+A batch with Arrow rows goes through PagedKV.decode instead (beams are rows like any other: their caches follow
+their parents between steps).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The static-shaped decoding step (server/engine/static_step.py): rows padded to a bucket, block tables padded to a
 power of two, every row reading whole blocks masked past its length. Its greedy and seeded output equals the paged
 step's for T5 (ReLU and gated) and Llama GQA, in mixed-task batches whose rows join and leave; a batch it cannot take
-(beams, Arrow) still goes the paged way; its padding reads only the scratch block."""
+(Arrow rows) still goes the paged way, beams take it; its padding reads only the scratch block."""
 
 import pytest
 import torch
@@ -80,12 +80,16 @@ def test_single_task_batches_unmerged_keep_one_layout_for_every_task(tmp_path):
     static.close()
 
 
-def test_beams_go_the_paged_way(engines):
+def test_beams_take_the_static_step_alone_and_beside_other_rows(engines):
+    """Beams are rows of the batch like any other (their caches follow their parents between steps), so a batch with
+    a beam search still runs the static step — on a GPU its graphs: a beam request does not drop the whole batch to
+    the eager step. The texts equal the paged step's."""
     paged, static = engines
-    beams = [GenerateRow("task-0", "beam me", SamplingParams(max_new_tokens=6, num_beams=3))]
-    steps = static.loop.batch.kv.static.steps
-    assert static.generate(beams)[0].text == paged.generate(beams)[0].text
-    assert static.loop.batch.kv.static.steps == steps
+    beams = GenerateRow("task-0", "beam me", SamplingParams(max_new_tokens=6, num_beams=3))
+    for batch in ([beams], [beams, *_rows({})[:3]]):
+        steps = static.loop.batch.kv.static.steps
+        assert [c.text for c in static.generate(batch)] == [c.text for c in paged.generate(batch)]
+        assert static.loop.batch.kv.static.steps > steps
 
 
 def test_buckets():
