@@ -1,12 +1,14 @@
 """T5's encoder output reused (MHR_PREFIX_CACHE): a row with the same adapter and the same input as an earlier one
 takes that row's cached encoder blocks and runs its decoder alone — the same text as computed afresh; another task,
-or another input, never takes them; rows reusing and rows encoding in one admission both answer right."""
+or another input, never takes them; rows reusing and rows encoding in one admission both answer right. A joining
+T5 row runs its encoder only, no decoder forward of its own."""
 
 import pytest
 
 from adapter_store import AdapterCache, AdapterStore
 from server.engine import Engine, GenerateRow, SamplingParams, load_model
 from tests.factories import save_bundle
+from tests.server.test_serving_loop import TEXTS, staggered
 
 GREEDY = SamplingParams(max_new_tokens=8, logprobs=0)
 
@@ -64,3 +66,27 @@ def test_hits_show_in_the_loop_stats(engines):
     before = cached.stats().encoder_cache_hits
     _texts(cached, [("task-1", "counted")])
     assert cached.stats().encoder_cache_hits == before + 1
+
+def test_t5_rows_join_with_their_encoder_only_and_decode_their_start_token_beside_the_others(tmp_path, monkeypatch):
+    """A T5 row joining the running batch runs its encoder and each layer's cross-attention keys and values, and no
+    decoder forward of its own: its start token is its first decoding step, with the running rows (the decoder runs
+    once per step, never for a join). The texts equal each row alone."""
+    save_bundle(tmp_path, "t5")
+    engine = engine_for(tmp_path, prefix_cache=False)  # every join encodes
+    batch = engine.loop.batch
+    calls = {"decoder": 0, "steps": 0}
+    batch.kv.model.get_decoder().register_forward_hook(lambda *_: calls.update(decoder=calls["decoder"] + 1))
+    step = batch.step
+
+    def counted_step():
+        calls["steps"] += 1
+        return step()
+
+    monkeypatch.setattr(batch, "step", counted_step)
+    rows = [GenerateRow(f"task-{t}", x, SamplingParams(max_new_tokens=n))
+            for t, x, n in zip([0, 2, 1, 0], TEXTS, [12, 6, 9, 5], strict=False)]
+    joined = staggered(engine, rows)
+    assert calls["decoder"] == calls["steps"] > 0
+    alone = [engine.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]
+    assert [c.text for c in joined] == [c.text for c in alone]
+    engine.close()

@@ -128,7 +128,8 @@ def test_cuda_small_kv_pool_preempts_and_answers_as_a_roomy_one(t5_bundle):
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_cuda_graphs_step_equals_the_paged_step(kind, tmp_path):
     """The static-shaped step captured as CUDA graphs (MHR_CUDA_GRAPHS): greedy rows of mixed tasks, the bare
-    backbone and μ, joining and leaving, equal the paged step's; graphs were captured and none turned off."""
+    backbone and μ, joining and leaving, and a beam search beside rows, equal the paged step's; graphs were captured
+    and none turned off."""
     save_bundle(tmp_path, kind)
 
     def on_gpu(**options):
@@ -141,8 +142,9 @@ def test_cuda_graphs_step_equals_the_paged_step(kind, tmp_path):
                                                                                 ignore_eos=True))
             for i, task in enumerate(tasks)]
     single = [GenerateRow("task-1", text, SamplingParams(max_new_tokens=12)) for text in ("a", "bc", "def")]
+    beams = [GenerateRow("task-2", "beams beside rows", SamplingParams(max_new_tokens=8, num_beams=3)), *rows[:2]]
     graphs, paged = on_gpu(static_step="cuda-graphs"), on_gpu()
-    for batch in (rows, single):
+    for batch in (rows, single, beams):
         assert [c.text for c in graphs.generate(batch)] == [c.text for c in paged.generate(batch)]
     static = graphs.loop.batch.kv.static
     assert static.mode == "cuda-graphs" and static.captures > 0 and static.steps > 0

@@ -86,30 +86,6 @@ def test_rows_joining_mid_generation_equal_each_row_alone_and_peft(bundle):
 
 
 
-def test_t5_rows_join_with_their_encoder_only_and_decode_their_start_token_beside_the_others(tmp_path, monkeypatch):
-    """A T5 row joining the running batch runs its encoder and each layer's cross-attention keys and values, and no
-    decoder forward of its own: its start token is its first decoding step, with the running rows (the decoder runs
-    once per step, never for a join). The texts equal each row alone."""
-    save_bundle(tmp_path, "t5")
-    engine = engine_for(tmp_path)
-    batch = engine.loop.batch
-    calls = {"decoder": 0, "steps": 0}
-    batch.kv.model.get_decoder().register_forward_hook(lambda *_: calls.update(decoder=calls["decoder"] + 1))
-    step = batch.step
-
-    def counted_step():
-        calls["steps"] += 1
-        return step()
-
-    monkeypatch.setattr(batch, "step", counted_step)
-    rows = [GenerateRow(f"task-{t}", x, SamplingParams(max_new_tokens=n))
-            for t, x, n in zip([0, 2, 1, 0], TEXTS, [12, 6, 9, 5], strict=False)]
-    joined = staggered(engine, rows)
-    assert calls["decoder"] == calls["steps"] > 0
-    alone = [engine.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]
-    assert [c.text for c in joined] == [c.text for c in alone]
-    engine.close()
-
 def test_rows_leaving_at_a_stop_string_and_end_of_sequence_do_not_disturb_the_others(bundle):
     _, _, _, engine = bundle
     candidates = [(f"task-{t}", x) for t in (1, 2, 0) for x in TEXTS]
