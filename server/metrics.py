@@ -86,6 +86,10 @@ class _StateCollector:
         yield GaugeMetricFamily("mhr_kv_blocks_free", "free blocks of the KV pool", value=loop.kv_blocks_free)
         yield GaugeMetricFamily("mhr_kv_blocks_cached", "unused KV blocks kept for the prefix cache",
                                 value=loop.kv_blocks_cached)
+        if loop.static_step is not None:  # a static-shaped step is configured (CUDA graphs by default on CUDA)
+            yield GaugeMetricFamily("mhr_cuda_graphs_active", "1 while decoding steps replay CUDA graphs, 0 once they "
+                                    "were turned off (a capture failed or differed: the log says why)",
+                                    value=int(loop.static_step == "cuda-graphs"))
         for name, help_text, value in (
             ("preempted_rows", "rows preempted when the KV pool ran out (computed again)", loop.preempted_rows),
             ("prefix_cache_hit_blocks", "prompt blocks taken from the prefix cache", loop.prefix_cache_hits),

@@ -229,3 +229,19 @@ def test_kv_pool_blocks_show_in_readyz_and_metrics(printable_bundle, tmp_path):
                            ).status_code == 200
         assert metric(scrape(client), "mhr_encoder_cache_hits_total") == 1
         assert client.get("/readyz").json()["kv"]["encoder_cache_hits"] == 1
+
+
+@pytest.mark.parametrize(("mode", "value"), [("cuda-graphs", 1), ("eager", 0), (None, None)])
+def test_cuda_graphs_gauge_says_whether_graphs_still_run(mode, value):
+    """Graphs turned off mid-serving (a capture that differs) show as 0, for an alert; no static step: no gauge."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from adapter_store.cache import CacheStats
+    from server.engine.scheduler import LoopStats
+    from server.metrics import _StateCollector
+
+    registry = CollectorRegistry()
+    registry.register(_StateCollector(lambda: LoopStats(0, 0, 0, static_step=mode),
+                                      lambda: CacheStats(0, 0, 0, 0, 0, 0), list))
+    values = metric_values(generate_latest(registry).decode())
+    assert values.get(("mhr_cuda_graphs_active", frozenset())) == value
