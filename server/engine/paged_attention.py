@@ -139,10 +139,11 @@ def install(model, is_seq2seq: bool) -> None:
     if config._attn_implementation == NAME:
         return
     fallback = config._attn_implementation or "sdpa"
+    cross = {id(module) for module in cross_attentions(model)} if is_seq2seq else set()
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "config") and module.config is config:
             module._mhr_fallback = _implementation(module, fallback)
-            module._mhr_cross = is_seq2seq and _is_cross(model, module)
+            module._mhr_cross = id(module) in cross
             module._mhr_bias = None
     config._attn_implementation = NAME
     if is_seq2seq:
@@ -160,9 +161,10 @@ def _implementation(module, name: str):
     return AttentionInterface().get_interface(name, eager)
 
 
-def _is_cross(model, module) -> bool:
-    return any(layer.EncDecAttention is module for block in model.get_decoder().block
-               for layer in block.layer if hasattr(layer, "EncDecAttention"))
+def cross_attentions(model) -> list:
+    """A T5 model's cross-attention modules, one per decoder layer, in layer order."""
+    return [layer.EncDecAttention for block in model.get_decoder().block for layer in block.layer
+            if hasattr(layer, "EncDecAttention")]
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -26,7 +26,7 @@ from .block_manager import BlockManager, prefix_hash
 from .decoder_forward import decoder_forward
 from .int_tensors import long_tensor
 from .kv_pool import SCRATCH_BLOCK, KVPool, slot_of, slots_of
-from .paged_attention import PoolCache, Step, paged
+from .paged_attention import PoolCache, Step, cross_attentions, paged
 from .static_step import StaticDecode
 
 PAD_SLOT = SCRATCH_BLOCK  # slot 0 of the scratch block
@@ -56,6 +56,7 @@ class PagedKV:
         self.size = pool.block_size
         self.layers = len(pool.keys)
         self.encoder_hits = 0  # T5 rows whose encoder output came from the cache
+        self.cross_attentions = cross_attentions(model) if is_seq2seq else []  # T5: written by encode()
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:
@@ -179,16 +180,11 @@ class PagedKV:
             hidden = self.model.get_encoder()(input_ids=enc.to(self.device),
                                               attention_mask=mask.to(self.device)).last_hidden_state  # (M, S, d)
             slots = cross_slots.to(self.device)
-            for layer, attention in enumerate(self._cross_attention()):
+            for layer, attention in enumerate(self.cross_attentions):
                 shape = (*hidden.shape[:-1], -1, attention.key_value_proj_dim)  # (M, S, H, d_kv)
                 self.pool.write(layer, slots, attention.k(hidden).view(shape).transpose(1, 2),
                                 attention.v(hidden).view(shape).transpose(1, 2))
         self._register_encoder(rows, inputs)
-
-    def _cross_attention(self) -> list:
-        """Each decoder layer's cross-attention module, in layer order."""
-        return [layer.EncDecAttention for block in self.model.get_decoder().block for layer in block.layer
-                if hasattr(layer, "EncDecAttention")]
 
     def _seq2seq_prefill(self, rows: list, inputs: list[list[int]], ids: torch.Tensor, step: Step,
                          before_forward: Callable[[torch.Tensor], None]) -> torch.Tensor:
