@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,13 +196,16 @@ async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int
 
 def loop_counters(base: str) -> dict[str, float]:
     """The server's joining prefills, rows they carried, decoding steps and loop seconds by phase so far, from its
-    /metrics."""
+    /metrics: {"prefills", "joined_rows", "steps", <phase>: seconds, ...}."""
+    wanted = {"mhr_joining_prefills_total": "prefills", "mhr_joined_rows_total": "joined_rows",
+              "mhr_batch_rows_count": "steps"}
     found = {}
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in ("mhr_joining_prefills_total", "mhr_joined_rows_total", "mhr_batch_rows_count") \
-                or name.startswith("mhr_loop_seconds"):
-            found[name.replace('mhr_loop_seconds_total{phase="', "").rstrip('"}')] = float(value)
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                found[wanted[sample.name]] = sample.value
+            elif sample.name == "mhr_loop_seconds_total":
+                found[sample.labels["phase"]] = sample.value
     return found
 
 
@@ -209,8 +213,7 @@ def loop_report(before: dict[str, float], after: dict[str, float]) -> dict:
     """Between two loop_counters: rows per joining prefill, milliseconds per joining prefill (the loop's prefill
     phase) and per decoding step (its decode phase), and each phase's share of the loop's time."""
     moved = {name: after[name] - before[name] for name in after}
-    prefills, rows = moved.pop("mhr_joining_prefills_total"), moved.pop("mhr_joined_rows_total")
-    steps = moved.pop("mhr_batch_rows_count")
+    prefills, rows, steps = moved.pop("prefills"), moved.pop("joined_rows"), moved.pop("steps")
     total = sum(moved.values()) or 1.0
     return {"rows_per_joining_prefill": round(rows / max(prefills, 1), 2),
             "ms_per_joining_prefill": round(1e3 * moved["prefill"] / max(prefills, 1), 2),
