@@ -43,7 +43,7 @@ class AdapterStore:
         self.inventory = inventory
         self.adapted_dir = adapted_dir or inventory.folder / persistence.ADAPTED_DIR
         self.registry = TaskRegistry(inventory, self.adapted_dir, refresh_s=refresh_s)
-        self.skills = SkillSpace(self.registry, self.routing_logits)
+        self.skills = SkillSpace(self.registry, self.routing_logits, self.is_routed)
         # adapted tasks' logits (~100x smaller than their adapters): a miss of the adapter cache routes
         # from memory instead of re-reading the task's file
         self._logits: BytesLRU[list[torch.Tensor]] = BytesLRU(LOGITS_CACHE_BYTES)  # guarded by _logits_lock
@@ -118,7 +118,7 @@ class AdapterStore:
                 self.task(task)
             except UnknownTaskError:
                 raise MixError(f"unknown task {task!r}; GET /tasks lists the tasks", f"mix.{task}") from None
-        self.skills.weights(mix)
+        self.skills.check(mix)
         return mix
 
     def skill_weights(self, ref: TaskRef) -> list[torch.Tensor]:
@@ -161,12 +161,17 @@ class AdapterStore:
         """Routed adapter for logits given per module group, [(L, H*K), ...] (used while adapting)."""
         return routing.routed_adapter(self.inventory, logits)
 
+    def is_routed(self, name: str) -> bool:
+        """Whether the task has routing logits (pretrained, or adapted as routing), its file unread."""
+        info = self.task(name)
+        return info.kind == "pretrained" or (info.kind == "adapted" and self.registry.meta(name)["format"] == "routing")
+
     def routing_logits(self, name: str) -> list[torch.Tensor] | None:
         """A routed task's logits per module group [(L, H*K), ...]; None for the others."""
         info = self.task(name)
         if info.kind == "pretrained":
             return routing.pretrained_logits(self.inventory, info.row)
-        if info.kind == "adapted" and self.registry.meta(name)["format"] == "routing":
+        if self.is_routed(name):
             key = (name, info.version, info.created)
             with self._logits_lock:
                 logits = self._logits.get(key)

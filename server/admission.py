@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from .engine import Completion, Engine, GenerateRow, RowScores, ScoreRow, ShuttingDown
 from .engine.rows import TokenLogprob
+from .torch_threads import in_own_thread
 
 
 class Overloaded(RuntimeError):
@@ -122,7 +123,7 @@ class Admission:
         self.check_capacity()
         self.pending += 1
         try:
-            return await asyncio.to_thread(self.engine.prompt_logprobs, task, prompts, top_k)
+            return await in_own_thread(self.engine.prompt_logprobs, task, prompts, top_k)
         finally:
             self.pending -= 1
 

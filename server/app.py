@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-import threading
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -23,6 +20,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .routes import adapt, docs, generate, health, openai, route_explain, score, tasks
 from .routes import metrics as metrics_route
 from .settings import Settings
+from .torch_threads import in_own_thread
 
 log = logging.getLogger("mhr_serve")
 # The serving loop's thread runs Python between its kernels; the event loop's thread waits for the GIL each time it
@@ -62,35 +60,6 @@ def _static_step(settings: Settings, device: torch.device) -> str | None:
     return "cuda-graphs" if wanted else None
 
 
-async def in_own_thread(fn: Callable, *args):
-    """fn(*args) in a thread that ends with it (asyncio.to_thread's stay in a pool).
-
-    Torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that ran parallel work, for as
-    long as that thread lives; once the process has more of them than cores, it stops spinning between parallel
-    regions, and each region of the serving loop then waits for a sleeping worker to wake. Building the engine
-    (loading, prepacking, the memory plan's copies) where that team dies with its thread leaves the serving loop's
-    team alone. Measured in-process on 2 cores (the random T5 of bench/serving.py, a decoding step of 16 rows
-    without adapters): built in a thread that ended 18.5-21.4 ms, in a pooled thread 26.0-26.1, in the main thread
-    25.7-28.3. Over HTTP on the demo the difference stayed within the noise (the step is a small part there)."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def settle(setter, value) -> None:
-        if not done.done():
-            setter(value)
-
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, done.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(settle, done.set_result, result)
-
-    threading.Thread(target=run, name=f"mhr-{getattr(fn, '__name__', 'setup')}", daemon=True).start()
-    return await done
-
-
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -98,7 +67,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def lifespan(app: FastAPI):
         owned = engine is None
         app.state.engine = served = engine or await in_own_thread(build_engine, settings)
-        await asyncio.to_thread(served.warm_up)
+        await in_own_thread(served.warm_up)
         served.loop.on_step = metrics.batch_rows.observe
         app.state.admission = Admission(served, max_queue=settings.max_queue)
         app.state.jobs = JobManager(served, served.store.adapted_dir / ".jobs", max_queued=settings.adapt_max_queued,
@@ -110,10 +79,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         try:
             yield
         finally:
-            await asyncio.to_thread(app.state.jobs.stop)
+            await in_own_thread(app.state.jobs.stop)
             await app.state.admission.stop()
             if owned:
-                await asyncio.to_thread(served.close)
+                await in_own_thread(served.close)
 
     app = FastAPI(title="mhr-serve", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Serve Poly / MHR adapter inventories: one backbone, many tasks.")

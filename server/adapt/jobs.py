@@ -1,5 +1,6 @@
-"""Adaptation jobs: a bounded queue, one background worker thread, progress, cancellation, and job
-records on disk so a restart reports what it interrupted (queued/running -> failed).
+"""Adaptation jobs: a bounded queue, one background worker thread (each job in a thread of its own that ends with it:
+torch_threads.py), progress, cancellation, and job records on disk so a restart reports what it interrupted
+(queued/running -> failed).
 
 Shared records (`shared=True`: several servers, e.g. a cluster's replicas, share one store): each server runs its
 own jobs and sees the others' through their records; a record's owner renews its heartbeat while the job is queued
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..engine import Engine, ShuttingDown
+from ..torch_threads import run_in_own_thread
 from .data import Example
 from .methods import METHODS
 from .records import HEARTBEAT_S, JobRecords, as_seen
@@ -179,8 +181,8 @@ class JobManager:
     def _work(self) -> None:
         while (item := self._pending.get()) is not None:
             job, examples, config = item
-            if job.state == "queued" and job.id not in self._cancel:
-                self._run(job, examples, config)
+            if job.state == "queued" and job.id not in self._cancel:  # torch's thread ends with the job
+                run_in_own_thread(self._run, job, examples, config)
             elif job.state == "queued":
                 self._finish(job, "cancelled")
 

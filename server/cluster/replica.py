@@ -8,7 +8,6 @@ tasks_per_replica tasks resident here and tells the routers which, so a task's r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,6 +20,7 @@ from adapter_store import StoreError
 from ..app import create_app
 from ..engine import Engine
 from ..settings import Settings
+from ..torch_threads import in_own_thread
 from .relay import PID_HEADER, REPLICA_HEADER, RESIDENT_HEADER, RelayedRequest, ResponseStart, serve_asgi
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class EngineReplica:
         self._identity = ((REPLICA_HEADER, self.name.encode()), (PID_HEADER, str(os.getpid()).encode()))
 
         async def load_adapter(task: str) -> Resident:
-            await asyncio.to_thread(self.engine.adapter, task)  # unknown, broken: raises, so not counted loaded
+            await in_own_thread(self.engine.adapter, task)  # unknown, broken: raises, so not counted loaded
             return Resident(task, self.engine.forget_task)
 
         # made here, not at class level, because tasks_per_replica is an argument

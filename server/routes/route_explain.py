@@ -3,13 +3,12 @@ weights averaged over its tokens, and the average over layers."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
 
 from ..deps import EngineDep, MetricsDep, SettingsDep
 from ..schemas import ErrorResponse, ExpertWeight, ExplainRequest, ExplainResponse, LayerRouting
 from ..security import ReadingKey
+from ..torch_threads import in_own_thread
 from .validation import arrow_spec, check_texts
 
 router = APIRouter(tags=["generate"])
@@ -21,7 +20,7 @@ async def explain(body: ExplainRequest, engine: EngineDep, settings: SettingsDep
     spec = arrow_spec(engine, body.task)
     check_texts([body.input], "input", engine, settings)
     metrics.count_task("arrow")
-    found = await asyncio.to_thread(engine.explain, spec, body.input)
+    found = await in_own_thread(engine.explain, spec, body.input)
     layers = [LayerRouting(layer=name, top=_top(weights, body.top)) for name, weights in found.layers.items()]
     return ExplainResponse(task=spec.name, granularity=spec.granularity, experts=list(found.experts),
                            average=found.average, layers=layers)

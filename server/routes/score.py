@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
 
 from adapter_store.arrow import ArrowSpec
@@ -12,6 +10,7 @@ from ..deps import AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from ..engine import ScoreRow
 from ..schemas import ChoiceScore, ErrorResponse, ScoreRequest, ScoreResponse, ScoreResult
 from ..security import ReadingKey
+from ..torch_threads import in_own_thread
 from .validation import check_texts, invalid, mean_routing, task_and_texts, version_served
 
 router = APIRouter(tags=["score"])
@@ -30,7 +29,7 @@ async def score(body: ScoreRequest, engine: EngineDep, admission: AdmissionDep, 
     scored = await admission.score([ScoreRow(target.ref, t, c) for t, c in zip(texts, choices, strict=True)])
     routing = None
     if isinstance(target.ref, ArrowSpec):  # one more prefill per input, to report how its tokens were routed
-        found = await asyncio.to_thread(engine.explain_many, target.ref, texts)
+        found = await in_own_thread(engine.explain_many, target.ref, texts)
         routing = mean_routing([f.average for f in found])
     return ScoreResponse(task=target.name, version=version_served(target, scored[0].version),
                          results=[_result(s.choices) for s in scored], routing=routing)

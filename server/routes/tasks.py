@@ -3,7 +3,6 @@ GET /tasks/{name}/lora (a PEFT LoRA zip)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from ..deps import EngineDep, SettingsDep, StoreDep
 from ..errors import ApiError, as_api_error
 from ..schemas import ComposeRequest, ErrorResponse, TaskList, TaskOut
 from ..security import MutatingKey, ReadingKey
+from ..torch_threads import in_own_thread
 from .validation import arrow_spec, invalid
 
 router = APIRouter(tags=["tasks"])
@@ -48,10 +48,10 @@ async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep
         engine.store.check_writable(body.name, overwrite=body.overwrite)
         if body.route is not None:
             spec = arrow_spec(engine, body.route, "route")
-            info = await asyncio.to_thread(engine.store.save_route, body.name, spec, overwrite=body.overwrite)
+            info = await in_own_thread(engine.store.save_route, body.name, spec, overwrite=body.overwrite)
         else:
             mix = engine.store.check_mix(body.mix, settings.max_mix_tasks)
-            info = await asyncio.to_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
+            info = await in_own_thread(engine.store.save_composition, body.name, mix, overwrite=body.overwrite)
     except MixError as exc:
         raise invalid(exc.field, str(exc)) from None
     except (TaskNameError, TaskConflictError, BrokenCompositionError) as exc:  # about `name`, not a request's task
@@ -65,7 +65,7 @@ async def compose(body: ComposeRequest, engine: EngineDep, settings: SettingsDep
 async def delete_task(name: str, engine: EngineDep, _: MutatingKey) -> TaskOut:
     """Delete an adapted, composed or broken task (its file and cached adapters); pretrained tasks and __mu__ are
     refused (409)."""
-    info = await asyncio.to_thread(engine.store.delete, name)
+    info = await in_own_thread(engine.store.delete, name)
     engine.forget_task(name)
     return TaskOut.of(info)
 
@@ -75,7 +75,7 @@ async def export_lora(name: str, store: StoreDep, _: MutatingKey) -> Response:
     """The task's adapter as a standard PEFT LoRA folder, zipped (loadable by PeftModel, vLLM, LoRAX). Routing,
     writing and compressing run on a worker thread: the event loop keeps serving meanwhile."""
     store.task(name)
-    archive = await asyncio.to_thread(zipped_lora, store, name)
+    archive = await in_own_thread(zipped_lora, store, name)
     headers = {"Content-Disposition": f'attachment; filename="{name}-lora.zip"'}
     return Response(archive, media_type="application/zip", headers=headers)
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from adapter_store import AdapterStore
-from server.app import create_app, in_own_thread
+from server.app import create_app
 from tests.server.conftest import bundle_settings, serving, sse_events
 
 
@@ -175,24 +175,3 @@ def test_health_answers_while_an_export_is_in_progress(t5_bundle, monkeypatch):
     assert response.status_code == 200
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
         assert "alpha/adapter_model.safetensors" in archive.namelist()
-
-
-def test_the_engine_is_built_in_a_thread_that_ends_with_it():
-    """Torch's OpenMP team lives as long as its thread: the build's must not outlive it (app.in_own_thread)."""
-    seen = []
-
-    def build(value):
-        seen.append(threading.current_thread())
-        return value * 2
-
-    def failing():
-        raise ValueError("corrupt inventory")
-
-    async def main():
-        assert await in_own_thread(build, 21) == 42
-        seen[0].join(timeout=5)
-        assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
-        with pytest.raises(ValueError, match="corrupt inventory"):
-            await in_own_thread(failing)
-
-    asyncio.run(main())
