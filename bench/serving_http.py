@@ -4,6 +4,8 @@
                         (and how many rows joined per prefill forward: rows_per_joining_prefill_32_clients)
     head of line        8-token requests alone, then while 4 clients stream 256-token generations
                                                                                          hol_short_p50_ratio
+    after adaptation    1 client just before and after an /adapt job and a /route/explain
+                                                                          ratio_1_client_after_adapt_and_explain
     mixed lengths       64 clients share a fixed list of requests, max_new_tokens uniform in 8..256 (seeded); 8 of the
                         clients stream (time to first token)         mixed_length_tokens_per_s, ttft_*
                         (the request-level "static" scheduler it was compared with is gone: its last figures are
@@ -164,6 +166,25 @@ async def _head_of_line(base: str, tasks: list[str], n: int) -> dict:
             "hol_short_p50_ratio": round(busy / alone, 3)}
 
 
+async def _after_adapt_and_explain(base: str, tasks: list[str], n_requests: int, new_tokens: int) -> dict:
+    """1 client's tokens/s just before and after one /adapt job (mhr-z, 20 steps) and one /route/explain: the server
+    must serve as fast after them (server/torch_threads.py; when they left torch's OpenMP team in a long-lived
+    thread, the demo fell to 0.37x for the rest of the server's life)."""
+    before = await _clients(base, tasks, n_requests, 1, new_tokens)
+    examples = [{"input": word, "target": word[::-1]} for word in ("abc", "hello", "world", "skill", "route", "mix")]
+    async with httpx.AsyncClient(base_url=base, timeout=300) as http:
+        job = (await http.post("/adapt", json={"task": "bench-adapted", "examples": examples, "steps": 20,
+                                              "overwrite": True})).raise_for_status().json()
+        while (await http.get(f"/adapt/{job['id']}")).json()["state"] in ("queued", "running"):
+            await asyncio.sleep(0.2)
+        (await http.post("/route/explain", json={"task": {"route": "arrow", "over": "skills"}, "input": "hello"})
+         ).raise_for_status()
+    after = await _clients(base, tasks, n_requests, 1, new_tokens)
+    return {"http_tokens_per_s_1_client_before_adapt": round(before, 1),
+            "http_tokens_per_s_1_client_after_adapt_and_explain": round(after, 1),
+            "ratio_1_client_after_adapt_and_explain": round(after / before, 3)}
+
+
 async def _mixed_lengths(base: str, tasks: list[str], n_requests: int, seed: int = 0) -> dict:
     """64 clients take requests from one list (max_new_tokens uniform in 8..256, the same draws every run) until it
     is empty; tokens/s over the whole run. The first 8 clients stream, for the time to first token."""
@@ -233,6 +254,7 @@ def http_throughput(model: Path, inventory: Path, adapted: Path, args) -> dict:
                    **{f"{key}_32_clients": value for key, value in loop.items()})
         out.update(asyncio.run(_head_of_line(base, tasks, args.hol_requests)))
         continuous = asyncio.run(_mixed_lengths(base, tasks, args.mixed_requests))
+        out.update(asyncio.run(_after_adapt_and_explain(base, tasks, args.http_requests // 4, args.new_tokens)))
     out.update(mixed_length_tokens_per_s=continuous["tokens_per_s"], ttft_p50_ms=continuous["ttft_p50_ms"],
                ttft_p99_ms=continuous["ttft_p99_ms"])
     return out
