@@ -34,6 +34,11 @@ class BeamRow:
         self.kv = None  # its blocks in the KV pool while it runs (paged_kv.RowKV)
         self.admitted = 0  # when it joined the batch (newest rows are preempted first)
 
+    @property
+    def tokens_left(self) -> int:
+        """Decoding steps it may still run (fewer where its search ends early)."""
+        return self.group.params.max_new_tokens - self.group.search.generated
+
     def finish(self) -> None:
         self.group.finish()
 

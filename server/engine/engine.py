@@ -264,7 +264,8 @@ class Engine:
         adapters = [adapter for _, _, adapter, _ in pairs]
         single = len({id(a) for a in adapters}) == 1
         arrow = arrow_rows.has_arrow(adapters)
-        merge = single and not len(self.loop.batch) and self.merge_single_task and not arrow
+        merge = single and not len(self.loop.batch) and self.merge_single_task and not arrow \
+            and self.slots.merge_pays(pairs[0][3], len(pairs))  # one forward: a row-step per pair
         m = self.loaded
         with self.slots.activate(adapters, key=pairs[0][3], merge=merge):
             if arrow:

@@ -302,11 +302,13 @@ class RunningBatch:
                 self.slots.applied = ("base",)
             return
         if all(key == first.key for key in keys):
-            if self.merge_single_task:
+            if self.merge_single_task and self.slots.merge_pays(first.key, sum(row.tokens_left for row in self.rows)):
                 if self.slots.applied != ("merged", first.key):
                     self.slots.use_merged(first.adapter, first.key)
-            elif self.slots.applied != ("shared", first.key, width is not None):  # static step: in place
-                self.slots.use_shared(first.adapter, first.key, in_place=width is not None)
+            else:
+                self.slots.ran_unmerged(first.key, len(self.rows))
+                if self.slots.applied != ("shared", first.key, width is not None):  # static step: in place
+                    self.slots.use_shared(first.adapter, first.key, in_place=width is not None)
             return
         if self.slots.applied != ("rows", tuple(keys), start, width or end):
             self.slots.use_rows([row.adapter for row in self.rows], keys, start, width or end)

@@ -85,6 +85,11 @@ class ActiveRow:
     def generated(self) -> int:
         return len(self.tokens)
 
+    @property
+    def tokens_left(self) -> int:
+        """Decoding steps it may still run (fewer where it ends early)."""
+        return self.params.max_new_tokens - len(self.tokens)
+
     def accept(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> bool:
         """Take the next token (and its log-probability entry, kept when the row asked for them, an end of sequence
         included); True when the row has ended (end of sequence, its limit, a stop string)."""
