@@ -33,10 +33,11 @@ GATHER_MAX_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 26}
 class LengthGroup:
     """Rows decoded together: their key slots padded to the longest (scratch slots, masked)."""
 
-    rows: torch.Tensor  # (n,) their places in the batch
+    rows: torch.Tensor  # (n,) their places in the batch, in order
     slots: torch.Tensor  # (n, L) each row's key slots, then scratch
     distance: torch.Tensor  # (n, L) from the row's last position (its query) back to each key; < 0: padding
     padded: bool  # some row is shorter than L
+    everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
 
     @property
     def width(self) -> int:
@@ -61,7 +62,10 @@ def length_groups(tables: list[list[int]], lengths: list[int], block_size: int, 
         current.append(row)
         total += lengths[row]
     (groups.append(current) if len(current) > 1 else alone.extend(current))
-    return [_group(members, tables, lengths, block_size, device) for members in groups], alone
+    found = [_group(sorted(members), tables, lengths, block_size, device) for members in groups]
+    if len(found) == 1 and not alone:
+        found[0].everyone = True
+    return found, alone
 
 
 def _group(members: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
@@ -87,6 +91,8 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     with one_thread():
         if not together:
             return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
+        if together[0].everyone:
+            return grouped(pool, layer, query, together[0], bias)
         out = torch.empty_like(query)
         for group in together:
             out[group.rows] = grouped(pool, layer, query[group.rows], group, bias)
