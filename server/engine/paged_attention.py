@@ -50,6 +50,7 @@ class Step:
     cross_slots: torch.Tensor | None = None  # T5 prefill: (N, S) where the encoder positions' keys go
     cross_tables: list[list[int]] = field(default_factory=list)  # T5: each row's encoder blocks
     cross_lengths: list[int] = field(default_factory=list)  # and its input length
+    gathers: decode_attention.CrossGathers | None = None  # T5 decoding: cross keys gathered in earlier steps
     _runs: dict[bool, dict[int, list]] = field(default_factory=dict)
     _groups: dict[bool, tuple] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 
 from .block_manager import BlockManager, prefix_hash
+from .decode_attention import CrossGathers
 from .decoder_forward import decoder_forward
 from .int_tensors import long_tensor
 from .kv_pool import SCRATCH_BLOCK, KVPool, slot_of, slots_of
@@ -57,6 +58,7 @@ class PagedKV:
         self.layers = len(pool.keys)
         self.encoder_hits = 0  # T5 rows whose encoder output came from the cache
         self.cross_attentions = cross_attentions(model) if is_seq2seq else []  # T5: written by encode()
+        self.cross_gathers = CrossGathers()  # T5 decoding steps' cross keys, gathered once per batch layout
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:
@@ -211,6 +213,7 @@ class PagedKV:
     def _encoder_inputs(self, rows: list, inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's encoder blocks allocated (MemoryError when the pool is short) -> the encoder's ids (M, S),
         right-padded, their mask (M, S) and each position's slot in the row's blocks (M, S; padding: PAD_SLOT)."""
+        self.cross_gathers.clear()  # encoder keys are written: a kept gather may hold a block's old keys
         mask = _input_mask(inputs)
         enc = torch.full(mask.shape, self.pad_id, dtype=torch.long)
         cross_slots = torch.full(mask.shape, PAD_SLOT, dtype=torch.long)
@@ -274,6 +277,7 @@ class PagedKV:
                     [r.kv.length for r in rows])
         if self.is_seq2seq:
             step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
+            step.gathers = self.cross_gathers
         ids = long_tensor(tokens).to(self.device)[:, None]  # (N, 1)
         with paged(step):
             return decoder_forward(self.model, self.is_seq2seq, self.layers, ids, positions.to(self.device),
