@@ -105,9 +105,9 @@ class CrossGathers:
         if found is None:
             found = gather()
             size = found[0].nbytes + found[1].nbytes
-            if self._bytes + size > self.max_bytes:
-                self.clear()  # groups of rows gone, or more than the budget
-            if size <= self.max_bytes:
+            if size <= self.max_bytes:  # else never kept
+                if self._bytes + size > self.max_bytes:
+                    self.clear()  # groups of rows that left, or a batch over the budget
                 self._kept[(layer, group.key)] = found
                 self._bytes += size
         return found

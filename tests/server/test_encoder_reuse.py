@@ -90,3 +90,31 @@ def test_t5_rows_join_with_their_encoder_only_and_decode_their_start_token_besid
     alone = [engine.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]
     assert [c.text for c in joined] == [c.text for c in alone]
     engine.close()
+
+
+def test_cross_gathers_are_kept_between_steps_and_cleared_when_encoder_keys_are_written(tmp_path, monkeypatch):
+    """A T5 decoding step keeps its cross-attention gathers while the batch stays the same
+    (decode_attention.CrossGathers): most steps gather nothing. Blocks a leaving row freed may come back in a joining
+    row's table holding new keys, so every write of encoder keys clears what is kept. Texts equal each row alone."""
+    save_bundle(tmp_path, "t5")
+    engine = engine_for(tmp_path, prefix_cache=False)  # every join encodes
+    kv = engine.loop.batch.kv
+    counts = {"get": 0, "gather": 0, "clear": 0, "encode": 0}
+    get, clear, encode = kv.cross_gathers.get, kv.cross_gathers.clear, kv.encode
+
+    def counted_get(layer, group, gather):
+        counts["get"] += 1
+        return get(layer, group, lambda: (counts.update(gather=counts["gather"] + 1), gather())[1])
+
+    monkeypatch.setattr(kv.cross_gathers, "get", counted_get)
+    monkeypatch.setattr(kv.cross_gathers, "clear", lambda: (counts.update(clear=counts["clear"] + 1), clear()))
+    monkeypatch.setattr(kv, "encode", lambda *a, **k: (counts.update(encode=counts["encode"] + 1), encode(*a, **k)))
+    same_length = ["hello there", "other input", "third input", "last inputs"]  # their encoder keys group
+    rows = [GenerateRow(f"task-{t}", x, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for t, x, n in zip([0, 2, 1, 0], same_length, [12, 6, 9, 5], strict=True)]
+    joined = staggered(engine, rows)
+    assert counts["clear"] == counts["encode"] > 1
+    assert 0 < counts["gather"] < counts["get"]  # steps between joins gather nothing
+    alone = [engine.generate([GenerateRow(r.task, r.text, r.params)])[0] for r in rows]
+    assert [c.text for c in joined] == [c.text for c in alone]
+    engine.close()
