@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.torch_threads import in_own_thread, run_in_own_thread
+from tests.factories import save_bundle
 
 from .conftest import bundle_settings
 
@@ -143,3 +144,19 @@ def test_own_threads_end_with_their_work():
     assert not seen[-1].is_alive()
     with pytest.raises(ValueError, match="corrupt inventory"):
         run_in_own_thread(failing)
+
+
+def test_causal_requests_leave_torch_to_the_serving_loop(watched, tmp_path):
+    """A causal LM's own paths: OpenAI's echo with prompt log-probabilities (teacher-forced chunks on the loop),
+    /score, a plain and a streamed completion."""
+    save_bundle(tmp_path / "llama", "llama", task_names=["alpha", "beta", "gamma"])
+    with TestClient(create_app(bundle_settings(tmp_path / "llama", adapted_dir=tmp_path / "adapted"))) as client:
+        for body in ({"model": "alpha", "prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 1},
+                     {"model": "beta", "prompt": ["hi", "there"], "max_tokens": 3},
+                     {"model": "gamma", "prompt": "hi", "max_tokens": 3, "stream": True}):
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+        response = client.post("/score", json={"task": "alpha", "inputs": "hello", "choices": ["a", "bc"]})
+        assert response.status_code == 200, response.text
+        lasting = watched.lasting()
+    assert not lasting, f"threads that outlive their work called torch (first call, where): {lasting}"
