@@ -85,9 +85,12 @@ def _wait_for_job(client, job_id: str) -> dict:
     raise AssertionError(f"job {job_id} did not finish")
 
 
-def test_requests_leave_torch_to_the_serving_loop(watched, t5_bundle, tmp_path):
+@pytest.mark.parametrize("shared_store", [False, True])
+def test_requests_leave_torch_to_the_serving_loop(watched, t5_bundle, tmp_path, shared_store):
+    """shared_store: the store re-read as other servers change it, job records with a heartbeat (a cluster's)."""
     arrow_tasks = {"route": "arrow", "over": "tasks", "top_k": 2}
-    with TestClient(create_app(bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted"))) as client:
+    settings = bundle_settings(t5_bundle, adapted_dir=tmp_path / "adapted", shared_store=shared_store)
+    with TestClient(create_app(settings)) as client:
         def ok(response, status=200):
             assert response.status_code == status, response.text
             return response.json() if "json" in response.headers.get("content-type", "") else response
