@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,14 @@ class LengthGroup:
     padded: bool  # some row is shorter than L
     key: tuple = ()  # its rows' tables and lengths (CrossGathers)
     everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
+    _terms: dict = field(default_factory=dict, repr=False)  # score terms by (T5 bias or not, dtype): one per step
+
+    def score_term(self, bias, dtype: torch.dtype) -> torch.Tensor | None:
+        """What its scores add in every layer of the step (_score_term), worked out once for all of them."""
+        key = (bias is not None, dtype)
+        if key not in self._terms:
+            self._terms[key] = _score_term(self.distance, bias, self.padded, dtype)
+        return self._terms[key]
 
     @property
     def width(self) -> int:
@@ -148,22 +156,33 @@ def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, b
                 pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim))
 
     keys, values = kept.get(layer, group, gather) if kept is not None else gather()
-    return _over_gathered(query, keys, values, group.distance, bias, masked=group.padded)
+    return _over_gathered(query, keys, values, group.score_term(bias, query.dtype))
 
 
-def _over_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, distance: torch.Tensor, bias,
-                   *, masked: bool) -> torch.Tensor:
-    """Attention of each row's query over its gathered keys: query (n, Hq, d); keys, values (Hkv, n, L, d);
-    distance (n, L) from the row's query back to each key, < 0 for padding (masked where `masked`) -> (n, Hq, d)."""
+def _score_term(distance: torch.Tensor, bias, masked: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """What scores over gathered keys add: T5's relative bias by distance and -inf over padding (where `masked`) ->
+    (H or 1, n, 1, L), or None. distance (n, L) from each row's query back to each key, < 0 for padding."""
+    term = None
+    if bias is not None:  # T5: (H, D) by distance -> (H, n, 1, L); its heads are not grouped (g = 1)
+        term = bias.by_distance(distance.shape[1])[:, distance.clamp(min=0)][:, :, None, :].to(dtype)
+    if masked:
+        padding = (distance < 0)[None, :, None, :]  # (1, n, 1, L)
+        if term is None:
+            term = torch.zeros(padding.shape, dtype=dtype, device=distance.device)
+        term = term.masked_fill(padding, float("-inf"))
+    return term
+
+
+def _over_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, term: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """Attention of each row's query over its gathered keys: query (n, Hq, d); keys, values (Hkv, n, L, d); term
+    what the scores add (_score_term) -> (n, Hq, d)."""
     count, heads_q, dim = query.shape
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     grouped_q = query.view(count, keys.shape[0], -1, dim).transpose(0, 1)  # (Hkv, n, g, d)
     scores = torch.matmul(grouped_q, keys.transpose(-1, -2))  # (Hkv, n, g, L)
-    if bias is not None:  # T5: (H, D) by distance -> (H, n, 1, L); its heads are not grouped (g = 1)
-        table = bias.by_distance(keys.shape[2])
-        scores = scores + table[:, distance.clamp(min=0)][:, :, None, :].to(scores.dtype)
-    if masked:
-        scores = scores.masked_fill((distance < 0)[None, :, None, :], float("-inf"))
+    if term is not None:
+        scores = scores + term
     weights = _softmax(scores).to(values.dtype)
     return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (n, Hq, d)
 
@@ -207,4 +226,4 @@ def static_tables(pool: KVPool, layer: int, query: torch.Tensor, tables: torch.T
     values = pool.values[layer].view(heads_kv, -1, pool.block_size, dim).index_select(1, flat)
     distance = lengths[:, None] - 1 - torch.arange(width, device=lengths.device)[None, :]  # (B, L)
     return _over_gathered(query, keys.view(heads_kv, count, width, dim), values.view(heads_kv, count, width, dim),
-                          distance, bias, masked=True)
+                          _score_term(distance, bias, True, query.dtype))
