@@ -14,7 +14,6 @@ The same result either way (tests/server/test_decode_attention.py).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +37,11 @@ class LengthGroup:
     slots: torch.Tensor  # (n, L) each row's key slots, then scratch
     distance: torch.Tensor  # (n, L) from the row's last position (its query) back to each key; < 0: padding
     padded: bool  # some row is shorter than L
-    key: tuple = ()  # its rows' tables and lengths (CrossGathers)
+    key: tuple = ()  # its rows' tables and lengths (kept_gathers.CrossGathers)
     everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
+    serials: tuple = ()  # a decoding step's self-attention group: its rows' KV serials (kept_gathers.SelfGathers),
+    lengths: tuple = ()  # their lengths (this step's position included)
+    fresh: torch.Tensor | None = None  # (n,) and the slot each row's position of this step was written to
     _terms: dict = field(default_factory=dict, repr=False)  # score terms by (T5 bias or not, dtype): one per step
 
     def score_term(self, bias, dtype: torch.dtype) -> torch.Tensor | None:
@@ -95,42 +97,13 @@ def _group(members: list[int], tables: list[list[int]], lengths: list[int], bloc
     return LengthGroup(long_tensor(members).to(device), slots.to(device), distance.to(device), padded, key)
 
 
-class CrossGathers:
-    """T5's cross-attention keys and values as gathered for a decoding step's length groups, kept for the next steps:
-    a row's encoder keys never change while it runs, so while the batch stays the same they are gathered once, not
-    once per step and layer (on a CPU the gathers were 0.6 ms of the demo's 3.4 ms step of 16 rows, half of them
-    these). Cleared whenever encoder keys are written (a block freed and written again may come back in a table);
-    at most max_bytes kept."""
-
-    def __init__(self, max_bytes: int = 64 << 20):
-        self.max_bytes = max_bytes
-        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._bytes = 0
-
-    def get(self, layer: int, group: LengthGroup, gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        found = self._kept.get((layer, group.key))
-        if found is None:
-            found = gather()
-            size = found[0].nbytes + found[1].nbytes
-            if size <= self.max_bytes:  # else never kept
-                if self._bytes + size > self.max_bytes:
-                    self.clear()  # groups of rows that left, or a batch over the budget
-                self._kept[(layer, group.key)] = found
-                self._bytes += size
-        return found
-
-    def clear(self) -> None:
-        self._kept.clear()
-        self._bytes = 0
-
-
 def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bias) -> torch.Tensor:
     """query (N, Hq, d), already scaled -> (N, Hq, d). `step`: the forward's paged_attention.Step (its rows' length
-    groups and runs, self- or cross-attention, and the kept cross gathers); `bias`: T5's relative bias
+    groups and runs, self- or cross-attention, and what is kept of earlier steps' gathers: kept_gathers.py); `bias`:
+    T5's relative bias
     (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
-    kept = step.gathers if cross else None
+    kept = step.cross_gathers if cross else step.self_gathers
     with one_thread():
         if not together:
             return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
@@ -144,8 +117,7 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     return out
 
 
-def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias,
-            kept: CrossGathers | None = None) -> torch.Tensor:
+def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias, kept=None) -> torch.Tensor:
     """query (n, Hq, d) -> (n, Hq, d) over the group's padded slots (gathered, or as `kept`)."""
     count, _, dim = query.shape
 
@@ -155,7 +127,7 @@ def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, b
         return (pool.keys[layer].index_select(1, flat).view(heads_kv, count, group.width, dim),  # (Hkv, n, L, d)
                 pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim))
 
-    keys, values = kept.get(layer, group, gather) if kept is not None else gather()
+    keys, values = kept.get(pool, layer, group, gather) if kept is not None else gather()
     return _over_gathered(query, keys, values, group.score_term(bias, query.dtype))
 
 

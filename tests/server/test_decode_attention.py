@@ -4,8 +4,6 @@ the grouping keeps padding within its tolerance."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -16,7 +14,10 @@ BLOCK = 4
 
 
 class _Step:
-    """What attend reads of a paged_attention.Step: the rows' runs and length groups."""
+    """What attend reads of a paged_attention.Step: the rows' runs and length groups (nothing kept of earlier steps'
+    gathers: kept_gathers.py)."""
+
+    self_gathers = cross_gathers = None
 
     def __init__(self, tables, lengths, grouped: bool = True):
         self.tables, self.lengths, self.grouped = tables, lengths, grouped
@@ -141,26 +142,3 @@ def test_prefill_masks_are_built_on_the_querys_device():
     bias = paged_attention._T5Bias(attention).for_rows(3, 8, torch.float32)
     assert bias.device == meta and bias.shape == (2, 3, 8)
 
-
-def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_their_budget():
-    calls = []
-
-    def gather(elements: int = 4):
-        calls.append(elements)
-        return torch.zeros(elements), torch.zeros(elements)  # 2 x 4 bytes per element
-
-    group_a, group_b = SimpleNamespace(key=("a",)), SimpleNamespace(key=("b",))
-    kept = decode_attention.CrossGathers(max_bytes=100)
-    first = kept.get(0, group_a, gather)
-    assert kept.get(0, group_a, gather) is first and len(calls) == 1
-    kept.get(1, group_a, gather)
-    kept.get(0, group_b, gather)
-    assert len(calls) == 3  # one per layer and group
-    kept.clear()
-    kept.get(0, group_a, gather)
-    assert len(calls) == 4
-    kept.get(2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
-    kept.get(2, group_a, lambda: gather(16))
-    assert len(calls) == 6
-    kept.get(0, group_a, gather)
-    assert len(calls) == 6  # what was kept is still there

@@ -94,7 +94,7 @@ def test_t5_rows_join_with_their_encoder_only_and_decode_their_start_token_besid
 
 def test_cross_gathers_are_kept_between_steps_and_cleared_when_encoder_keys_are_written(tmp_path, monkeypatch):
     """A T5 decoding step keeps its cross-attention gathers while the batch stays the same
-    (decode_attention.CrossGathers): most steps gather nothing. Blocks a leaving row freed may come back in a joining
+    (kept_gathers.CrossGathers): most steps gather nothing. Blocks a leaving row freed may come back in a joining
     row's table holding new keys, so every write of encoder keys clears what is kept. Texts equal each row alone."""
     save_bundle(tmp_path, "t5")
     engine = engine_for(tmp_path, prefix_cache=False)  # every join encodes
@@ -102,9 +102,9 @@ def test_cross_gathers_are_kept_between_steps_and_cleared_when_encoder_keys_are_
     counts = {"get": 0, "gather": 0, "clear": 0, "encode": 0}
     get, clear, encode = kv.cross_gathers.get, kv.cross_gathers.clear, kv.encode
 
-    def counted_get(layer, group, gather):
+    def counted_get(pool, layer, group, gather):
         counts["get"] += 1
-        return get(layer, group, lambda: (counts.update(gather=counts["gather"] + 1), gather())[1])
+        return get(pool, layer, group, lambda: (counts.update(gather=counts["gather"] + 1), gather())[1])
 
     monkeypatch.setattr(kv.cross_gathers, "get", counted_get)
     monkeypatch.setattr(kv.cross_gathers, "clear", lambda: (counts.update(clear=counts["clear"] + 1), clear()))
