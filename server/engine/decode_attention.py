@@ -39,9 +39,6 @@ class LengthGroup:
     padded: bool  # some row is shorter than L
     key: tuple = ()  # its rows' tables and lengths (kept_gathers.CrossGathers)
     everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
-    serials: tuple = ()  # a decoding step's self-attention group: its rows' KV serials (kept_gathers.SelfGathers),
-    lengths: tuple = ()  # their lengths (this step's position included)
-    fresh: torch.Tensor | None = None  # (n,) and the slot each row's position of this step was written to
     _terms: dict = field(default_factory=dict, repr=False)  # score terms by (T5 bias or not, dtype): one per step
 
     def score_term(self, bias, dtype: torch.dtype) -> torch.Tensor | None:
@@ -103,7 +100,7 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     T5's relative bias
     (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
-    kept = step.cross_gathers if cross else step.self_gathers
+    kept = step.cross_gathers if cross else None
     with one_thread():
         if not together:
             return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order

@@ -1,14 +1,13 @@
 """What a decoding step keeps of its length groups' gathered keys and values for the next steps (decode_attention.py
-gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU that copy was a tenth of a step).
+gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU those copies were a tenth of a step).
 
     CrossGathers   T5's cross-attention: a row's encoder keys never change while it runs, so while the batch stays the
                    same they are gathered once, not once per step and layer. Cleared whenever encoder keys are written
                    (a block freed and written again may come back in a table).
-    SelfGathers    self-attention: while a group keeps its rows and each gains one position per step, the step writes
-                   the n new positions into the kept copy instead of gathering n · L again. Keyed by the rows' KV
-                   serials (paged_kv.RowKV.serial): a row's positions never change once written, and a beam that
-                   follows its parent or a row computed again after preemption has a new serial.
-Each keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
+Self-attention gathers are not kept: a copy grown by each step's new positions (tried in session 6) lost on
+16 rows × 32 tokens (random T5 565 -> 526 tokens/s, demo 3491 -> 3369), because a group splits as its rows grow past
+the gather limit and each new group paid a new copy; it won only on long rows (~8 %).
+It keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
 kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers as if
 nothing were kept (no copy into room that would be dropped again).
 """
@@ -16,13 +15,11 @@ nothing were kept (no copy into room that would be dropped again).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 Gather = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> a group's keys, values (Hkv, n, L, d)
 MAX_BYTES = 64 << 20
-MARGIN = 32  # positions a kept self-attention copy has room to grow by before it is gathered anew
 
 
 class _Kept:
@@ -79,48 +76,3 @@ class CrossGathers(_Kept):
             found = gather()
             self._keep((layer, group.key), found, found[0].nbytes + found[1].nbytes)
         return found
-
-
-@dataclass
-class _Grown:
-    keys: torch.Tensor  # (Hkv, n, capacity, d): positions past a row's length hold zeros (read masked)
-    values: torch.Tensor
-    lengths: tuple[int, ...]  # each row's positions held
-
-
-class SelfGathers(_Kept):
-    def __init__(self, max_bytes: int = MAX_BYTES):
-        super().__init__(max_bytes)
-
-    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
-        """group: a decode_attention.LengthGroup of a decoding step, with its rows' `serials`, `lengths` (this step's
-        position included) and `fresh` (n,): the slot each row's position of this step was written to."""
-        if group.fresh is None:
-            return gather()
-        serials, lengths, fresh = group.serials, group.lengths, group.fresh
-        key = (layer, serials)
-        kept = self._find(key)
-        if kept is not None and kept.lengths == tuple(n - 1 for n in lengths) and group.width <= kept.keys.shape[2]:
-            rows = torch.arange(len(lengths), device=fresh.device)
-            at = torch.tensor(lengths, device=fresh.device) - 1
-            kept.keys[:, rows, at] = pool.keys[layer].index_select(1, fresh)  # (Hkv, n, d) into each row's place
-            kept.values[:, rows, at] = pool.values[layer].index_select(1, fresh)
-            kept.lengths = lengths
-        else:
-            keys, values = gather()
-            size = 2 * keys.nbytes * (keys.shape[2] + MARGIN) // max(keys.shape[2], 1)
-            if not self._keep(key, None, size):  # room first: no copy made only to be dropped
-                return keys, values
-            kept = self._kept[key] = _grown(keys, values, lengths, group.distance)
-        return kept.keys[:, :, :group.width], kept.values[:, :, :group.width]
-
-
-def _grown(keys: torch.Tensor, values: torch.Tensor, lengths: tuple[int, ...], distance: torch.Tensor) -> _Grown:
-    """A gathered group copied into zeroed room of MARGIN more positions, its padding zeroed too (only a row's own
-    positions are kept)."""
-    heads, rows, width, dim = keys.shape
-    real = (distance >= 0)[None, :, :, None]  # (1, n, L, 1)
-    room = keys.new_zeros(2, heads, rows, width + MARGIN, dim)
-    room[0, :, :, :width] = keys * real
-    room[1, :, :, :width] = values * real
-    return _Grown(room[0], room[1], lengths)
