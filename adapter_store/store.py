@@ -164,14 +164,17 @@ class AdapterStore:
     def is_routed(self, name: str) -> bool:
         """Whether the task has routing logits (pretrained, or adapted as routing), its file unread."""
         info = self.task(name)
-        return info.kind == "pretrained" or (info.kind == "adapted" and self.registry.meta(name)["format"] == "routing")
+        return info.kind == "pretrained" or self._adapted_routing(info)
+
+    def _adapted_routing(self, info: TaskInfo) -> bool:
+        return info.kind == "adapted" and self.registry.meta(info.name)["format"] == "routing"
 
     def routing_logits(self, name: str) -> list[torch.Tensor] | None:
         """A routed task's logits per module group [(L, H*K), ...]; None for the others."""
         info = self.task(name)
         if info.kind == "pretrained":
             return routing.pretrained_logits(self.inventory, info.row)
-        if self.is_routed(name):
+        if self._adapted_routing(info):
             key = (name, info.version, info.created)
             with self._logits_lock:
                 logits = self._logits.get(key)

@@ -120,8 +120,9 @@ def prefix_ttft(folder: Path, requests: int) -> dict:
 
 
 def step_overhead(folder: Path, reps: int) -> dict:
-    """Both steps on the serving loop's thread: a thread's OpenMP team runs slower while another thread's team is
-    alive (this process's main thread built the models), so the bare forward is timed where ours is."""
+    """Both steps on the serving loop's thread, the only one left with an OpenMP team (the models are built in threads
+    that end: a thread's team runs slower while another thread's is alive), so the bare forward is timed where ours
+    is."""
     ours, _ = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
     ours_base, theirs = _our_step(folder, reps, ["__base__"] * 16, also=run_in_own_thread(_bare_step, folder))
     return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .int_tensors import long_tensor
+from .kept_gathers import CrossGathers
 from .kv_pool import SCRATCH_BLOCK, KVPool
 from .threads import one_thread
 
@@ -97,8 +98,7 @@ def _group(members: list[int], tables: list[list[int]], lengths: list[int], bloc
 def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bias) -> torch.Tensor:
     """query (N, Hq, d), already scaled -> (N, Hq, d). `step`: the forward's paged_attention.Step (its rows' length
     groups and runs, self- or cross-attention, and what is kept of earlier steps' gathers: kept_gathers.py); `bias`:
-    T5's relative bias
-    (by_distance / last_query) or None."""
+    T5's relative bias (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
     kept = step.cross_gathers if cross else None
     with one_thread():
@@ -114,7 +114,8 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     return out
 
 
-def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias, kept=None) -> torch.Tensor:
+def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, bias,
+            kept: CrossGathers | None = None) -> torch.Tensor:
     """query (n, Hq, d) -> (n, Hq, d) over the group's padded slots (gathered, or as `kept`)."""
     count, _, dim = query.shape
 
@@ -124,7 +125,7 @@ def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, b
         return (pool.keys[layer].index_select(1, flat).view(heads_kv, count, group.width, dim),  # (Hkv, n, L, d)
                 pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim))
 
-    keys, values = kept.get(pool, layer, group, gather) if kept is not None else gather()
+    keys, values = kept.get(layer, group, gather) if kept is not None else gather()
     return _over_gathered(query, keys, values, group.score_term(bias, query.dtype))
 
 

@@ -8,8 +8,8 @@ Self-attention gathers are not kept: a copy grown by each step's new positions (
 16 rows × 32 tokens (random T5 565 -> 526 tokens/s, demo 3491 -> 3369), because a group splits as its rows grow past
 the gather limit and each new group paid a new copy; it won only on long rows (~8 %).
 It keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
-kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers as if
-nothing were kept (no copy into room that would be dropped again).
+kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers every
+step as if nothing were kept.
 """
 
 from __future__ import annotations
@@ -22,57 +22,46 @@ Gather = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> a group's keys, v
 MAX_BYTES = 64 << 20
 
 
-class _Kept:
-    def __init__(self, max_bytes: int):
+class CrossGathers:
+    def __init__(self, max_bytes: int = MAX_BYTES):
         self.max_bytes = max_bytes
-        self._kept: dict[tuple, object] = {}
-        self._sizes: dict[tuple, int] = {}
+        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, group key) -> keys, values
         self._used: dict[tuple, int] = {}  # the lookup that last used each
         self._lookups = 0
         self._bytes = 0
 
-    def _find(self, key: tuple):
+    def get(self, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""
+        key = (layer, group.key)
         self._lookups += 1
         found = self._kept.get(key)
         if found is not None:
             self._used[key] = self._lookups
+            return found
+        found = gather()
+        self._keep(key, found)
         return found
-
-    def _keep(self, key: tuple, value, size: int) -> bool:
-        """Keep `value` where there is room, or where copies unused for a round of lookups (about one decoding step:
-        each copy is looked up once a step while its group lasts) make room."""
-        self._drop(key)
-        if size > self.max_bytes:
-            return False
-        while self._bytes + size > self.max_bytes:
-            oldest = min(self._used, key=self._used.get)
-            if self._used[oldest] > self._lookups - 2 * (len(self._kept) + 1):
-                return False  # everything kept is in use: do not keep (nor copy) this one
-            self._drop(oldest)
-        self._kept[key], self._sizes[key], self._used[key] = value, size, self._lookups
-        self._bytes += size
-        return True
-
-    def _drop(self, key: tuple) -> None:
-        if key in self._kept:
-            self._bytes -= self._sizes.pop(key)
-            del self._kept[key], self._used[key]
 
     def clear(self) -> None:
         self._kept.clear()
-        self._sizes.clear()
         self._used.clear()
         self._bytes = 0
 
+    def _keep(self, key: tuple, found: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keep it where there is room, or where copies unused for a round of lookups (about one decoding step: each
+        copy is looked up once a step while its group lasts) make room."""
+        size = _nbytes(found)
+        if size > self.max_bytes:
+            return
+        while self._bytes + size > self.max_bytes:
+            oldest = min(self._used, key=self._used.get)
+            if self._used[oldest] > self._lookups - 2 * (len(self._kept) + 1):
+                return  # everything kept is in use: this one is not kept
+            self._bytes -= _nbytes(self._kept.pop(oldest))
+            del self._used[oldest]
+        self._kept[key], self._used[key] = found, self._lookups
+        self._bytes += size
 
-class CrossGathers(_Kept):
-    def __init__(self, max_bytes: int = MAX_BYTES):
-        super().__init__(max_bytes)
 
-    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
-        """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""
-        found = self._find((layer, group.key))
-        if found is None:
-            found = gather()
-            self._keep((layer, group.key), found, found[0].nbytes + found[1].nbytes)
-        return found
+def _nbytes(found: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return found[0].nbytes + found[1].nbytes

@@ -24,14 +24,14 @@ def test_what_is_in_use_is_never_dropped_and_what_is_not_makes_room():
     kept = CrossGathers(max_bytes=64)  # room for two copies of 32 bytes
     for _ in range(3):  # a and b in use every step, c too: c finds no room and gathers every time
         for group in groups:
-            kept.get(None, 0, group, _gather(calls))
+            kept.get(0, group, _gather(calls))
     assert len(calls) == 2 + 3
     for _ in range(4):  # a leaves; b and c go on: c takes a's room once a is a round of lookups old
         for group in groups[1:]:
-            kept.get(None, 0, group, _gather(calls))
+            kept.get(0, group, _gather(calls))
     before = len(calls)
     for group in groups[1:]:
-        kept.get(None, 0, group, _gather(calls))
+        kept.get(0, group, _gather(calls))
     assert len(calls) == before  # both kept now
 
 
@@ -44,16 +44,16 @@ def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_the
 
     group_a, group_b = SimpleNamespace(key=("a",)), SimpleNamespace(key=("b",))
     kept = CrossGathers(max_bytes=100)
-    first = kept.get(None, 0, group_a, gather)
-    assert kept.get(None, 0, group_a, gather) is first and len(calls) == 1
-    kept.get(None, 1, group_a, gather)
-    kept.get(None, 0, group_b, gather)
+    first = kept.get(0, group_a, gather)
+    assert kept.get(0, group_a, gather) is first and len(calls) == 1
+    kept.get(1, group_a, gather)
+    kept.get(0, group_b, gather)
     assert len(calls) == 3  # one per layer and group
     kept.clear()
-    kept.get(None, 0, group_a, gather)
+    kept.get(0, group_a, gather)
     assert len(calls) == 4
-    kept.get(None, 2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
-    kept.get(None, 2, group_a, lambda: gather(16))
+    kept.get(2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
+    kept.get(2, group_a, lambda: gather(16))
     assert len(calls) == 6
-    kept.get(None, 0, group_a, gather)
+    kept.get(0, group_a, gather)
     assert len(calls) == 6  # what was kept is still there
