@@ -175,8 +175,10 @@ async def _after_adapt_and_explain(base: str, tasks: list[str], n_requests: int,
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         job = (await http.post("/adapt", json={"task": "bench-adapted", "examples": examples, "steps": 20,
                                               "overwrite": True})).raise_for_status().json()
-        while (await http.get(f"/adapt/{job['id']}")).json()["state"] in ("queued", "running"):
+        while (state := (await http.get(f"/adapt/{job['id']}")).json()["state"]) in ("queued", "running"):
             await asyncio.sleep(0.2)
+        if state != "succeeded":  # else "after" would not be after an adaptation
+            raise RuntimeError(f"the bench's /adapt job ended {state}")
         (await http.post("/route/explain", json={"task": {"route": "arrow", "over": "skills"}, "input": "hello"})
          ).raise_for_status()
     after = await _clients(base, tasks, n_requests, 1, new_tokens)
