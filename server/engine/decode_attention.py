@@ -21,7 +21,6 @@ import torch
 from .int_tensors import long_tensor
 from .kept_gathers import CrossGathers
 from .kv_pool import SCRATCH_BLOCK, KVPool
-from .threads import one_thread
 
 PADDING_TOLERANCE = 0.05  # a group reads at most this share of padding positions
 # a group's gathered keys, n · L · Hkv · d, at most this many elements: beyond, the gather's copy costs more than the
@@ -101,16 +100,15 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     T5's relative bias (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
     kept = step.cross_gathers if cross else None
-    with one_thread():
-        if not together:
-            return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
-        if together[0].everyone:
-            return grouped(pool, layer, query, together[0], bias, kept)
-        out = torch.empty_like(query)
-        for group in together:
-            out[group.rows] = grouped(pool, layer, query[group.rows], group, bias, kept)
-        if alone:
-            out[alone] = per_row(pool, layer, query[alone], step.runs(cross, alone), bias)
+    if not together:
+        return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
+    if together[0].everyone:
+        return grouped(pool, layer, query, together[0], bias, kept)
+    out = torch.empty_like(query)
+    for group in together:
+        out[group.rows] = grouped(pool, layer, query[group.rows], group, bias, kept)
+    if alone:
+        out[alone] = per_row(pool, layer, query[alone], step.runs(cross, alone), bias)
     return out
 
 
