@@ -6,8 +6,8 @@ matmuls), so rows of about the same length go together:
              gathered into one (Hkv, n, L, d) tensor, the shorter ones padded with the scratch block and masked:
              gather, matmul, softmax, matmul for the whole group. Rows of equal length (a batch that started
              together) read no padding at all.
-    per_row  a row alone, or rows whose keys are too large for a gather copy to pay (GATHER_MAX_ELEMENTS: on a CPU
-             any real model's), three kernels over the row's runs, a view of the pool when they are one.
+    per_row  a row alone, or rows whose keys are too large for a gather copy to pay (GATHER_MAX_ELEMENTS), three
+             kernels over the row's runs, a view of the pool when they are one.
 The same result either way (tests/server/test_decode_attention.py).
 """
 
@@ -24,9 +24,11 @@ from .kv_pool import SCRATCH_BLOCK, KVPool
 
 PADDING_TOLERANCE = 0.05  # a group reads at most this share of padding positions
 # a group's gathered keys, n · L · Hkv · d, at most this many elements: beyond, the gather's copy costs more than the
-# launches it saves. On a CPU that is early (16 rows of 60 positions, 8 heads of 64: grouped 0.76 ms, row by row
-# 0.43 ms; 16 rows of 250 positions, 2 heads of 16: grouped 0.21 ms, row by row 0.30 ms); on a GPU launches dominate
-GATHER_MAX_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 26}
+# launches it saves. On a CPU 1 << 17 was right while attention ran on one thread (16 rows of 60 positions, 8 heads
+# of 64: grouped 0.76 ms, row by row 0.43 ms); on the OpenMP team the gather and the batched matmuls run in
+# parallel, and 1 << 22 won in one process, interleaved (16 tasks × 16 rows, random T5 / demo: +3-4 % / ±2 % at 25
+# input and 32 new tokens, +11 % / +11 % at 100 and 160; 1 << 24: +8 % on the random T5); on a GPU launches dominate
+GATHER_MAX_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 @dataclass
