@@ -41,6 +41,9 @@ class LengthGroup:
     padded: bool  # some row is shorter than L
     key: tuple = ()  # its rows' tables and lengths (kept_gathers.CrossGathers)
     everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
+    serials: tuple = ()  # a decoding step's self-attention group: its rows' KV serials (kept_gathers.SelfGathers),
+    lengths: tuple = ()  # their lengths (this step's position included)
+    fresh: torch.Tensor | None = None  # (n,) and the slot each row's position of this step was written to
     _terms: dict = field(default_factory=dict, repr=False)  # score terms by (T5 bias or not, dtype): one per step
 
     def score_term(self, bias, dtype: torch.dtype) -> torch.Tensor | None:
@@ -101,7 +104,7 @@ def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bia
     groups and runs, self- or cross-attention, and what is kept of earlier steps' gathers: kept_gathers.py); `bias`:
     T5's relative bias (by_distance / last_query) or None."""
     together, alone = step.groups(cross)
-    kept = step.cross_gathers if cross else None
+    kept = step.cross_gathers if cross else step.self_gathers
     if not together:
         return per_row(pool, layer, query, step.runs(cross), bias)  # every row, in batch order
     if together[0].everyone:
@@ -125,7 +128,7 @@ def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, b
         return (pool.keys[layer].index_select(1, flat).view(heads_kv, count, group.width, dim),  # (Hkv, n, L, d)
                 pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim))
 
-    keys, values = kept.get(layer, group, gather) if kept is not None else gather()
+    keys, values = kept.get(pool, layer, group, gather) if kept is not None else gather()
     return _over_gathered(query, keys, values, group.score_term(bias, query.dtype))
 
 

@@ -1,67 +1,142 @@
 """What a decoding step keeps of its length groups' gathered keys and values for the next steps (decode_attention.py
-gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU those copies were a tenth of a step).
+gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU that copy was a tenth of a step).
 
     CrossGathers   T5's cross-attention: a row's encoder keys never change while it runs, so while the batch stays the
                    same they are gathered once, not once per step and layer. Cleared whenever encoder keys are written
                    (a block freed and written again may come back in a table).
-Self-attention gathers are not kept: a copy grown by each step's new positions (tried in session 6) lost on
-16 rows × 32 tokens (random T5 565 -> 526 tokens/s, demo 3491 -> 3369), because a group splits as its rows grow past
-the gather limit and each new group paid a new copy; it won only on long rows (~8 %).
-It keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
-kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers every
-step as if nothing were kept.
+    SelfGathers    self-attention: while a group keeps its rows and each gains one position per step, the step writes
+                   the n new positions into the kept copy instead of gathering n · L again. Keyed by the rows' KV
+                   serials (paged_kv.RowKV.serial): a row's positions never change once written, and a beam that
+                   follows its parent or a row computed again after preemption has a new serial.
+Each keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
+kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers as if
+nothing were kept (no copy into room that would be dropped again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .int_tensors import long_tensor
+
 Gather = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> a group's keys, values (Hkv, n, L, d)
 MAX_BYTES = 64 << 20
+MARGIN = 32  # positions a kept self-attention copy has room to grow by before it is gathered anew
+MIN_WIDTH = 64  # narrower groups gather every step: a short gather costs less than the writes into a kept copy
 
 
-class CrossGathers:
-    def __init__(self, max_bytes: int = MAX_BYTES):
+class _Kept:
+    def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, group key) -> keys, values
+        self._kept: dict[tuple, object] = {}
+        self._sizes: dict[tuple, int] = {}
         self._used: dict[tuple, int] = {}  # the lookup that last used each
         self._lookups = 0
         self._bytes = 0
 
-    def get(self, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
-        """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""
-        key = (layer, group.key)
+    def _find(self, key: tuple):
         self._lookups += 1
         found = self._kept.get(key)
         if found is not None:
             self._used[key] = self._lookups
-            return found
-        found = gather()
-        self._keep(key, found)
         return found
 
-    def clear(self) -> None:
-        self._kept.clear()
-        self._used.clear()
-        self._bytes = 0
-
-    def _keep(self, key: tuple, found: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Keep it where there is room, or where copies unused for a round of lookups (about one decoding step: each
-        copy is looked up once a step while its group lasts) make room."""
-        size = _nbytes(found)
+    def _keep(self, key: tuple, value, size: int) -> bool:
+        """Keep `value` where there is room, or where copies unused for a round of lookups (about one decoding step:
+        each copy is looked up once a step while its group lasts) make room."""
+        self._drop(key)
         if size > self.max_bytes:
-            return
+            return False
         while self._bytes + size > self.max_bytes:
             oldest = min(self._used, key=self._used.get)
             if self._used[oldest] > self._lookups - 2 * (len(self._kept) + 1):
-                return  # everything kept is in use: this one is not kept
-            self._bytes -= _nbytes(self._kept.pop(oldest))
-            del self._used[oldest]
-        self._kept[key], self._used[key] = found, self._lookups
+                return False  # everything kept is in use: do not keep (nor copy) this one
+            self._drop(oldest)
+        self._kept[key], self._sizes[key], self._used[key] = value, size, self._lookups
         self._bytes += size
+        return True
+
+    def _drop(self, key: tuple) -> None:
+        if key in self._kept:
+            self._bytes -= self._sizes.pop(key)
+            del self._kept[key], self._used[key]
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self._sizes.clear()
+        self._used.clear()
+        self._bytes = 0
 
 
-def _nbytes(found: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return found[0].nbytes + found[1].nbytes
+class CrossGathers(_Kept):
+    def __init__(self, max_bytes: int = MAX_BYTES):
+        super().__init__(max_bytes)
+
+    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""
+        found = self._find((layer, group.key))
+        if found is None:
+            found = gather()
+            self._keep((layer, group.key), found, found[0].nbytes + found[1].nbytes)
+        return found
+
+
+@dataclass
+class _Grown:
+    keys: torch.Tensor  # (Hkv, n, capacity, d): positions past a row's length hold zeros (read masked)
+    values: torch.Tensor
+    lengths: tuple[int, ...]  # each row's positions held
+
+
+class SelfGathers(_Kept):
+    def __init__(self, max_bytes: int = MAX_BYTES, min_width: int = MIN_WIDTH):
+        super().__init__(max_bytes)
+        self.min_width = min_width
+        self._positions: dict[tuple, torch.Tensor] = {}  # this step's, for all its layers (_new_positions)
+
+    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """group: a decode_attention.LengthGroup of a decoding step, with its rows' `serials`, `lengths` (this step's
+        position included) and `fresh` (n,): the slot each row's position of this step was written to."""
+        if group.fresh is None or group.width < self.min_width:
+            return gather()
+        serials, lengths, fresh = group.serials, group.lengths, group.fresh
+        key = (layer, serials)
+        kept = self._find(key)
+        if kept is not None and kept.lengths == tuple(n - 1 for n in lengths) and group.width <= kept.keys.shape[2]:
+            heads, rows, capacity, dim = kept.keys.shape
+            at = self._new_positions(lengths, capacity, fresh.device)
+            kept.keys.view(heads, rows * capacity, dim).index_copy_(1, at, pool.keys[layer].index_select(1, fresh))
+            kept.values.view(heads, rows * capacity, dim).index_copy_(1, at, pool.values[layer].index_select(1, fresh))
+            kept.lengths = lengths
+        else:
+            keys, values = gather()
+            size = 2 * keys.nbytes * (keys.shape[2] + MARGIN) // max(keys.shape[2], 1)
+            if not self._keep(key, None, size):  # room first: no copy made only to be dropped
+                return keys, values
+            kept = self._kept[key] = _grown(keys, values, lengths, group.distance)
+        return kept.keys[:, :, :group.width], kept.values[:, :, :group.width]
+
+
+    def _new_positions(self, lengths: tuple[int, ...], capacity: int, device: torch.device) -> torch.Tensor:
+        """(n,) where this step's keys go in a kept copy (Hkv, n, capacity, d) seen as (Hkv, n · capacity, d); made
+        once per step for all layers (a step's groups have their own lengths)."""
+        key = (lengths, capacity)
+        if key not in self._positions:
+            if len(self._positions) >= 64:  # earlier steps'
+                self._positions.clear()
+            self._positions[key] = long_tensor(row * capacity + n - 1 for row, n in enumerate(lengths)).to(device)
+        return self._positions[key]
+
+
+def _grown(keys: torch.Tensor, values: torch.Tensor, lengths: tuple[int, ...], distance: torch.Tensor) -> _Grown:
+    """A gathered group copied into zeroed room of MARGIN more positions, its padding zeroed too (only a row's own
+    positions are kept)."""
+    heads, rows, width, dim = keys.shape
+    real = (distance >= 0)[None, :, :, None]  # (1, n, L, 1)
+    room = keys.new_zeros(2, heads, rows, width + MARGIN, dim)
+    room[0, :, :, :width] = keys * real
+    room[1, :, :, :width] = values * real
+    return _Grown(room[0], room[1], lengths)

@@ -31,7 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import decode_attention
 from .decode_attention import LengthGroup
-from .kept_gathers import CrossGathers
+from .kept_gathers import CrossGathers, SelfGathers
 from .kv_pool import KVPool, runs
 
 NAME = "mhr_paged"
@@ -51,7 +51,9 @@ class Step:
     cross_slots: torch.Tensor | None = None  # T5 prefill: (N, S) where the encoder positions' keys go
     cross_tables: list[list[int]] = field(default_factory=list)  # T5: each row's encoder blocks
     cross_lengths: list[int] = field(default_factory=list)  # and its input length
-    cross_gathers: CrossGathers | None = None  # T5 decoding: cross keys gathered in earlier steps (kept_gathers.py)
+    serials: list[int] = field(default_factory=list)  # a decoding step: each row's KV serial (paged_kv.RowKV)
+    self_gathers: SelfGathers | None = None  # a decoding step: what earlier steps' gathers left (kept_gathers.py)
+    cross_gathers: CrossGathers | None = None
     _runs: dict[bool, dict[int, list]] = field(default_factory=dict)
     _groups: dict[bool, tuple] = field(default_factory=dict)
 
@@ -74,7 +76,17 @@ class Step:
             keys = self.pool.keys[0]
             self._groups[cross] = decode_attention.length_groups(tables, lengths, self.pool.block_size, keys.device,
                                                                  keys.shape[0] * keys.shape[2])
+            if not cross and self.serials:
+                for group in self._groups[cross][0]:
+                    self._name_rows(group)
         return self._groups[cross]
+
+    def _name_rows(self, group: LengthGroup) -> None:
+        """What SelfGathers needs of a self-attention group: its rows' serials, lengths and this step's slots."""
+        members = group.rows.tolist()
+        group.serials = tuple(self.serials[row] for row in members)
+        group.lengths = tuple(self.lengths[row] for row in members)
+        group.fresh = self.slots.view(-1)[group.rows]  # (n,)
 
 
 @contextlib.contextmanager

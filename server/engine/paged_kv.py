@@ -16,6 +16,7 @@ Each row carries a RowKV: its block table and length (and for T5 its encoder blo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,13 +26,16 @@ from transformers.cache_utils import EncoderDecoderCache
 from .block_manager import BlockManager, prefix_hash
 from .decoder_forward import decoder_forward
 from .int_tensors import long_tensor
-from .kept_gathers import CrossGathers
+from .kept_gathers import CrossGathers, SelfGathers
 from .kv_pool import SCRATCH_BLOCK, KVPool, slot_of, slots_of
 from .paged_attention import PoolCache, Step, cross_attentions, paged
 from .static_step import StaticDecode
 
 PAD_SLOT = SCRATCH_BLOCK  # slot 0 of the scratch block
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a prepared 4D mask: transformers builds none (we mask per row)
+
+
+_serials = itertools.count(1)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RowKV:
     cross: list[int] = field(default_factory=list)  # T5: the encoder output's blocks (cross-attention keys)
     cross_length: int = 0
     from_cache: int = 0  # leading positions the prefix cache gave at placement
+    serial: int = field(default_factory=lambda: next(_serials))  # names these positions for kept_gathers.py
 
 
 class PagedKV:
@@ -59,6 +64,7 @@ class PagedKV:
         self.encoder_hits = 0  # T5 rows whose encoder output came from the cache
         self.cross_attentions = cross_attentions(model) if is_seq2seq else []  # T5: written by encode()
         self.cross_gathers = CrossGathers()  # T5 decoding steps' cross keys, gathered once per batch layout
+        self.self_gathers = SelfGathers()  # decoding groups' keys, grown by one position per step
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:
@@ -274,7 +280,7 @@ class PagedKV:
         for row in rows:
             row.kv.length += 1
         step = Step(self.pool, slots.to(self.device), [1] * len(rows), [r.kv.table for r in rows],
-                    [r.kv.length for r in rows])
+                    [r.kv.length for r in rows], serials=[r.kv.serial for r in rows], self_gathers=self.self_gathers)
         if self.is_seq2seq:
             step.cross_tables, step.cross_lengths = [r.kv.cross for r in rows], [r.kv.cross_length for r in rows]
             step.cross_gathers = self.cross_gathers

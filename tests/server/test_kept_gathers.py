@@ -1,6 +1,6 @@
-"""What decoding steps keep of their gathered keys (server/engine/kept_gathers.py): T5's cross-attention gathers per
-layer and group, until cleared, within their budget; what is in use is never dropped for a new copy, and what was not
-used for a round of lookups makes room."""
+"""What decoding steps keep of their gathered keys (server/engine/kept_gathers.py): a kept self-attention copy grown
+by each step's new positions equals the group gathered afresh; a new row, a skipped step or a copy too large gathers
+again; what is in use is never dropped for a new copy."""
 
 from __future__ import annotations
 
@@ -8,31 +8,108 @@ from types import SimpleNamespace
 
 import torch
 
-from server.engine.kept_gathers import CrossGathers
+from server.engine.kept_gathers import CrossGathers, SelfGathers
+from server.engine.kv_pool import KVPool
+
+BLOCK, HEADS, DIM = 4, 2, 8
 
 
-def _gather(calls: list, elements: int = 4):
-    def gather():
-        calls.append(elements)
-        return torch.zeros(elements), torch.zeros(elements)  # 2 x 4 bytes per element
-    return gather
+def _pool() -> KVPool:
+    return KVPool(1, HEADS, DIM, 16, BLOCK, torch.float32, torch.device("cpu"))
 
 
-def test_what_is_in_use_is_never_dropped_and_what_is_not_makes_room():
-    calls = []
-    groups = [SimpleNamespace(key=(name,)) for name in "abc"]
-    kept = CrossGathers(max_bytes=64)  # room for two copies of 32 bytes
-    for _ in range(3):  # a and b in use every step, c too: c finds no room and gathers every time
-        for group in groups:
-            kept.get(0, group, _gather(calls))
-    assert len(calls) == 2 + 3
-    for _ in range(4):  # a leaves; b and c go on: c takes a's room once a is a round of lookups old
-        for group in groups[1:]:
-            kept.get(0, group, _gather(calls))
-    before = len(calls)
-    for group in groups[1:]:
-        kept.get(0, group, _gather(calls))
-    assert len(calls) == before  # both kept now
+class _Rows:
+    """Rows of one group growing a position per step in a pool: their slots, and the group as a step names it."""
+
+    def __init__(self, pool: KVPool, lengths: list[int], serials: tuple[int, ...]):
+        self.pool, self.lengths, self.serials = pool, list(lengths), serials
+        self.slots = [[BLOCK * (1 + 3 * i) + p for p in range(BLOCK * 3)] for i in range(len(lengths))]
+        for row, length in enumerate(lengths):
+            self._write(row, range(length))
+
+    def _write(self, row: int, positions) -> None:
+        slots = torch.tensor([self.slots[row][p] for p in positions])
+        self.pool.keys[0][:, slots] = torch.randn(HEADS, len(slots), DIM)
+        self.pool.values[0][:, slots] = torch.randn(HEADS, len(slots), DIM)
+
+    def step(self) -> SimpleNamespace:
+        """Each row writes its next position; the group of this step."""
+        for row, length in enumerate(self.lengths):
+            self._write(row, [length])
+            self.lengths[row] += 1
+        width = max(self.lengths)
+        distance = torch.tensor(self.lengths)[:, None] - 1 - torch.arange(width)[None, :]
+        placed = list(zip(self.slots, self.lengths, strict=True))
+        slots = torch.tensor([[s[p] if p < n else 0 for p in range(width)] for s, n in placed])  # 0: scratch
+        fresh = torch.tensor([s[n - 1] for s, n in placed])
+        return SimpleNamespace(serials=self.serials, lengths=tuple(self.lengths), fresh=fresh, width=width,
+                               distance=distance, slots=slots)
+
+    def gather(self, group, calls: list):
+        def gather():
+            calls.append(1)
+            flat = group.slots.view(-1)
+            shape = (HEADS, len(self.lengths), group.width, DIM)
+            return (self.pool.keys[0].index_select(1, flat).view(shape),
+                    self.pool.values[0].index_select(1, flat).view(shape))
+        return gather
+
+
+def _real(tensor: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    return tensor * (distance >= 0)[None, :, :, None]  # padding positions are masked: not compared
+
+
+def test_a_kept_copy_grown_step_by_step_equals_the_group_gathered_afresh():
+    pool, kept, calls = _pool(), SelfGathers(min_width=0), []
+    rows = _Rows(pool, [3, 5], serials=(7, 8))
+    for _ in range(6):
+        group = rows.step()
+        keys, values = kept.get(pool, 0, group, rows.gather(group, calls))
+        fresh_keys, fresh_values = rows.gather(group, [])()
+        assert torch.equal(_real(keys, group.distance), _real(fresh_keys, group.distance))
+        assert torch.equal(_real(values, group.distance), _real(fresh_values, group.distance))
+    assert len(calls) == 1  # gathered once, then grown
+
+
+def test_narrow_groups_gather_every_step_until_they_reach_the_minimum_width():
+    """Below min_width a gather is cheaper than writing into a kept copy: nothing is kept; from there on it is."""
+    pool, kept, calls = _pool(), SelfGathers(min_width=6), []
+    rows = _Rows(pool, [3, 3], serials=(7, 8))
+    for _ in range(6):  # widths 4 .. 9: gathered at 4 and 5, then once at 6 and grown
+        group = rows.step()
+        keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+        assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
+    assert len(calls) == 3
+
+
+def test_new_rows_and_skipped_steps_gather_again():
+    pool, kept, calls = _pool(), SelfGathers(min_width=0), []
+    rows = _Rows(pool, [3, 5], serials=(7, 8))
+    group = rows.step()
+    kept.get(pool, 0, group, rows.gather(group, calls))
+    rows.step()  # a step that did not look (a static or Arrow step): the copy is one position behind
+    group = rows.step()
+    keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+    assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
+    rows.serials = (7, 9)  # a beam followed its parent: other positions under the same place
+    group = rows.step()
+    keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+    assert len(calls) == 3
+    assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
+
+
+def test_what_is_in_use_is_never_dropped_for_a_new_copy():
+    pool, calls = _pool(), []
+    first, second = _Rows(pool, [2, 2], serials=(1, 2)), _Rows(pool, [2, 2], serials=(3, 4))
+    group = first.step()
+    one_copy = 2 * HEADS * 2 * (group.width + 32) * DIM * 4
+    kept = SelfGathers(max_bytes=one_copy + one_copy // 2, min_width=0)  # room for one copy
+    for _ in range(3):  # both groups decode every step: the second finds no room and gathers every time
+        kept.get(pool, 0, group, first.gather(group, calls))
+        other = second.step()
+        kept.get(pool, 0, other, second.gather(other, calls))
+        group = first.step()
+    assert len(calls) == 1 + 3
 
 
 def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_their_budget():
@@ -44,16 +121,16 @@ def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_the
 
     group_a, group_b = SimpleNamespace(key=("a",)), SimpleNamespace(key=("b",))
     kept = CrossGathers(max_bytes=100)
-    first = kept.get(0, group_a, gather)
-    assert kept.get(0, group_a, gather) is first and len(calls) == 1
-    kept.get(1, group_a, gather)
-    kept.get(0, group_b, gather)
+    first = kept.get(None, 0, group_a, gather)
+    assert kept.get(None, 0, group_a, gather) is first and len(calls) == 1
+    kept.get(None, 1, group_a, gather)
+    kept.get(None, 0, group_b, gather)
     assert len(calls) == 3  # one per layer and group
     kept.clear()
-    kept.get(0, group_a, gather)
+    kept.get(None, 0, group_a, gather)
     assert len(calls) == 4
-    kept.get(2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
-    kept.get(2, group_a, lambda: gather(16))
+    kept.get(None, 2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
+    kept.get(None, 2, group_a, lambda: gather(16))
     assert len(calls) == 6
-    kept.get(0, group_a, gather)
+    kept.get(None, 0, group_a, gather)
     assert len(calls) == 6  # what was kept is still there
