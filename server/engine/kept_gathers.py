@@ -3,7 +3,8 @@ gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU that copy was a 
 
     CrossGathers   T5's cross-attention: a row's encoder keys never change while it runs, so while the batch stays the
                    same they are gathered once, not once per step and layer. Cleared whenever encoder keys are written
-                   (a block freed and written again may come back in a table).
+                   (a block freed and written again may come back in a table). The rows' cross-attention length
+                   groups are kept too while the rows stay (`groups`).
     SelfGathers    self-attention: while a group keeps its rows and each gains one position per step, the step writes
                    the n new positions into the kept copy instead of gathering n · L again. Keyed by the rows' KV
                    serials (paged_kv.RowKV.serial): a row's positions never change once written, and a beam that
@@ -74,6 +75,15 @@ class _Kept:
 class CrossGathers(_Kept):
     def __init__(self, max_bytes: int = MAX_BYTES):
         super().__init__(max_bytes)
+        self._groups: tuple[tuple, object] | None = None  # (the rows' encoder tables and lengths, their groups)
+
+    def groups(self, tables: list[list[int]], lengths: list[int], build: Callable[[], object]):
+        """The rows' cross-attention length groups: built once while the batch stays the same (they depend on the
+        tables and lengths only, which do not change while the rows run), not once per step."""
+        key = (tuple(map(tuple, tables)), tuple(lengths))
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, build())
+        return self._groups[1]
 
     def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
         """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""

@@ -74,8 +74,12 @@ class Step:
         if cross not in self._groups:
             tables, lengths = (self.cross_tables, self.cross_lengths) if cross else (self.tables, self.lengths)
             keys = self.pool.keys[0]
-            self._groups[cross] = decode_attention.length_groups(tables, lengths, self.pool.block_size, keys.device,
-                                                                 keys.shape[0] * keys.shape[2])
+
+            def build():
+                return decode_attention.length_groups(tables, lengths, self.pool.block_size, keys.device,
+                                                      keys.shape[0] * keys.shape[2])
+            kept = self.cross_gathers if cross else None
+            self._groups[cross] = kept.groups(tables, lengths, build) if kept is not None else build()
             if not cross and self.serials:
                 for group in self._groups[cross][0]:
                     self._name_rows(group)

@@ -134,3 +134,19 @@ def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_the
     assert len(calls) == 6
     kept.get(None, 0, group_a, gather)
     assert len(calls) == 6  # what was kept is still there
+
+
+def test_cross_length_groups_are_built_once_while_the_rows_stay():
+    """Cross-attention groups depend on the rows' encoder tables and lengths only: the same rows reuse them; another
+    table or length builds them again."""
+    kept, built = CrossGathers(), []
+
+    def build():
+        built.append(1)
+        return len(built)
+
+    tables, lengths = [[1, 2], [3]], [7, 3]
+    assert kept.groups(tables, lengths, build) == kept.groups([[1, 2], [3]], [7, 3], build) == 1
+    assert kept.groups([[1, 2], [4]], lengths, build) == 2
+    assert kept.groups([[1, 2], [4]], [7, 2], build) == 3
+    assert len(built) == 3
