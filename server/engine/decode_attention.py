@@ -155,7 +155,7 @@ def _over_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     grouped_q = query.view(count, keys.shape[0], -1, dim).transpose(0, 1)  # (Hkv, n, g, d)
     scores = torch.matmul(grouped_q, keys.transpose(-1, -2))  # (Hkv, n, g, L)
     if term is not None:
-        scores = scores + term
+        scores.add_(term)  # in place: scores is this function's own
     weights = _softmax(scores).to(values.dtype)
     return torch.matmul(weights, values).transpose(0, 1).reshape(count, heads_q, dim)  # (n, Hq, d)
 
