@@ -8,7 +8,11 @@ gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU that copy was a 
     SelfGathers    self-attention: while a group keeps its rows and each gains one position per step, the step writes
                    the n new positions into the kept copy instead of gathering n · L again. Keyed by the rows' KV
                    serials (paged_kv.RowKV.serial): a row's positions never change once written, and a beam that
-                   follows its parent or a row computed again after preemption has a new serial.
+                   follows its parent or a row computed again after preemption has a new serial. Only groups at
+                   least MIN_WIDTH positions wide: a short gather costs less than the writes into a kept copy.
+                   (Reverted in session 6, when groups split as their rows grew past the then 2^17 gather cap and each
+                   new group paid a new copy; back in session 7 with the 2^22 cap: 16 tasks × 16 rows at 100 input
+                   and 160 new tokens, +3-12 % random T5, +5-10 % demo, interleaved in one process.)
 Each keeps at most max_bytes: what was not used for a round of lookups makes room for a new copy; when everything
 kept is in use (the running rows' keys need more than max_bytes), a new copy is not kept, and that group gathers as if
 nothing were kept (no copy into room that would be dropped again).
@@ -128,7 +132,6 @@ class SelfGathers(_Kept):
                 return keys, values
             kept = self._kept[key] = _grown(keys, values, lengths, group.distance)
         return kept.keys[:, :, :group.width], kept.values[:, :, :group.width]
-
 
     def _new_positions(self, lengths: tuple[int, ...], capacity: int, device: torch.device) -> torch.Tensor:
         """(n,) where this step's keys go in a kept copy (Hkv, n, capacity, d) seen as (Hkv, n · capacity, d); made
