@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from server.engine.kept_gathers import CrossGathers, SelfGathers
@@ -150,3 +151,43 @@ def test_cross_length_groups_are_built_once_while_the_rows_stay():
     assert kept.groups([[1, 2], [4]], lengths, build) == 2
     assert kept.groups([[1, 2], [4]], [7, 2], build) == 3
     assert len(built) == 3
+
+
+@pytest.fixture(scope="module", params=["t5", "llama"])
+def long_rows_engines(request, tmp_path_factory):
+    """Two engines on one bundle: self-attention gathers kept from 8 positions on, and never kept."""
+    from adapter_store import AdapterCache, AdapterStore
+    from server.engine import Engine, load_model
+    from tests.factories import save_bundle
+
+    folder = tmp_path_factory.mktemp(request.param)
+    save_bundle(folder, request.param, sharp=False)  # log-probabilities far from 0: they show any change
+    engines = [Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
+                      AdapterCache(10**8), kv_block_size=4) for _ in range(2)]
+    engines[0].loop.batch.kv.self_gathers.min_width = 8
+    engines[1].loop.batch.kv.self_gathers.min_width = 10**9
+    yield engines
+    for engine in engines:
+        engine.close()
+
+
+def test_rows_decoded_over_kept_gathers_equal_rows_decoded_over_fresh_ones(long_rows_engines):
+    """End to end: rows of other tasks, in groups of equal lengths that change as rows leave (their copies grow across
+    block boundaries and past MARGIN, then are gathered anew), get the same tokens and log-probabilities either
+    way."""
+    from server.engine import GenerateRow, SamplingParams
+
+    kept, fresh = long_rows_engines
+
+    def run(engine):
+        texts = ["input a", "input b", "a longer input c", "a longer input d"]  # two pairs of equal lengths
+        jobs = [engine.submit_generate([GenerateRow(f"task-{i % 3}", text, SamplingParams(
+            max_new_tokens=48 - 6 * i, ignore_eos=True, logprobs=0))]) for i, text in enumerate(texts)]
+        return [[(c.text, [round(lp.logprob, 4) for lp in c.logprobs]) for c in job.future.result(timeout=120)]
+                for job in jobs]
+
+    grown = []
+    original = kept.loop.batch.kv.self_gathers._new_positions
+    kept.loop.batch.kv.self_gathers._new_positions = lambda *a: (grown.append(1), original(*a))[1]
+    assert run(kept) == run(fresh)
+    assert len(grown) > 40  # the kept path ran: copies grown step by step
