@@ -1,6 +1,7 @@
 """What decoding steps keep of their gathered keys (server/engine/kept_gathers.py): a kept self-attention copy grown
-by each step's new positions equals the group gathered afresh; a new row, a skipped step or a copy too large gathers
-again; what is in use is never dropped for a new copy."""
+by each step's new positions equals the group gathered afresh; a new row, a skipped step, a narrow group or a copy too
+large gathers again; what is in use is never dropped for a new copy; end to end, rows decoded over kept copies equal
+rows decoded over fresh gathers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from adapter_store import AdapterCache, AdapterStore
+from server.engine import Engine, GenerateRow, SamplingParams, load_model
 from server.engine.kept_gathers import CrossGathers, SelfGathers
 from server.engine.kv_pool import KVPool
+from tests.factories import save_bundle
 
 BLOCK, HEADS, DIM = 4, 2, 8
 
@@ -156,10 +160,6 @@ def test_cross_length_groups_are_built_once_while_the_rows_stay():
 @pytest.fixture(scope="module", params=["t5", "llama"])
 def long_rows_engines(request, tmp_path_factory):
     """Two engines on one bundle: self-attention gathers kept from 8 positions on, and never kept."""
-    from adapter_store import AdapterCache, AdapterStore
-    from server.engine import Engine, load_model
-    from tests.factories import save_bundle
-
     folder = tmp_path_factory.mktemp(request.param)
     save_bundle(folder, request.param, sharp=False)  # log-probabilities far from 0: they show any change
     engines = [Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
@@ -175,8 +175,6 @@ def test_rows_decoded_over_kept_gathers_equal_rows_decoded_over_fresh_ones(long_
     """End to end: rows of other tasks, in groups of equal lengths that change as rows leave (their copies grow across
     block boundaries and past MARGIN, then are gathered anew), get the same tokens and log-probabilities either
     way."""
-    from server.engine import GenerateRow, SamplingParams
-
     kept, fresh = long_rows_engines
 
     def run(engine):
