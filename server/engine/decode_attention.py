@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -33,16 +34,16 @@ GATHER_MAX_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 @dataclass
 class LengthGroup:
-    """Rows decoded together: their key slots padded to the longest (scratch slots, masked)."""
+    """Rows decoded together: their key slots padded to the longest (scratch slots, masked). What a step reads of it
+    is worked out when first read (a group whose keys are kept needs no slots: kept_gathers.py), once."""
 
-    rows: torch.Tensor  # (n,) their places in the batch, in order
-    slots: torch.Tensor  # (n, L) each row's key slots, then scratch
-    distance: torch.Tensor  # (n, L) from the row's last position (its query) back to each key; < 0: padding
-    padded: bool  # some row is shorter than L
-    key: tuple = ()  # its rows' tables and lengths (kept_gathers.CrossGathers)
+    members: list[int]  # their places in the batch, in order
+    lengths: tuple[int, ...]  # their key positions (a decoding step's own included)
+    tables: list[list[int]]  # their block tables, as they are during the step that made the group
+    block_size: int
+    device: torch.device
     everyone: bool = False  # the group is the whole batch: its queries and outputs need no indexing
-    serials: tuple = ()  # a decoding step's self-attention group: its rows' KV serials (kept_gathers.SelfGathers),
-    lengths: tuple = ()  # their lengths (this step's position included)
+    serials: tuple = ()  # a decoding step's self-attention group: its rows' KV serials (kept_gathers.SelfGathers)
     fresh: torch.Tensor | None = None  # (n,) and the slot each row's position of this step was written to
     _terms: dict = field(default_factory=dict, repr=False)  # score terms by (T5 bias or not, dtype): one per step
 
@@ -50,12 +51,53 @@ class LengthGroup:
         """What its scores add in every layer of the step (_score_term), worked out once for all of them."""
         key = (bias is not None, dtype)
         if key not in self._terms:
-            self._terms[key] = _score_term(self.distance, bias, self.padded, dtype)
+            self._terms[key] = _score_term(self.distance, bias, self.padded, dtype) \
+                if bias is not None or self.padded else None
         return self._terms[key]
 
-    @property
+    @cached_property
     def width(self) -> int:
-        return self.slots.shape[1]
+        return max(self.lengths)
+
+    @cached_property
+    def padded(self) -> bool:
+        """Some row is shorter than the width."""
+        return min(self.lengths) < self.width
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        """(n,) the members on the device."""
+        return long_tensor(self.members).to(self.device)
+
+    @cached_property
+    def distance(self) -> torch.Tensor:
+        """(n, L) from each row's last position (its query) back to each key; < 0: padding."""
+        return self._host_distance.to(self.device)
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """(n, L) each row's key slots in order, then scratch."""
+        blocks = self._blocks
+        table = long_tensor(itertools.chain.from_iterable(
+            itertools.islice(itertools.chain(own, itertools.repeat(SCRATCH_BLOCK)), blocks) for own in self.tables))
+        slots = table.view(len(self.members), blocks, 1) * self.block_size + torch.arange(self.block_size)
+        slots = slots.view(len(self.members), -1)[:, :self.width].contiguous()  # (n, B · S) -> (n, L)
+        if self.padded:
+            slots = slots.masked_fill(self._host_distance < 0, SCRATCH_BLOCK * self.block_size)
+        return slots.to(self.device)
+
+    @cached_property
+    def key(self) -> tuple:
+        """Its rows' tables and lengths (kept_gathers.CrossGathers)."""
+        return tuple(tuple(own[:self._blocks]) for own in self.tables), self.lengths
+
+    @cached_property
+    def _host_distance(self) -> torch.Tensor:
+        return long_tensor(self.lengths)[:, None] - 1 - torch.arange(self.width)[None, :]  # (n, L)
+
+    @property
+    def _blocks(self) -> int:
+        return -(-self.width // self.block_size)
 
 
 def length_groups(tables: list[list[int]], lengths: list[int], block_size: int, device: torch.device,
@@ -84,19 +126,8 @@ def length_groups(tables: list[list[int]], lengths: list[int], block_size: int, 
 
 def _group(members: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
            device: torch.device) -> LengthGroup:
-    row_lengths = [lengths[row] for row in members]
-    width = max(row_lengths)
-    blocks = -(-width // block_size)
-    table = long_tensor(itertools.chain.from_iterable(
-        itertools.islice(itertools.chain(tables[row], itertools.repeat(SCRATCH_BLOCK)), blocks) for row in members))
-    slots = table.view(len(members), blocks, 1) * block_size + torch.arange(block_size)  # (n, B, S)
-    slots = slots.view(len(members), -1)[:, :width].contiguous()  # (n, L): each row's key slots in order
-    distance = long_tensor(row_lengths)[:, None] - 1 - torch.arange(width)[None, :]  # (n, L)
-    padded = min(row_lengths) < width
-    if padded:
-        slots = slots.masked_fill(distance < 0, SCRATCH_BLOCK * block_size)
-    key = (tuple(tuple(tables[row][:blocks]) for row in members), tuple(row_lengths))
-    return LengthGroup(long_tensor(members).to(device), slots.to(device), distance.to(device), padded, key)
+    return LengthGroup(members, tuple(lengths[row] for row in members), [tables[row] for row in members],
+                       block_size, device)
 
 
 def attend(pool: KVPool, layer: int, query: torch.Tensor, step, cross: bool, bias) -> torch.Tensor:

@@ -86,11 +86,9 @@ class Step:
         return self._groups[cross]
 
     def _name_rows(self, group: LengthGroup) -> None:
-        """What SelfGathers needs of a self-attention group: its rows' serials, lengths and this step's slots."""
-        members = group.rows.tolist()
-        group.serials = tuple(self.serials[row] for row in members)
-        group.lengths = tuple(self.lengths[row] for row in members)
-        group.fresh = self.slots.view(-1)[group.rows]  # (n,)
+        """What SelfGathers needs of a self-attention group: its rows' serials and this step's slots."""
+        group.serials = tuple(self.serials[row] for row in group.members)
+        group.fresh = self.slots.view(-1) if group.everyone else self.slots.view(-1)[group.rows]  # (n,)
 
 
 @contextlib.contextmanager
