@@ -8,8 +8,9 @@ gathers a group's keys into one (Hkv, n, L, d) tensor; on a CPU that copy was a 
     SelfGathers    self-attention: while a group keeps its rows and each gains one position per step, the step writes
                    the n new positions into the kept copy instead of gathering n · L again. Keyed by the rows' KV
                    serials (paged_kv.RowKV.serial): a row's positions never change once written, and a beam that
-                   follows its parent or a row computed again after preemption has a new serial. Only groups at
-                   least MIN_WIDTH positions wide: a short gather costs less than the writes into a kept copy.
+                   follows its parent or a row computed again after preemption has a new serial. Only on a CPU
+                   (paged_kv.py: on a GPU a gather is one launch, growing a copy two per tensor), and only for groups
+                   at least MIN_WIDTH positions wide: a short gather costs less than the writes into a kept copy.
                    (Reverted in session 6, when groups split as their rows grew past the then 2^17 gather cap and each
                    new group paid a new copy; back in session 7 with the 2^22 cap: 16 tasks × 16 rows at 100 input
                    and 160 new tokens, +3-12 % random T5, +5-10 % demo, interleaved in one process.)

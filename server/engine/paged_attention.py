@@ -80,7 +80,7 @@ class Step:
                                                       keys.shape[0] * keys.shape[2])
             kept = self.cross_gathers if cross else None
             self._groups[cross] = kept.groups(tables, lengths, build) if kept is not None else build()
-            if not cross and self.serials:
+            if not cross and self.self_gathers is not None:
                 for group in self._groups[cross][0]:
                     self._name_rows(group)
         return self._groups[cross]

@@ -64,7 +64,9 @@ class PagedKV:
         self.encoder_hits = 0  # T5 rows whose encoder output came from the cache
         self.cross_attentions = cross_attentions(model) if is_seq2seq else []  # T5: written by encode()
         self.cross_gathers = CrossGathers()  # T5 decoding steps' cross keys, gathered once per batch layout
-        self.self_gathers = SelfGathers()  # decoding groups' keys, grown by one position per step
+        # decoding groups' keys, grown by one position per step: on a CPU, where copies cost; on a GPU a gather is one
+        # launch and growing a copy takes two per tensor (launches dominate there)
+        self.self_gathers = SelfGathers() if torch.device(device).type == "cpu" else None
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:

@@ -12,8 +12,10 @@ import torch
 
 from adapter_store import AdapterCache, AdapterStore
 from server.engine import Engine, GenerateRow, SamplingParams, load_model
+from server.engine.block_manager import BlockManager
 from server.engine.kept_gathers import CrossGathers, SelfGathers
 from server.engine.kv_pool import KVPool
+from server.engine.paged_kv import PagedKV
 from tests.factories import save_bundle
 
 BLOCK, HEADS, DIM = 4, 2, 8
@@ -189,3 +191,12 @@ def test_rows_decoded_over_kept_gathers_equal_rows_decoded_over_fresh_ones(long_
     kept.loop.batch.kv.self_gathers._new_positions = lambda *a: (grown.append(1), original(*a))[1]
     assert run(kept) == run(fresh)
     assert len(grown) > 40  # the kept path ran: copies grown step by step
+
+
+def test_self_attention_copies_are_kept_on_a_cpu_only():
+    """On a GPU a gather is one launch and growing a copy two per tensor: there every step gathers (the meta device
+    stands in for a GPU)."""
+    for device, keeps in (("cpu", True), ("meta", False)):
+        pool = KVPool(1, HEADS, DIM, 16, BLOCK, torch.float32, torch.device(device))
+        kv = PagedKV(None, False, torch.device(device), pool, BlockManager(16, BLOCK), pad_id=0)
+        assert (kv.self_gathers is not None) is keeps
