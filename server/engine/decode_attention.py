@@ -159,7 +159,7 @@ def grouped(pool: KVPool, layer: int, query: torch.Tensor, group: LengthGroup, b
         return (pool.keys[layer].index_select(1, flat).view(heads_kv, count, group.width, dim),  # (Hkv, n, L, d)
                 pool.values[layer].index_select(1, flat).view(heads_kv, count, group.width, dim))
 
-    keys, values = kept.get(pool, layer, group, gather) if kept is not None else gather()
+    keys, values = kept.get(layer, group, gather) if kept is not None else gather()
     return _over_gathered(query, keys, values, group.score_term(bias, query.dtype))
 
 

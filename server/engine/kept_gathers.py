@@ -90,7 +90,7 @@ class CrossGathers(_Kept):
             self._groups = (key, build())
         return self._groups[1]
 
-    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
         """group: a decode_attention.LengthGroup (its `key`: the rows' encoder tables and lengths)."""
         found = self._find((layer, group.key))
         if found is None:
@@ -107,12 +107,14 @@ class _Grown:
 
 
 class SelfGathers(_Kept):
-    def __init__(self, max_bytes: int = MAX_BYTES, min_width: int = MIN_WIDTH):
+    def __init__(self, pool, max_bytes: int = MAX_BYTES, min_width: int = MIN_WIDTH):
+        """pool: the kv_pool.KVPool whose new positions grow the kept copies."""
         super().__init__(max_bytes)
+        self.pool = pool
         self.min_width = min_width
         self._positions: dict[tuple, torch.Tensor] = {}  # this step's, for all its layers (_new_positions)
 
-    def get(self, pool, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, layer: int, group, gather: Gather) -> tuple[torch.Tensor, torch.Tensor]:
         """group: a decode_attention.LengthGroup of a decoding step, with its rows' `serials`, `lengths` (this step's
         position included) and `fresh` (n,): the slot each row's position of this step was written to."""
         if group.fresh is None or group.width < self.min_width:
@@ -123,8 +125,9 @@ class SelfGathers(_Kept):
         if kept is not None and kept.lengths == tuple(n - 1 for n in lengths) and group.width <= kept.keys.shape[2]:
             heads, rows, capacity, dim = kept.keys.shape
             at = self._new_positions(lengths, capacity, fresh.device)
-            kept.keys.view(heads, rows * capacity, dim).index_copy_(1, at, pool.keys[layer].index_select(1, fresh))
-            kept.values.view(heads, rows * capacity, dim).index_copy_(1, at, pool.values[layer].index_select(1, fresh))
+            keys, values = self.pool.keys[layer], self.pool.values[layer]
+            kept.keys.view(heads, rows * capacity, dim).index_copy_(1, at, keys.index_select(1, fresh))
+            kept.values.view(heads, rows * capacity, dim).index_copy_(1, at, values.index_select(1, fresh))
             kept.lengths = lengths
         else:
             keys, values = gather()

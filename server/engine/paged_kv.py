@@ -66,7 +66,7 @@ class PagedKV:
         self.cross_gathers = CrossGathers()  # T5 decoding steps' cross keys, gathered once per batch layout
         # decoding groups' keys, grown by one position per step: on a CPU, where copies cost; on a GPU a gather is one
         # launch and growing a copy takes two per tensor (launches dominate there)
-        self.self_gathers = SelfGathers() if torch.device(device).type == "cpu" else None
+        self.self_gathers = SelfGathers(pool) if torch.device(device).type == "cpu" else None
 
     # ---- admission ------------------------------------------------------------------------------
     def blocks_needed(self, sequence: int, inputs: int = 0) -> int:

@@ -102,9 +102,9 @@ def test_cross_gathers_are_kept_between_steps_and_cleared_when_encoder_keys_are_
     counts = {"get": 0, "gather": 0, "clear": 0, "encode": 0}
     get, clear, encode = kv.cross_gathers.get, kv.cross_gathers.clear, kv.encode
 
-    def counted_get(pool, layer, group, gather):
+    def counted_get(layer, group, gather):
         counts["get"] += 1
-        return get(pool, layer, group, lambda: (counts.update(gather=counts["gather"] + 1), gather())[1])
+        return get(layer, group, lambda: (counts.update(gather=counts["gather"] + 1), gather())[1])
 
     monkeypatch.setattr(kv.cross_gathers, "get", counted_get)
     monkeypatch.setattr(kv.cross_gathers, "clear", lambda: (counts.update(clear=counts["clear"] + 1), clear()))

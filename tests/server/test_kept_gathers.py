@@ -67,11 +67,12 @@ def _real(tensor: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_kept_copy_grown_step_by_step_equals_the_group_gathered_afresh():
-    pool, kept, calls = _pool(), SelfGathers(min_width=0), []
+    pool = _pool()
+    kept, calls = SelfGathers(pool, min_width=0), []
     rows = _Rows(pool, [3, 5], serials=(7, 8))
     for _ in range(6):
         group = rows.step()
-        keys, values = kept.get(pool, 0, group, rows.gather(group, calls))
+        keys, values = kept.get(0, group, rows.gather(group, calls))
         fresh_keys, fresh_values = rows.gather(group, [])()
         assert torch.equal(_real(keys, group.distance), _real(fresh_keys, group.distance))
         assert torch.equal(_real(values, group.distance), _real(fresh_values, group.distance))
@@ -80,27 +81,29 @@ def test_a_kept_copy_grown_step_by_step_equals_the_group_gathered_afresh():
 
 def test_narrow_groups_gather_every_step_until_they_reach_the_minimum_width():
     """Below min_width a gather is cheaper than writing into a kept copy: nothing is kept; from there on it is."""
-    pool, kept, calls = _pool(), SelfGathers(min_width=6), []
+    pool = _pool()
+    kept, calls = SelfGathers(pool, min_width=6), []
     rows = _Rows(pool, [3, 3], serials=(7, 8))
     for _ in range(6):  # widths 4 .. 9: gathered at 4 and 5, then once at 6 and grown
         group = rows.step()
-        keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+        keys, _ = kept.get(0, group, rows.gather(group, calls))
         assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
     assert len(calls) == 3
 
 
 def test_new_rows_and_skipped_steps_gather_again():
-    pool, kept, calls = _pool(), SelfGathers(min_width=0), []
+    pool = _pool()
+    kept, calls = SelfGathers(pool, min_width=0), []
     rows = _Rows(pool, [3, 5], serials=(7, 8))
     group = rows.step()
-    kept.get(pool, 0, group, rows.gather(group, calls))
+    kept.get(0, group, rows.gather(group, calls))
     rows.step()  # a step that did not look (a static or Arrow step): the copy is one position behind
     group = rows.step()
-    keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+    keys, _ = kept.get(0, group, rows.gather(group, calls))
     assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
     rows.serials = (7, 9)  # a beam followed its parent: other positions under the same place
     group = rows.step()
-    keys, _ = kept.get(pool, 0, group, rows.gather(group, calls))
+    keys, _ = kept.get(0, group, rows.gather(group, calls))
     assert len(calls) == 3
     assert torch.equal(_real(keys, group.distance), _real(rows.gather(group, [])()[0], group.distance))
 
@@ -110,11 +113,11 @@ def test_what_is_in_use_is_never_dropped_for_a_new_copy():
     first, second = _Rows(pool, [2, 2], serials=(1, 2)), _Rows(pool, [2, 2], serials=(3, 4))
     group = first.step()
     one_copy = 2 * HEADS * 2 * (group.width + 32) * DIM * 4
-    kept = SelfGathers(max_bytes=one_copy + one_copy // 2, min_width=0)  # room for one copy
+    kept = SelfGathers(pool, max_bytes=one_copy + one_copy // 2, min_width=0)  # room for one copy
     for _ in range(3):  # both groups decode every step: the second finds no room and gathers every time
-        kept.get(pool, 0, group, first.gather(group, calls))
+        kept.get(0, group, first.gather(group, calls))
         other = second.step()
-        kept.get(pool, 0, other, second.gather(other, calls))
+        kept.get(0, other, second.gather(other, calls))
         group = first.step()
     assert len(calls) == 1 + 3
 
@@ -128,18 +131,18 @@ def test_cross_gathers_are_kept_per_layer_and_group_until_cleared_and_within_the
 
     group_a, group_b = SimpleNamespace(key=("a",)), SimpleNamespace(key=("b",))
     kept = CrossGathers(max_bytes=100)
-    first = kept.get(None, 0, group_a, gather)
-    assert kept.get(None, 0, group_a, gather) is first and len(calls) == 1
-    kept.get(None, 1, group_a, gather)
-    kept.get(None, 0, group_b, gather)
+    first = kept.get(0, group_a, gather)
+    assert kept.get(0, group_a, gather) is first and len(calls) == 1
+    kept.get(1, group_a, gather)
+    kept.get(0, group_b, gather)
     assert len(calls) == 3  # one per layer and group
     kept.clear()
-    kept.get(None, 0, group_a, gather)
+    kept.get(0, group_a, gather)
     assert len(calls) == 4
-    kept.get(None, 2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
-    kept.get(None, 2, group_a, lambda: gather(16))
+    kept.get(2, group_a, lambda: gather(16))  # 128 bytes: over the budget, never kept
+    kept.get(2, group_a, lambda: gather(16))
     assert len(calls) == 6
-    kept.get(None, 0, group_a, gather)
+    kept.get(0, group_a, gather)
     assert len(calls) == 6  # what was kept is still there
 
 
