@@ -12,7 +12,8 @@ costs over the model's own forward. Prints one JSON object.
                                    (step_overhead_base_vs_bare: the same with 16 `__base__` rows, no adapter)
     preempted_requests_failed      32 requests of 64 tokens into a pool of 20 blocks: failures (and preemptions)
 Run alone on the machine: `.venv/bin/python bench/engine_core.py` (`--quick`: fewer repetitions). On a GPU
-(bench/gpu.sh): `--device cuda --only step --static-step cuda-graphs` times the step with each bucket captured.
+(bench/gpu.sh): `--device cuda --only step --static-step cuda-graphs` times the step with each bucket captured;
+`--profile K` adds what each step launches (operators, kernels, the K costliest: step_profile.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter_store import AdapterCache, AdapterStore  # noqa: E402
+from bench.step_profile import profile_steps  # noqa: E402
 from server.engine import (  # noqa: E402
     Engine,
     GenerateRow,
@@ -43,6 +45,8 @@ from tests.factories import make_inventory, printable_only, save_bundle  # noqa:
 
 DEVICE = "cpu"  # --device
 STATIC_STEP: str | None = None  # --static-step: the engines' decoding step (None: paged)
+PROFILE_TOP = 0  # --profile K: after timing the steps, profile them and report the K costliest operators or kernels
+PROFILE_STEPS = 20
 
 
 def engine_for(folder: Path, **options) -> Engine:
@@ -123,11 +127,16 @@ def step_overhead(folder: Path, reps: int) -> dict:
     """Both steps on the serving loop's thread, the only one left with an OpenMP team (the models are built in threads
     that end: a thread's team runs slower while another thread's is alive), so the bare forward is timed where ours
     is."""
-    ours, _ = _our_step(folder, reps, [f"task-{i}" for i in range(16)])
-    ours_base, theirs = _our_step(folder, reps, ["__base__"] * 16, also=run_in_own_thread(_bare_step, folder))
-    return {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),
-            "step_ms_bare": round(theirs * 1e3, 3), "step_overhead_vs_bare": round(ours / theirs, 2),
-            "step_overhead_base_vs_bare": round(ours_base / theirs, 2)}
+    profiles: dict = {}
+    ours, _ = _our_step(folder, reps, [f"task-{i}" for i in range(16)], profiles=profiles)
+    ours_base, theirs = _our_step(folder, reps, ["__base__"] * 16, also=run_in_own_thread(_bare_step, folder),
+                                  profiles=profiles)
+    out = {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),
+           "step_ms_bare": round(theirs * 1e3, 3), "step_overhead_vs_bare": round(ours / theirs, 2),
+           "step_overhead_base_vs_bare": round(ours_base / theirs, 2)}
+    if profiles:
+        out["step_profile"] = profiles
+    return out
 
 
 def _bare_step(folder: Path):
@@ -154,9 +163,11 @@ def _bare_step(folder: Path):
     return bare
 
 
-def _our_step(folder: Path, reps: int, tasks: list[str], also=None) -> tuple[float, float | None]:
+def _our_step(folder: Path, reps: int, tasks: list[str], also=None, profiles: dict | None = None
+              ) -> tuple[float, float | None]:
     """Median time of the serving loop's decoding step, 16 rows of these tasks, and (with `also`) the median time of
-    that step too, on the same thread, after the rows left (else None)."""
+    that step too, on the same thread, after the rows left (else None). With --profile, what each step launches goes
+    into `profiles` (step_profile.py)."""
     engine = engine_for(folder, max_batch_size=16)
     batch = engine.loop.batch
     rows = [GenerateRow(task, f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
@@ -165,12 +176,17 @@ def _our_step(folder: Path, reps: int, tasks: list[str], also=None) -> tuple[flo
     while len(batch) < len(rows):
         time.sleep(0.001)
     seconds = engine.loop.call(lambda: _time_steps(batch.step, reps))
+    if PROFILE_TOP and profiles is not None:
+        name = "ours_base" if tasks[0] == "__base__" else "ours_16_tasks"
+        profiles[name] = engine.loop.call(lambda: profile_steps(batch.step, PROFILE_STEPS, PROFILE_TOP, DEVICE))
     if job.future.done() or len(batch) < len(rows):  # a failed step leaves an empty batch, timed at ~0
         raise RuntimeError(f"the rows did not stay in the batch: {job.future.exception() if job.future.done() else ''}")
     job.cancel()
     while len(batch):
         time.sleep(0.001)
     other = engine.loop.call(lambda: _time_steps(also, reps)) if also is not None else None
+    if also is not None and PROFILE_TOP and profiles is not None:
+        profiles["bare"] = engine.loop.call(lambda: profile_steps(also, PROFILE_STEPS, PROFILE_TOP, DEVICE))
     engine.close()
     return seconds, other
 
@@ -224,9 +240,11 @@ def main() -> None:
     parser.add_argument("--static-step", choices=["eager", "cuda-graphs"], help="the static-shaped decoding step "
                         "(default: the paged step)")
     parser.add_argument("--only", choices=["step"], help="only step_overhead_vs_bare")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="also profile the steps (after timing "
+                        "them) and report operators and kernels per step and the K costliest (step_profile.py)")
     args = parser.parse_args()
-    global DEVICE, STATIC_STEP
-    DEVICE, STATIC_STEP = args.device, args.static_step
+    global DEVICE, STATIC_STEP, PROFILE_TOP
+    DEVICE, STATIC_STEP, PROFILE_TOP = args.device, args.static_step, args.profile
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "device": args.device, "static_step": args.static_step}
     if args.device.startswith("cuda"):

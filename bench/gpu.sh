@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run on a lent machine (the device tool's `run`; each part's limit below adds up to
-# 9.7 minutes, and on an H200 on 2026-12-04 the whole script took 287 s after a machine start of about 30 s):
-# the gpu-marked tests; the decoding step against the bare forward (engine_core.py --only step) paged and with CUDA
-# graphs; the serving benchmark on CUDA (--quick, HTTP included) with CUDA graphs and without; gathered joins on and
+# 9.8 minutes, and on an H200 on 2026-12-04 the whole script took 287 s after a machine start of about 30 s):
+# the gpu-marked tests; the decoding step against the bare forward (engine_core.py --only step) paged — with what each
+# step launches (--profile: kernels per step and the costliest, ours with 16 tasks, with none, and the bare forward) —
+# and with CUDA graphs; the serving benchmark on CUDA (--quick, HTTP included) with CUDA graphs and without; gathered joins on and
 # off over HTTP (bench/gather_joins.py, CUDA graphs on). Each part has its own
 # time limit and a failing part does not stop the next; every part's output also goes to $OUT when set.
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
@@ -37,8 +38,8 @@ part() {  # part SECONDS NAME COMMAND...: run it within SECONDS, its output to $
   return 0
 }
 
-part 160 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -o faulthandler_timeout=60 tests/server/test_gpu.py
-part 50 step-paged.json python3 bench/engine_core.py --device cuda --only step --quick
+part 150 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -o faulthandler_timeout=60 tests/server/test_gpu.py
+part 70 step-paged.json python3 bench/engine_core.py --device cuda --only step --quick --profile 12
 part 60 step-cuda-graphs.json python3 bench/engine_core.py --device cuda --only step --quick --static-step cuda-graphs
 part 130 serving-cuda-graphs.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs on
 part 100 serving-cuda.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs off
