@@ -47,6 +47,7 @@ DEVICE = "cpu"  # --device
 STATIC_STEP: str | None = None  # --static-step: the engines' decoding step (None: paged)
 PROFILE_TOP = 0  # --profile K: after timing the steps, profile them and report the K costliest operators or kernels
 PROFILE_STEPS = 20
+ROUNDS = 5  # the step's timing alternates between ours and the bare forward this many times
 
 
 def engine_for(folder: Path, **options) -> Engine:
@@ -126,14 +127,19 @@ def prefix_ttft(folder: Path, requests: int) -> dict:
 def step_overhead(folder: Path, reps: int) -> dict:
     """Both steps on the serving loop's thread, the only one left with an OpenMP team (the models are built in threads
     that end: a thread's team runs slower while another thread's is alive), so the bare forward is timed where ours
-    is."""
+    is; in alternating rounds, so that a drift of the machine's speed hits both alike."""
+    bare = run_in_own_thread(_bare_step, folder)
+    engine = engine_for(folder, max_batch_size=16)
     profiles: dict = {}
-    ours, _ = _our_step(folder, reps, [f"task-{i}" for i in range(16)], profiles=profiles)
-    ours_base, theirs = _our_step(folder, reps, ["__base__"] * 16, also=run_in_own_thread(_bare_step, folder),
-                                  profiles=profiles)
+    ours, bare_16 = _our_step(engine, reps, [f"task-{i}" for i in range(16)], bare, profiles, "ours_16_tasks")
+    ours_base, bare_base = _our_step(engine, reps, ["__base__"] * 16, bare, profiles, "ours_base")
+    engine.close()
+    if PROFILE_TOP:
+        profiles["bare"] = run_in_own_thread(profile_steps, bare, PROFILE_STEPS, PROFILE_TOP, DEVICE)
     out = {"step_ms_ours": round(ours * 1e3, 3), "step_ms_ours_base": round(ours_base * 1e3, 3),
-           "step_ms_bare": round(theirs * 1e3, 3), "step_overhead_vs_bare": round(ours / theirs, 2),
-           "step_overhead_base_vs_bare": round(ours_base / theirs, 2)}
+           "step_ms_bare": round(statistics.median([bare_16, bare_base]) * 1e3, 3),
+           "step_overhead_vs_bare": round(ours / bare_16, 2),
+           "step_overhead_base_vs_bare": round(ours_base / bare_base, 2)}
     if profiles:
         out["step_profile"] = profiles
     return out
@@ -163,35 +169,32 @@ def _bare_step(folder: Path):
     return bare
 
 
-def _our_step(folder: Path, reps: int, tasks: list[str], also=None, profiles: dict | None = None
-              ) -> tuple[float, float | None]:
-    """Median time of the serving loop's decoding step, 16 rows of these tasks, and (with `also`) the median time of
-    that step too, on the same thread, after the rows left (else None). With --profile, what each step launches goes
-    into `profiles` (step_profile.py)."""
-    engine = engine_for(folder, max_batch_size=16)
+def _our_step(engine: Engine, reps: int, tasks: list[str], bare, profiles: dict, name: str) -> tuple[float, float]:
+    """Median times of the serving loop's decoding step of 16 rows of these tasks and of the bare step, both on the
+    loop's thread, in ROUNDS alternating rounds while the rows stay in the batch. With --profile, what each of our
+    steps launches goes into profiles[name] (step_profile.py)."""
     batch = engine.loop.batch
     rows = [GenerateRow(task, f"row {i}", SamplingParams(max_new_tokens=10**4, ignore_eos=True))
             for i, task in enumerate(tasks)]
     job = engine.submit_generate(rows)
     while len(batch) < len(rows):
         time.sleep(0.001)
-    seconds = engine.loop.call(lambda: _time_steps(batch.step, reps))
-    if PROFILE_TOP and profiles is not None:
-        name = "ours_base" if tasks[0] == "__base__" else "ours_16_tasks"
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(ROUNDS):
+        ours += engine.loop.call(lambda: _step_times(batch.step, max(reps // ROUNDS, 1)))
+        theirs += engine.loop.call(lambda: _step_times(bare, max(reps // ROUNDS, 1)))
+    if PROFILE_TOP:
         profiles[name] = engine.loop.call(lambda: profile_steps(batch.step, PROFILE_STEPS, PROFILE_TOP, DEVICE))
     if job.future.done() or len(batch) < len(rows):  # a failed step leaves an empty batch, timed at ~0
         raise RuntimeError(f"the rows did not stay in the batch: {job.future.exception() if job.future.done() else ''}")
     job.cancel()
     while len(batch):
         time.sleep(0.001)
-    other = engine.loop.call(lambda: _time_steps(also, reps)) if also is not None else None
-    if also is not None and PROFILE_TOP and profiles is not None:
-        profiles["bare"] = engine.loop.call(lambda: profile_steps(also, PROFILE_STEPS, PROFILE_TOP, DEVICE))
-    engine.close()
-    return seconds, other
+    return statistics.median(ours), statistics.median(theirs)
 
 
-def _time_steps(step, reps: int) -> float:
+def _step_times(step, reps: int) -> list[float]:
     for _ in range(5):
         step()
     times = []
@@ -199,7 +202,7 @@ def _time_steps(step, reps: int) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def small_pool(folder: Path) -> dict:
