@@ -227,9 +227,10 @@ class PagedKV:
         cross_slots = torch.full(mask.shape, PAD_SLOT, dtype=torch.long)
         for i, (row, x) in enumerate(zip(rows, inputs, strict=True)):
             enc[i, : len(x)] = torch.tensor(x)
-            row.kv.cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
-            if row.kv.cross is None:
+            cross = self.blocks.allocate(self.blocks.blocks_for(len(x)))
+            if cross is None:  # (the row keeps what it holds: releasing it frees its blocks)
                 raise MemoryError("the KV pool has too few free blocks for this row's input")
+            row.kv.cross = cross
             row.kv.cross_length = len(x)
             cross_slots[i, : len(x)] = torch.tensor(slots_of(row.kv.cross, range(len(x)), self.size))
         return enc, mask, cross_slots
