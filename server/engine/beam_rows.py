@@ -1,6 +1,7 @@
-"""A beam-search request inside the serving loop: its k beams are k rows of the running batch (prefilled as k
-copies of the prompt, as generate does), decoding beside every other row. After each step the group's search
-(beam_search.py) names each beam's parent; the running batch then moves the caches to follow (`reorder`).
+"""A beam-search request inside the serving loop: its k beams are k rows of the running batch, decoding beside every
+other row; the first beam prefills the prompt and the others share its blocks (RunningBatch.admit). After each step
+the group's search (beam_search.py) names each beam's parent; the running batch then moves the caches to follow
+(`reorder`).
 
     group = BeamGroup(job, index, tokenizer, prompt_ids, eos_ids)     group.rows: k BeamRows
     step  = group.advance(log_probs)      (k, V) of its rows -> parents and tokens; group.search.done at the end

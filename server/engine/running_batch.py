@@ -61,14 +61,19 @@ class RunningBatch:
         return len(self.rows) + len(self.prefilling)
 
     def blocks_to_join(self, row: Row) -> int:
-        """KV blocks a waiting row takes when it joins (before prefix-cache hits)."""
+        """KV blocks a waiting row takes when it joins (before prefix-cache hits); a beam after its group's first
+        takes none: it shares the first's (`admit`)."""
+        if _follows(row):
+            return 0
         sequence, inputs = self._prefill_tokens(row)
         return self.kv.blocks_needed(len(sequence), len(inputs or ()))
 
     def admit(self, joining: list[Row]) -> list[Row]:
         """Prefill the joining rows (adapters already set on them; a beam group's rows all together) and append
         them; return those that ended at their first token. T5 rows whose encoder output is cached (same adapter,
-        same input) are prefilled in a forward of their own, after the others, with no encoder."""
+        same input) are prefilled in a forward of their own, after the others, with no encoder. A beam search's
+        prompt is prefilled once, by its first beam: the others share its blocks (copied when they next write) and
+        its logits (the search continues only the first beam at its first step: beam_search.py)."""
         for row in joining:
             row.admitted = next(self._admitted)
         if self.route_prompts is not None:
@@ -77,18 +82,33 @@ class RunningBatch:
         if not joining:
             return []
         start = len(self.rows)
+        followers = [row for row in joining if _follows(row)]
         parts = []
-        for part in self._join_parts(joining):
+        for part in self._join_parts([row for row in joining if not _follows(row)]):
             tail = self.slots.pool.resident[len(self.rows): len(self.rows) + len(part)]
             part = [part[i] for i in assign_positions(tail, [row.key for row in part])]
             parts.append((len(self.rows), part))
             self.rows.extend(part)
+        self.rows.extend(followers)  # after the prefilled rows, which keep one run of positions
         try:
             prefilled = [(part, self._prefill(part, first)) for first, part in parts]
         except MemoryError:  # the pool cannot hold them: they leave again (the caller fails their requests)
             self.retire(set(self.rows[start:]))
             raise
-        return [row for part, logits in prefilled if logits is not None for row in self._take(part, logits)]
+        return [row for part, logits in prefilled if logits is not None
+                for row in self._take(*self._with_followers(part, logits, followers))]
+
+    def _with_followers(self, part: list[Row], logits: torch.Tensor, followers: list[Row]
+                        ) -> tuple[list[Row], torch.Tensor]:
+        """A prefilled part and its rows' logits (M, V), with the followers of its beam groups appended: each holds
+        its group's first beam's blocks (shared) and takes its logits."""
+        first = {row.group: i for i, row in enumerate(part) if isinstance(row, BeamRow)}
+        mine = [row for row in followers if row.group in first]
+        if not mine:
+            return part, logits
+        self.kv.follow(mine, [part[first[row.group]] for row in mine])
+        leaders = torch.tensor([first[row.group] for row in mine], device=logits.device)
+        return part + mine, torch.cat([logits, logits[leaders]])  # (M + F, V)
 
     def _join_parts(self, joining: list[Row]) -> list[list[Row]]:
         """The joining rows in the forwards they join by, without empty parts: T5 rows whose encoder output the KV
@@ -312,3 +332,8 @@ class RunningBatch:
             return
         if self.slots.applied != ("rows", tuple(keys), start, width or end):
             self.slots.use_rows([row.adapter for row in self.rows], keys, start, width or end)
+
+
+def _follows(row: Row) -> bool:
+    """A beam after its group's first: it joins on the first's prefill (RunningBatch.admit)."""
+    return isinstance(row, BeamRow) and row.beam > 0

@@ -7,6 +7,9 @@ is held (each is free, or cached for a prefix)."""
 from __future__ import annotations
 
 import random
+import threading
+import time
+from concurrent.futures import CancelledError
 
 import pytest
 
@@ -44,6 +47,45 @@ def _requests(rng: random.Random) -> list[GenerateRow]:
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_random_mix_through_a_small_pool_answers_each_request_as_it_is_answered_alone(tmp_path, kind):
+    save_bundle(tmp_path, kind)
+    rng = random.Random(7)
+    rows = _requests(rng)
+    cancelled = set(rng.sample(range(REQUESTS), 5))
+    engine = engine_for(tmp_path, max_batch_tokens=192)  # about 14 blocks of 16: rows are preempted
+    jobs, timers = [], []
+    for i, row in enumerate(rows):
+        jobs.append(engine.submit_generate([row]))
+        if i in cancelled:  # at once (likely still waiting) or after a while (likely decoding)
+            timers.append(threading.Timer(rng.choice([0.0, rng.uniform(0.01, 0.3)]), jobs[i].cancel))
+            timers[-1].start()
+        if i >= REQUESTS // 2:  # the first half at once (the pool fills: rows are preempted), the rest while they run
+            time.sleep(rng.uniform(0, 0.02))
+    answers = {}
+    for i, job in enumerate(jobs):
+        try:
+            answers[i] = job.future.result(timeout=300)[0]
+        except CancelledError:
+            assert i in cancelled
+    for timer in timers:
+        timer.join()
+    deadline = time.monotonic() + 10
+    while engine.stats().running_rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running_rows == 0 and engine.stats().waiting_rows == 0
+    assert engine.loop.batch.kv.blocks.used == 0  # every block back: free, or cached for a prefix
+    assert engine.loop.batch.preemptions > 0, "the pool was roomy enough: this test lost its point"
+    assert len(answers) >= REQUESTS - len(cancelled)
+    roomy = engine_for(tmp_path)
+    for i, got in answers.items():
+        alone = roomy.generate([rows[i]])[0]
+        assert (got.text, got.completion_tokens, got.finish_reason) == \
+            (alone.text, alone.completion_tokens, alone.finish_reason), f"request {i}: {rows[i].params}"
+    roomy.close()
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
 @pytest.mark.parametrize("beams", [1, 3])
 def test_a_request_larger_than_the_whole_pool_fails_alone_and_the_loop_serves_on(tmp_path, kind, beams):
     save_bundle(tmp_path, kind)
@@ -56,4 +98,29 @@ def test_a_request_larger_than_the_whole_pool_fails_alone_and_the_loop_serves_on
     after = engine.generate([GenerateRow("task-2", "abc", SamplingParams(max_new_tokens=5))])
     assert after[0].completion_tokens > 0
     assert engine.loop.batch.kv.blocks.used == 0
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_a_beam_search_prefills_its_prompt_once_and_its_beams_share_it(tmp_path, kind, monkeypatch):
+    from server.engine.paged_kv import PagedKV
+
+    save_bundle(tmp_path, kind)
+    engine = engine_for(tmp_path)
+    prefilled, shared = [], []
+    prefill, follow = PagedKV.prefill, PagedKV.follow
+
+    def counting_prefill(self, rows, *args, **kwargs):
+        prefilled.append(len(rows))
+        return prefill(self, rows, *args, **kwargs)
+
+    def counting_follow(self, rows, parents):
+        shared.append(len({id(parent.kv) for parent in parents}))
+        return follow(self, rows, parents)
+
+    monkeypatch.setattr(PagedKV, "prefill", counting_prefill)
+    monkeypatch.setattr(PagedKV, "follow", counting_follow)
+    engine.generate([GenerateRow("task-0", PREFIX + "abc", SamplingParams(max_new_tokens=6, num_beams=4))])
+    assert prefilled == [1]  # the first beam only; the 3 others follow it
+    assert shared[0] == 1  # all of them its blocks
     engine.close()
