@@ -24,7 +24,7 @@ from adapter_store import (
 
 from .adapt import JobConflictError, QueueFull
 from .admission import ClientGone, Overloaded
-from .engine import ShuttingDown
+from .engine import KVCapacityError, ShuttingDown
 from .limits import BodyTooLarge
 from .schemas import error_body
 
@@ -67,6 +67,7 @@ TRANSLATIONS: dict[type[BaseException], Callable[..., ApiError]] = {
     BodyTooLarge: lambda e: ApiError(413, "too_large", f"request body over {e.max_bytes} bytes", "body"),
     InventoryError: lambda e: ApiError(500, "inventory_error", str(e)),
     ClientGone: lambda e: ApiError(499, "client_closed", "the client closed the connection"),
+    KVCapacityError: lambda e: ApiError(413, "too_large", str(e), e.field),
 }
 
 

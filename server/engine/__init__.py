@@ -1,9 +1,9 @@
 from .engine import Engine
 from .loader import LoadedModel, ModelLoadError, load_model
 from .rows import ChoiceLogprob, Completion, GenerateRow, SamplingParams, ScoreRow
-from .scheduler import LoopStats, ShuttingDown
+from .scheduler import KVCapacityError, LoopStats, ShuttingDown
 from .score_queue import RowScores
 from .sequence import GenerateJob
 
-__all__ = ["ChoiceLogprob", "Completion", "Engine", "GenerateJob", "GenerateRow", "LoadedModel", "LoopStats",
-           "ModelLoadError", "RowScores", "SamplingParams", "ScoreRow", "ShuttingDown", "load_model"]
+__all__ = ["ChoiceLogprob", "Completion", "Engine", "GenerateJob", "GenerateRow", "KVCapacityError", "LoadedModel",
+           "LoopStats", "ModelLoadError", "RowScores", "SamplingParams", "ScoreRow", "ShuttingDown", "load_model"]

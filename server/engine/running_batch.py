@@ -49,6 +49,7 @@ class RunningBatch:
         self.prefill_chunk = prefill_chunk
         self.prefilling: list[Row] = []  # admitted rows whose long prompts are still being prefilled, oldest first
         self.preempted: list[Row] = []  # rows the last step had to preempt (the scheduler queues them again)
+        self.outgrown: list[Row] = []  # rows the last step found could never fit the pool (the scheduler fails them)
         self.preemptions = 0
         self._admitted = itertools.count()
 
@@ -227,6 +228,7 @@ class RunningBatch:
     def step(self) -> list[Row]:
         """One decoding step for every row; return the rows that ended (`preempted` says who had to leave)."""
         self.preempted = self._preempt(self.kv.make_room(sorted(self.rows, key=lambda r: r.admitted)))
+        self.outgrown = self._outgrown()
         if not self.rows:
             return []
         static = self._static_width()
@@ -283,6 +285,16 @@ class RunningBatch:
         self.retire(leaving)
         self.preemptions += len(leaving)
         return sorted(leaving, key=lambda r: r.admitted)
+
+    def _outgrown(self) -> list[Row]:
+        """When every row had to leave and no prompt holds blocks while it prefills, the oldest row (with its whole
+        beam search) could not take its next block even alone: it never will. It leaves `preempted`."""
+        if not self.preempted or self.rows or self.prefilling:
+            return []
+        oldest = self.preempted[0]
+        rows = oldest.group.rows if isinstance(oldest, BeamRow) else [oldest]
+        self.preempted = [row for row in self.preempted if row not in rows]
+        return list(rows)
 
     def _take(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
         """The output step for rows that ran (in batch order); beams follow their parents."""

@@ -38,6 +38,18 @@ class ShuttingDown(RuntimeError):
     """The loop has stopped: nothing new is run."""
 
 
+class KVCapacityError(ValueError):
+    """A request the whole KV pool cannot hold: its input at admission (field `inputs`), or the positions it grows
+    to — its rows had to leave a batch where nothing else was left to preempt (`max_new_tokens`)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(f"{message}; raise MHR_KV_CACHE_BYTES (or MHR_MAX_BATCH_TOKENS), or {_REMEDY[field]}")
+        self.field = field
+
+
+_REMEDY = {"inputs": "send a shorter input", "max_new_tokens": "ask for fewer new tokens or beams"}
+
+
 @dataclass
 class _Call:
     fn: Callable[[], object]
@@ -199,6 +211,7 @@ class Scheduler:
             ended = self.batch.step()
             self.clock.lap("decode")
             self._requeue(self.batch.preempted)
+            self._fail_outgrown(self.batch.outgrown)
             self._finish(ended)
             if self.on_step is not None:
                 self.on_step(len(self.batch))
@@ -270,8 +283,16 @@ class Scheduler:
             self._finish(ended)
         except MemoryError as exc:  # more than the whole KV pool: these requests fail, the running rows go on
             for row in joining:
-                row.job.fail(ValueError(f"the KV cache cannot hold this request ({exc}); raise MHR_KV_CACHE_BYTES "
-                                        "or send a shorter input"))
+                row.job.fail(KVCapacityError(f"the KV cache cannot hold this request's input ({exc})", "inputs"))
+
+    def _fail_outgrown(self, rows: list) -> None:
+        """Requests whose rows could not take their next block even alone in the batch: they never will (queued again,
+        a beam search would start over forever)."""
+        blocks = self.batch.kv.blocks
+        for job in {id(row.job): row.job for row in rows}.values():
+            job.fail(KVCapacityError(f"the KV cache cannot hold this request as it grows: alone in the batch it needed "
+                                     f"more than the pool's {blocks.total - 1} blocks of {blocks.block_size} positions",
+                                     "max_new_tokens"))
 
     def _requeue(self, preempted: list) -> None:
         """Preempted rows wait again at the front of the queue, in their order (they are computed again)."""

@@ -4,7 +4,7 @@ prompt prefix, arriving while others run, some cancelled while they wait or deco
 that rows are preempted and computed again — on each of the loop's configurations (the static-shaped step, prompts in
 chunks, no merged weights). Every request that was not cancelled answers exactly what the same request answers alone
 on a roomy engine, and once everything ended no block is held (each is free, or cached for a prefix). Also: a request
-larger than the whole pool fails alone; a beam search's prompt is prefilled once."""
+larger than the whole pool, or growing larger, fails alone; a beam search's prompt is prefilled once."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from adapter_store import BASE_TASK, AdapterCache, AdapterStore
 from adapter_store.arrow_spec import ArrowSpec
 from adapter_store.mix import Mix
-from server.engine import Engine, GenerateRow, SamplingParams, load_model
+from server.engine import Engine, GenerateRow, KVCapacityError, SamplingParams, load_model
 from tests.factories import save_bundle
 
 PREFIX = "You are a careful assistant. Answer in one short line: "  # 55 bytes: three blocks of 16 and a partial one
@@ -119,8 +119,9 @@ def test_a_request_larger_than_the_whole_pool_fails_alone_and_the_loop_serves_on
     engine = engine_for(tmp_path, max_batch_tokens=64)  # a few blocks of 16
     running = engine.submit_generate([GenerateRow("task-0", "short", SamplingParams(max_new_tokens=30))])
     huge = GenerateRow("task-1", "x" * 400, SamplingParams(max_new_tokens=4, num_beams=beams))
-    with pytest.raises(ValueError, match="KV cache cannot hold this request.*MHR_KV_CACHE_BYTES"):
+    with pytest.raises(KVCapacityError, match="cannot hold this request's input.*MHR_KV_CACHE_BYTES") as refused:
         engine.generate([huge])
+    assert refused.value.field == "inputs"
     assert running.future.result(timeout=60)[0].completion_tokens > 0  # the running row went on
     after = engine.generate([GenerateRow("task-2", "abc", SamplingParams(max_new_tokens=5))])
     assert after[0].completion_tokens > 0
@@ -150,4 +151,22 @@ def test_a_beam_search_prefills_its_prompt_once_and_its_beams_share_it(tmp_path,
     engine.generate([GenerateRow("task-0", PREFIX + "abc", SamplingParams(max_new_tokens=6, num_beams=4))])
     assert prefilled == [1]  # the first beam only; the 3 others follow it
     assert shared[0] == 1  # all of them its blocks
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("beams", [1, 4])
+def test_a_request_that_outgrows_the_whole_pool_fails_instead_of_starting_over_forever(tmp_path, kind, beams):
+    """Its prompt fits, but not the positions it grows to: preempted with nothing else left to preempt, it fails
+    (a beam search queued again would start over, fit, grow and be preempted forever)."""
+    save_bundle(tmp_path, kind)
+    engine = engine_for(tmp_path, max_batch_tokens=64)  # a few blocks of 16
+    growing = GenerateRow("task-1", "abc", SamplingParams(max_new_tokens=200, num_beams=beams, ignore_eos=True))
+    job = engine.submit_generate([growing])
+    with pytest.raises(KVCapacityError, match="cannot hold this request as it grows.*fewer new tokens") as refused:
+        job.future.result(timeout=120)
+    assert refused.value.field == "max_new_tokens"
+    after = engine.generate([GenerateRow("task-2", "abc", SamplingParams(max_new_tokens=5))])
+    assert after[0].completion_tokens > 0
+    assert engine.loop.batch.kv.blocks.used == 0
     engine.close()

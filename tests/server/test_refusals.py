@@ -174,3 +174,14 @@ def test_key_on_every_route_but_the_health_checks(printable_bundle, tmp_path):
         assert wait_job(client, job_id, headers={"X-API-Key": KEY})["state"] == "succeeded"
         assert_needs_key(client, "GET", "/tasks/done/lora", 200)
         assert_needs_key(client, "DELETE", "/tasks/done", 200)
+
+
+def test_a_request_the_kv_pool_cannot_hold_as_it_grows_is_413_naming_the_field(t5_bundle):
+    """A beam search whose beams outgrow a pool that holds one row of the largest input and output (the smallest
+    the settings allow): 413 naming max_new_tokens and the settings to raise (it hung before: queued again, the
+    search started over); one beam of the same request is served."""
+    with TestClient(create_app(bundle_settings(t5_bundle, max_batch_tokens=81, max_num_beams=8))) as client:
+        body = {"task": "alpha", "inputs": ["x" * 40], "max_new_tokens": 16, "num_beams": 8}
+        error = assert_error(client.post("/generate", json=body), 413, "too_large")
+        assert error["field"] == "max_new_tokens" and "MHR_KV_CACHE_BYTES" in error["message"], error
+        assert client.post("/generate", json={**body, "num_beams": 1}).status_code == 200
