@@ -273,11 +273,11 @@ class PagedKV:
         self.blocks.release([shared])
         kv.table[-1] = own
 
-    def decode(self, rows: list, tokens: list[int], *, static: bool = False) -> torch.Tensor:
-        """One token per row (its blocks made room for by make_room) -> logits (N, V). static: through the
-        static-shaped step (static_step.py; the layers pointed at its padded rows)."""
-        if static:
-            return self.static.decode(rows, tokens)
+    def decode(self, rows: list, tokens: list[int], *, static_width: int | None = None) -> torch.Tensor:
+        """One token per row (its blocks made room for by make_room) -> logits (N, V). static_width: through the
+        static-shaped step (static_step.py), padded to this many rows (the layers pointed at them)."""
+        if static_width is not None:
+            return self.static.decode(rows, tokens, static_width)
         slots = long_tensor(slot_of(r.kv.table, r.kv.length, self.size) for r in rows)[:, None]  # (N, 1)
         positions = long_tensor(r.kv.length for r in rows)[:, None]  # (N, 1)
         for row in rows:

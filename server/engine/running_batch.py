@@ -233,7 +233,7 @@ class RunningBatch:
             return []
         static = self._static_width()
         self._point_layers(0, len(self.rows), width=static)
-        logits = self.kv.decode(self.rows, [row.last_token for row in self.rows], static=static is not None)  # (N, V)
+        logits = self.kv.decode(self.rows, [row.last_token for row in self.rows], static_width=static)  # (N, V)
         return self._take(self.rows, logits)
 
     def _static_width(self) -> int | None:

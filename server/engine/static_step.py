@@ -66,9 +66,10 @@ def block_bucket(blocks: int) -> int:
 
 
 def static_inputs(pool: KVPool, rows: list, tokens: list[int], pad_id: int, device: torch.device,
-                  seq2seq: bool) -> StaticInputs:
-    """The step's tensors for rows whose blocks have room for their next position (PagedKV.make_room)."""
-    size, count = pool.block_size, row_bucket(len(rows))
+                  seq2seq: bool, count: int | None = None) -> StaticInputs:
+    """The step's tensors for rows whose blocks have room for their next position (PagedKV.make_room), padded to
+    `count` rows (default: their bucket)."""
+    size, count = pool.block_size, row_bucket(len(rows)) if count is None else count
     lengths = [r.kv.length for r in rows]
     ids = tokens + [pad_id] * (count - len(rows))
     positions = lengths + [0] * (count - len(rows))
@@ -116,9 +117,10 @@ class StaticDecode:
         self.captures = 0
         self.steps = 0  # decoding steps it ran
 
-    def decode(self, rows: list, tokens: list[int]) -> torch.Tensor:
-        """One token per row -> logits (N, V); the rows' lengths grow by one."""
-        inputs = static_inputs(self.pool, rows, tokens, self.pad_id, self.device, self.seq2seq)
+    def decode(self, rows: list, tokens: list[int], width: int) -> torch.Tensor:
+        """One token per row, padded to `width` rows (the rows the layers were pointed at) -> logits (N, V); the
+        rows' lengths grow by one."""
+        inputs = static_inputs(self.pool, rows, tokens, self.pad_id, self.device, self.seq2seq, width)
         for row in rows:
             row.kv.length += 1
         self.steps += 1

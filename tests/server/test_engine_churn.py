@@ -62,6 +62,7 @@ def _requests(rng: random.Random) -> list[GenerateRow]:
 ENGINES = {  # the loop's configurations that change how rows are laid out, prefilled or stepped
     "default": {},
     "static step": {"static_step": "eager"},  # the CUDA-graph step's layout, eager (on a CPU)
+    "static step, 6 rows": {"static_step": "eager", "max_batch_size": 6},  # not a bucket: 5-6 rows pad to 6, not 8
     "prompts in chunks": {"prefill_chunk": 16},
     "no merged weights": {"merge_single_task": False},
 }
