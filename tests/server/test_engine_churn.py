@@ -1,10 +1,11 @@
 """The engine core under churn: a seeded random mix of greedy, seeded-sampling, beam-search, stop-string and
-log-probability requests for tasks, the bare backbone, a mix and Arrow routes, half of them behind one long shared
-prompt prefix, arriving while others run, some cancelled while they wait or decode, through a KV pool small enough
-that rows are preempted and computed again — on each of the loop's configurations (the static-shaped step, prompts in
-chunks, no merged weights). Every request that was not cancelled answers exactly what the same request answers alone
-on a roomy engine, and once everything ended no block is held (each is free, or cached for a prefix). Also: a request
-larger than the whole pool, or growing larger, fails alone; a beam search's prompt is prefilled once."""
+log-probability requests for tasks, the bare backbone, a mix and Arrow routes (with /score rows between them), half
+of them behind one long shared prompt prefix, arriving while others run, some cancelled while they wait or decode,
+through a KV pool small enough that rows are preempted and computed again — on each of the loop's configurations
+(the static-shaped step, at a bucket size and not, prompts in chunks, no merged weights). Every request that was not
+cancelled answers exactly what the same request answers alone on a roomy engine, the scores too, and once everything
+ended no block is held (each is free, or cached for a prefix). Also: a request larger than the whole pool, or
+growing larger, fails alone; a beam search's prompt is prefilled once."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from adapter_store import BASE_TASK, AdapterCache, AdapterStore
 from adapter_store.arrow_spec import ArrowSpec
 from adapter_store.mix import Mix
-from server.engine import Engine, GenerateRow, KVCapacityError, SamplingParams, load_model
+from server.engine import Engine, GenerateRow, KVCapacityError, SamplingParams, ScoreRow, load_model
 from tests.factories import save_bundle
 
 PREFIX = "You are a careful assistant. Answer in one short line: "  # 55 bytes: three blocks of 16 and a partial one
@@ -59,6 +60,10 @@ def _requests(rng: random.Random) -> list[GenerateRow]:
             for i in range(REQUESTS)]
 
 
+def _scores(rows: list[GenerateRow]) -> list[ScoreRow]:
+    return [ScoreRow(f"task-{i % 3}", row.text, ["yes", "no"]) for i, row in enumerate(rows[:6])]
+
+
 ENGINES = {  # the loop's configurations that change how rows are laid out, prefilled or stepped
     "default": {},
     "static step": {"static_step": "eager"},  # the CUDA-graph step's layout, eager (on a CPU)
@@ -85,6 +90,7 @@ def test_a_random_mix_through_a_small_pool_answers_each_request_as_it_is_answere
             timers[-1].start()
         if i >= REQUESTS // 2:  # the first half at once (the pool fills: rows are preempted), the rest while they run
             time.sleep(rng.uniform(0, 0.02))
+    scored = engine.score(_scores(rows))  # score chunks take turns with the churning rows
     answers = {}
     for i, job in enumerate(jobs):
         try:
@@ -101,6 +107,8 @@ def test_a_random_mix_through_a_small_pool_answers_each_request_as_it_is_answere
     assert engine.loop.batch.preemptions > 0, "the pool was roomy enough: this test lost its point"
     assert len(answers) >= REQUESTS - len(cancelled)
     roomy = engine_for(tmp_path)
+    assert [c.logprob_sum for r in scored for c in r] == \
+        pytest.approx([c.logprob_sum for r in roomy.score(_scores(rows)) for c in r], rel=1e-5)
     for i, got in answers.items():
         alone = roomy.generate([rows[i]])[0]
         assert (got.text, got.completion_tokens, got.finish_reason) == \
