@@ -1,11 +1,11 @@
-"""The engine core under churn: a seeded random mix of greedy, seeded-sampling, beam-search, stop-string and
-log-probability requests for tasks, the bare backbone, a mix and Arrow routes (with /score rows between them), half
-of them behind one long shared prompt prefix, arriving while others run, some cancelled while they wait or decode,
-through a KV pool small enough that rows are preempted and computed again — on each of the loop's configurations
-(the static-shaped step, at a bucket size and not, prompts in chunks, no merged weights). Every request that was not
-cancelled answers exactly what the same request answers alone on a roomy engine, the scores too, and once everything
-ended no block is held (each is free, or cached for a prefix). Also: a request larger than the whole pool, or
-growing larger, fails alone; a beam search's prompt is prefilled once."""
+"""The engine core under churn: a seeded random mix of greedy, seeded-sampling, beam-search, stop-string,
+structured-output and log-probability requests for tasks, the bare backbone, a mix and Arrow routes (with /score
+rows between them), half of them behind one long shared prompt prefix, arriving while others run, some cancelled
+while they wait or decode, through a KV pool small enough that rows are preempted and computed again — on each of the
+loop's configurations (the static-shaped step, at a bucket size and not, prompts in chunks, no merged weights).
+Every request that was not cancelled answers exactly what the same request answers alone on a roomy engine, the
+scores too, and once everything ended no block is held (each is free, or cached for a prefix). Also: a request
+larger than the whole pool, or growing larger, fails alone; a beam search's prompt is prefilled once."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 
+import llguidance
 import pytest
 
 from adapter_store import BASE_TASK, AdapterCache, AdapterStore
@@ -35,7 +36,11 @@ def engine_for(folder, **options) -> Engine:
 
 def _params(rng: random.Random) -> SamplingParams:
     new = rng.randint(8, 96)
-    kind = rng.choice(["greedy", "seeded", "beams", "stop", "logprobs"])
+    kind = rng.choice(["greedy", "seeded", "beams", "stop", "logprobs", "guided"])
+    if kind == "guided":  # structured output, greedy or sampled
+        grammar = llguidance.LLMatcher.grammar_from_regex(rng.choice(["[a-z]{3,9}", "(yes|no|maybe)", "[0-9]+x"]))
+        return SamplingParams(max_new_tokens=new, grammar=grammar, do_sample=rng.random() < 0.5,
+                              seed=rng.randrange(10**6))
     if kind == "seeded":
         return SamplingParams(max_new_tokens=new, ignore_eos=True, do_sample=True, temperature=0.9,
                               seed=rng.randrange(10**6))
