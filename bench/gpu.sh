@@ -38,7 +38,8 @@ part() {  # part SECONDS NAME COMMAND...: run it within SECONDS, its output to $
   return 0
 }
 
-part 150 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -o faulthandler_timeout=60 tests/server/test_gpu.py
+part 150 gpu-tests.log python3 -m pytest -q -p no:cacheprovider -m gpu -o faulthandler_timeout=60 tests/server/test_gpu.py \
+  tests/server/test_engine_churn.py  # the churn last: the step with CUDA graphs under preemption, beams, cancellations
 part 70 step-paged.json python3 bench/engine_core.py --device cuda --only step --quick --profile 12
 part 60 step-cuda-graphs.json python3 bench/engine_core.py --device cuda --only step --quick --static-step cuda-graphs
 part 130 serving-cuda-graphs.json python3 bench/serving.py --device cuda --quick --skip-demo --cuda-graphs on
