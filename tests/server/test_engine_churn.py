@@ -26,7 +26,7 @@ from tests.factories import save_bundle
 PREFIX = "You are a careful assistant. Answer in one short line: "  # 55 bytes: three blocks of 16 and a partial one
 TEXTS = ["hello there", "abc", "a longer input text", "xyz!", "mid"]
 REQUESTS = 32
-SEED = 7  # seeds 1-10 passed every configuration when this test was written
+SEED = 7  # seeds 1-18 passed every configuration when this test was written
 
 
 def engine_for(folder, device: str = "cpu", **options) -> Engine:
