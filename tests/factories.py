@@ -115,6 +115,16 @@ def save_bos_byte_tokenizer(folder: Path) -> None:
                             pad_token="<pad>").save_pretrained(folder)
 
 
+def engine_for(folder: Path, device: str = "cpu", **options):
+    """An Engine over a bundle saved by save_bundle (the model on `device`, an adapter cache of its dtype there)."""
+    from adapter_store import AdapterCache, AdapterStore
+    from server.engine import Engine, load_model
+
+    loaded = load_model(folder / "model", device=device)
+    return Engine(loaded, AdapterStore.open(folder / "inventory"), AdapterCache(10**8, loaded.device, loaded.dtype),
+                  **options)
+
+
 def save_bundle(folder: Path, kind: str = "t5", *, n_splits: int = 2, n_tasks: int = 3, seed: int = 0,
                 task_names: list[str] | None = None, sharp: bool | float = True, printable: bool = False):
     """model/ (+ ByT5 tokenizer) and inventory/ under `folder`; returns (base model, PEFT reference).

@@ -4,19 +4,13 @@ merge each; a task busy enough merges, and its merge is kept."""
 
 from __future__ import annotations
 
-from adapter_store import AdapterCache, AdapterStore
-from server.engine import Engine, GenerateRow, SamplingParams, load_model
-from tests.factories import save_bundle
-
-
-def _engine(folder, **options) -> Engine:
-    return Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
-                  AdapterCache(10**8), **options)
+from server.engine import GenerateRow, SamplingParams
+from tests.factories import engine_for, save_bundle
 
 
 def test_merging_pays_after_the_rows_and_tokens_a_merge_costs(tmp_path):
     save_bundle(tmp_path, "t5")
-    engine = _engine(tmp_path)
+    engine = engine_for(tmp_path)
     slots = engine.slots
     weights = [layer.base.weight.numel() for layer in slots.layers.values()]
     assert slots.merge_after_row_steps == sum(weights) // len(weights) // 1024  # on a CPU
@@ -35,7 +29,7 @@ def test_merging_pays_after_the_rows_and_tokens_a_merge_costs(tmp_path):
 
 def test_short_requests_share_the_adapter_and_a_long_one_merges_with_the_same_text(tmp_path):
     save_bundle(tmp_path, "t5")
-    merging, shared = _engine(tmp_path), _engine(tmp_path, merge_single_task=False)
+    merging, shared = engine_for(tmp_path), engine_for(tmp_path, merge_single_task=False)
     merging.slots.merge_after_row_steps = 12
 
     def ask(engine, task: str, tokens: int) -> str:

@@ -17,22 +17,16 @@ from concurrent.futures import CancelledError
 import llguidance
 import pytest
 
-from adapter_store import BASE_TASK, AdapterCache, AdapterStore
+from adapter_store import BASE_TASK
 from adapter_store.arrow_spec import ArrowSpec
 from adapter_store.mix import Mix
-from server.engine import Engine, GenerateRow, KVCapacityError, SamplingParams, ScoreRow, load_model
-from tests.factories import save_bundle
+from server.engine import GenerateRow, KVCapacityError, SamplingParams, ScoreRow
+from tests.factories import engine_for, save_bundle
 
 PREFIX = "You are a careful assistant. Answer in one short line: "  # 55 bytes: three blocks of 16 and a partial one
 TEXTS = ["hello there", "abc", "a longer input text", "xyz!", "mid"]
 REQUESTS = 32
 SEED = 7  # seeds 1-18 passed every configuration when this test was written
-
-
-def engine_for(folder, device: str = "cpu", **options) -> Engine:
-    loaded = load_model(folder / "model", device=device)
-    return Engine(loaded, AdapterStore.open(folder / "inventory"), AdapterCache(10**8, loaded.device, loaded.dtype),
-                  **options)
 
 
 def _params(rng: random.Random) -> SamplingParams:

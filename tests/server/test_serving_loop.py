@@ -14,14 +14,9 @@ from adapter_store import AdapterCache, AdapterStore
 from server.adapt import METHODS
 from server.adapt.data import Example, make_batch
 from server.engine import Engine, GenerateRow, SamplingParams, ScoreRow, load_model
-from tests.factories import save_bundle
+from tests.factories import engine_for, save_bundle
 
 TEXTS = ["hello there", "abc", "a much longer input text", "xyz!", "mid"]
-
-
-def engine_for(folder, **options) -> Engine:
-    return Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
-                  AdapterCache(10**8), **options)
 
 
 @pytest.fixture(scope="module", params=["t5", "t5-gated", "llama"])

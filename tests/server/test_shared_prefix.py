@@ -4,17 +4,11 @@ are short or prefilled in chunks — and every answer equals an engine without t
 
 import pytest
 
-from adapter_store import AdapterCache, AdapterStore
-from server.engine import Engine, GenerateRow, SamplingParams, load_model
-from tests.factories import save_bundle
+from server.engine import GenerateRow, SamplingParams
+from tests.factories import engine_for, save_bundle
 
 PREFIX = "a system prompt shared by many requests, " * 2  # 84 bytes: 5 full blocks of 16 with the BOS
 PARAMS = SamplingParams(max_new_tokens=6)
-
-
-def engine_for(folder, **options) -> Engine:
-    return Engine(load_model(folder / "model", device="cpu"), AdapterStore.open(folder / "inventory"),
-                  AdapterCache(10**8), **options)
 
 
 @pytest.fixture(scope="module")
